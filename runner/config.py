@@ -1,0 +1,471 @@
+"""Load and validate an event ``config.yml`` into typed, immutable objects.
+
+The keys are those of RAMP's event configuration (sections ``ramp``, ``worker`` and
+``dispatcher``); every error names the file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_TIMEOUT = 7200
+DEFAULT_MAX_ATTEMPTS = 3
+LEDGER_FILENAME = "ramp-runner.sqlite3"
+PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
+
+
+class ConfigError(ValueError):
+    """An event configuration that cannot be used, with where and why."""
+
+    def __init__(self, source: str, key_path: str, expected: str, got: str | None = None):
+        self.source, self.key_path, self.expected = source, key_path, expected
+        message = f"{source}: {key_path}: expected {expected}"
+        if got is not None:
+            message += f", got {got}"
+        super().__init__(message)
+
+
+def secret(**kwargs: Any) -> Any:
+    """A dataclass field holding a credential: kept out of reprs and error messages."""
+    return dataclasses.field(repr=False, metadata={"secret": True}, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RampSection:
+    """The ``ramp`` section: what the event is and where its files live."""
+
+    problem_name: str
+    event_name: str
+    event_title: str | None = None
+    event_is_public: bool = False
+    sandbox_name: str = "starting_kit"
+    deployment_dir: str | None = None
+    kit_dir: str | None = None
+    data_dir: str | None = None
+    submissions_dir: str | None = None
+    predictions_dir: str | None = None
+    logs_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSection:
+    """Keys every worker type shares; the five paths are always filled in after loading."""
+
+    worker_type: str
+    kit_dir: str | None = None
+    data_dir: str | None = None
+    submissions_dir: str | None = None
+    predictions_dir: str | None = None
+    logs_dir: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def as_worker_dict(self, **dispatcher_keys: Any) -> dict[str, Any]:
+        """Return the plain dict a worker receives (the seed's ``config`` argument)."""
+        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        values.update(values.pop("extra", {}))
+        values.update(dispatcher_keys)
+        return values
+
+
+@dataclasses.dataclass(frozen=True)
+class CondaWorkerSection(WorkerSection):
+    """``worker_type: conda``: run ramp-test in a local conda environment."""
+
+    conda_env: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AWSWorkerSection(WorkerSection):
+    """``worker_type: aws``: one EC2 instance per submission."""
+
+    region_name: str = ""
+    ami_user_name: str = ""
+    instance_type: str = ""
+    key_name: str = ""
+    security_group: str = ""
+    key_path: str = ""
+    remote_ramp_kit_folder: str = ""
+    ami_image_name: str | None = None
+    ami_image_id: str | None = None
+    use_spot_instance: bool = False
+    spot_fallback_on_demand: bool = True
+    memory_profiling: bool = False
+    conda_env: str | None = None
+    access_key_id: str | None = secret(default=None)
+    secret_access_key: str | None = secret(default=None)
+
+    REQUIRED = (
+        "region_name",
+        "ami_user_name",
+        "instance_type",
+        "key_name",
+        "security_group",
+        "key_path",
+        "remote_ramp_kit_folder",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SSHHost:
+    """One host an SSH worker may run a submission on."""
+
+    host: str
+    user: str
+    key_path: str
+    remote_ramp_kit_folder: str
+    port: int = 22
+    conda_env: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SSHWorkerSection(WorkerSection):
+    """``worker_type: ssh``: hosts the organiser already has, one submission per host."""
+
+    hosts: tuple[SSHHost, ...] = ()
+    memory_profiling: bool = False
+    known_hosts_file: str | None = None
+
+    REQUIRED = ("hosts",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DaskSecurity:
+    """TLS settings handed to ``distributed.Security``."""
+
+    tls_ca_file: str
+    tls_client_cert: str
+    tls_client_key: str
+    require_encryption: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DaskWorkerSection(WorkerSection):
+    """``worker_type: dask``: run on a dask.distributed cluster."""
+
+    dask_scheduler: str = ""
+    conda_env: str | None = None
+    n_workers: int | None = None
+    dask_security: DaskSecurity | None = None
+    remote_kit_dir: str | None = None
+    remote_data_dir: str | None = None
+
+    REQUIRED = ("dask_scheduler",)
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomWorkerSection(WorkerSection):
+    """A worker type registered by a third party: its own keys pass through unchecked."""
+
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatcherSection:
+    """The ``dispatcher`` section: how many submissions run at once and how often to poll."""
+
+    hunger_policy: Literal["sleep", "exit"] | None = None
+    n_workers: int = 1
+    n_threads: int | None = None
+    time_between_collection: float = 1.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    ledger: str | None = None
+
+    @property
+    def slots(self) -> int:
+        """Submissions run at once: ``n_workers``, or cpu_count + 1 + n when negative."""
+        if self.n_workers > 0:
+            return self.n_workers
+        return max(1, (os.cpu_count() or 1) + 1 + self.n_workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class EventConfig:
+    """A whole event configuration, paths resolved."""
+
+    path: Path
+    ramp: RampSection
+    worker: WorkerSection
+    dispatcher: DispatcherSection
+
+    @property
+    def ledger_path(self) -> Path:
+        """Where the ledger lives: ``dispatcher.ledger`` or beside the config file."""
+        if self.dispatcher.ledger:
+            return Path(self.dispatcher.ledger)
+        return self.path.parent / LEDGER_FILENAME
+
+    def worker_dict(self) -> dict[str, Any]:
+        """The dict handed to ``Worker(config, submission)``."""
+        return self.worker.as_worker_dict(
+            n_threads=self.dispatcher.n_threads,
+            time_between_collection=self.dispatcher.time_between_collection,
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Nested sections as plain dicts and lists, as a YAML file would give them."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+BUILTIN_SECTIONS: dict[str, type[WorkerSection]] = {
+    "conda": CondaWorkerSection,
+    "aws": AWSWorkerSection,
+    "ssh": SSHWorkerSection,
+    "dask": DaskWorkerSection,
+}
+
+
+def load_event_config(path: str | os.PathLike[str]) -> EventConfig:
+    """Read, validate and resolve an event ``config.yml``."""
+    path = Path(path).expanduser().resolve()
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(source, "<file>", "a readable file", error.strerror) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        got = f"invalid YAML at line {where.line + 1}" if where else "invalid YAML"
+        raise ConfigError(source, "<file>", "a YAML mapping", got) from None
+    return parse_event_config(document, path)
+
+
+def parse_event_config(document: Any, path: Path) -> EventConfig:
+    """Validate an already-parsed document; ``path`` anchors relative paths and errors."""
+    source = str(path)
+    document = _mapping(document, source, "<top level>")
+    _reject_unknown(document, ("ramp", "worker", "dispatcher"), source, "")
+    if "worker" not in document:
+        raise ConfigError(source, "worker", "a 'worker' section")
+
+    ramp_values = _mapping(document.get("ramp", _default_ramp(path)), source, "ramp")
+    ramp = _build(RampSection, ramp_values, source, "ramp")
+    worker_values = dict(_mapping(document["worker"], source, "worker"))
+    dispatcher_values = dict(_mapping(document.get("dispatcher") or {}, source, "dispatcher"))
+    # The seed's Dask example sets n_workers in the worker section.
+    if "n_workers" not in dispatcher_values and "n_workers" in worker_values:
+        dispatcher_values["n_workers"] = worker_values["n_workers"]
+    dispatcher = _build(DispatcherSection, dispatcher_values, source, "dispatcher")
+    _check_dispatcher(dispatcher, source)
+
+    worker = worker_section(worker_values, source, "worker")
+    worker = _resolve_paths(worker, ramp, path.parent)
+    if dispatcher.ledger:
+        dispatcher = dataclasses.replace(
+            dispatcher, ledger=str(_absolute(dispatcher.ledger, path.parent))
+        )
+    return EventConfig(path=path, ramp=ramp, worker=worker, dispatcher=dispatcher)
+
+
+def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> WorkerSection:
+    """Validate a worker section (or a worker's config dict) for its ``worker_type``."""
+    values = _mapping(values, source, key_path)
+    worker_type = values.get("worker_type")
+    if worker_type is None:
+        raise ConfigError(source, f"{key_path}.worker_type", "one of " + _types_text())
+    if not isinstance(worker_type, str):
+        raise ConfigError(source, f"{key_path}.worker_type", "a string", type(worker_type).__name__)
+    section_class = BUILTIN_SECTIONS.get(worker_type)
+    if section_class is None:
+        from runner.workers import registered_worker_types
+
+        if worker_type not in registered_worker_types():
+            raise ConfigError(
+                source,
+                f"{key_path}.worker_type",
+                "one of " + _types_text() + _suggestion(worker_type, registered_worker_types()),
+                repr(worker_type),
+            )
+        common = {f.name for f in dataclasses.fields(WorkerSection)}
+        known = {k: v for k, v in values.items() if k in common}
+        extra = {k: v for k, v in values.items() if k not in common}
+        section = _build(WorkerSection, known, source, key_path)
+        return CustomWorkerSection(
+            **{f.name: getattr(section, f.name) for f in dataclasses.fields(section)},
+            extra=types.MappingProxyType(extra),
+        )
+    # Keys the dispatcher fills into a worker's dict are accepted when a dict comes back in.
+    values = {k: v for k, v in values.items() if k not in ("n_threads", "time_between_collection")}
+    if worker_type != "dask":
+        values.pop("n_workers", None)
+    section = _build(section_class, values, source, key_path)
+    for name in getattr(section_class, "REQUIRED", ()):
+        if getattr(section, name) in ("", (), None):
+            field = _field(section_class, name)
+            raise ConfigError(source, f"{key_path}.{name}", _describe(field.type))
+    if isinstance(section, AWSWorkerSection) and not (
+        section.ami_image_name or section.ami_image_id
+    ):
+        raise ConfigError(source, f"{key_path}.ami_image_name", "an AMI base name (or ami_image_id)")
+    if section.timeout <= 0:
+        raise ConfigError(source, f"{key_path}.timeout", "a positive number of seconds",
+                          repr(section.timeout))
+    return section
+
+
+def _default_ramp(path: Path) -> dict[str, Any]:
+    # The seed's Dask example has only a worker section: name the event after its folder.
+    name = path.parent.name or "event"
+    return {"problem_name": name, "event_name": name}
+
+
+def _check_dispatcher(dispatcher: DispatcherSection, source: str) -> None:
+    if dispatcher.n_workers == 0:
+        raise ConfigError(source, "dispatcher.n_workers", "a non-zero integer", "0")
+    if dispatcher.n_threads is not None and dispatcher.n_threads < 1:
+        raise ConfigError(source, "dispatcher.n_threads", "a positive integer",
+                          repr(dispatcher.n_threads))
+    if dispatcher.time_between_collection < 0:
+        raise ConfigError(source, "dispatcher.time_between_collection",
+                          "a number of seconds >= 0", repr(dispatcher.time_between_collection))
+    if dispatcher.max_attempts < 1:
+        raise ConfigError(source, "dispatcher.max_attempts", "an integer >= 1",
+                          repr(dispatcher.max_attempts))
+
+
+def _resolve_paths(worker: WorkerSection, ramp: RampSection, base: Path) -> WorkerSection:
+    """Fill the five paths: worker section first, then ramp section, then RAMP's defaults."""
+    root = _absolute(ramp.deployment_dir, base) if ramp.deployment_dir else base
+    defaults = {
+        "kit_dir": root / "ramp-kits" / ramp.problem_name,
+        "data_dir": root / "ramp-data" / ramp.problem_name,
+        "submissions_dir": root / "submissions",
+        "predictions_dir": root / "predictions",
+        "logs_dir": root / "logs",
+    }
+    resolved = {}
+    for key in PATH_KEYS:
+        value = getattr(worker, key) or getattr(ramp, key)
+        resolved[key] = str(_absolute(value, base) if value else defaults[key])
+    return dataclasses.replace(worker, **resolved)
+
+
+def _absolute(value: str, base: Path) -> Path:
+    candidate = Path(os.path.expandvars(value)).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate).resolve()
+
+
+def _mapping(value: Any, source: str, key_path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(source, key_path, "a mapping of keys to values", type(value).__name__)
+    return value
+
+
+def _reject_unknown(values: Mapping[str, Any], known: typing.Iterable[str], source: str,
+                    prefix: str) -> None:
+    known = list(known)
+    for key in values:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(
+                source, where, "a known key" + _suggestion(str(key), known),
+                "an unknown key",
+            )
+
+
+def _suggestion(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _types_text() -> str:
+    from runner.workers import registered_worker_types
+
+    return ", ".join(repr(name) for name in sorted(registered_worker_types()))
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _build(cls: type, values: Mapping[str, Any], source: str, key_path: str) -> Any:
+    """Build dataclass ``cls`` from ``values``, checking names, presence and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+    _reject_unknown(values, fields, source, key_path)
+    arguments = {}
+    for name, field in fields.items():
+        where = f"{key_path}.{name}"
+        if name not in values:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, where, _describe(hints[name]))
+            continue
+        arguments[name] = _convert(values[name], hints[name], source, where,
+                                   field.metadata.get("secret", False))
+    return cls(**arguments)
+
+
+def _convert(value: Any, hint: Any, source: str, where: str, is_secret: bool) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    shown = "<hidden>" if is_secret else repr(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        # YAML writes None as null, but the seed writes ``hunger_policy: None``.
+        if value == "None" and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], source, where, is_secret)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(source, where, _describe(hint) + _suggestion(str(value), map(str, args)),
+                              shown)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(source, where, _describe(hint), type(value).__name__)
+        return tuple(
+            _convert(item, args[0], source, f"{where}[{i}]", is_secret)
+            for i, item in enumerate(value)
+        )
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, _mapping(value, source, where), source, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, where, "true or false", shown)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, where, "an integer", shown)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(source, where, "a number", shown)
+        return value
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(source, where, "a string", shown)
+        return str(value)
+    raise TypeError(f"no conversion for {hint!r}")  # a schema bug, not a user error
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _describe(inner[0])
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args) + " or None"
+    if origin is tuple:
+        return f"a non-empty list of {_describe(args[0])}"
+    if dataclasses.is_dataclass(hint):
+        required = [f.name for f in dataclasses.fields(hint) if f.default is dataclasses.MISSING]
+        return f"a mapping with keys {', '.join(required)}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]

@@ -1,0 +1,84 @@
+"""One local ramp-test run: its own process group, its log, its peak memory, its end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from runner import peak_rss
+
+
+class LocalRun:
+    """A command started in a new session, stdout+stderr to ``log_path``.
+
+    Everything the command forks stays in its process group, so ``stop`` ends the whole
+    tree (and any descendant that left the group is found through its parent links).
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path,
+                 cwd: str | os.PathLike[str] | None = None):
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._memory_path = self.log_path.with_name(self.log_path.name + ".peak_rss")
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, peak_rss.__file__, str(self._memory_path), "--", *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        """The process id of the group leader."""
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once ended, else None."""
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run ends or ``timeout`` passes; return whether it ended."""
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Kill the whole process tree (idempotent) and reap the leader."""
+        try:
+            stragglers = psutil.Process(self._proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            stragglers = []
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is already empty
+        for process in stragglers:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._proc.wait()
+
+    @property
+    def peak_memory_mb(self) -> float | None:
+        """Peak RSS in MiB of the largest process of the run, once it ended normally."""
+        try:
+            return float(self._memory_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def cleanup(self) -> None:
+        """Remove the memory file the wrapper left beside the log."""
+        self._memory_path.unlink(missing_ok=True)

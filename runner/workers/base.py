@@ -1,0 +1,188 @@
+"""BaseWorker: the worker contract of RAMP's documentation, which custom workers subclass.
+
+A subclass does its work in ``setup``, ``launch_submission``, ``collect_results`` and
+``teardown`` and calls ``super()`` as the seed shows; the base keeps ``status`` and checks
+that the calls come in order. ``wait`` and ``kill`` are this project's additions: the
+dispatcher uses them so that a finished local run is noticed at once and a shutdown stops
+every run; their defaults work for any seed-style worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from runner.config import DEFAULT_TIMEOUT
+
+logger = logging.getLogger("runner.worker")
+
+STATUSES = (
+    "initialized",
+    "setup",
+    "running",
+    "finished",
+    "collected",
+    "killed",
+    "timeout",
+    "retry",
+    "error",
+)
+
+
+class BaseWorker:
+    """Run one submission: ``setup -> launch_submission -> collect_results -> teardown``.
+
+    Parameters
+    ----------
+    config : dict
+        The event's ``worker`` section, with ``kit_dir``, ``data_dir``,
+        ``submissions_dir``, ``logs_dir`` and ``predictions_dir`` filled in.
+    submission : str
+        The name of the submission folder in ``submissions_dir``.
+    """
+
+    def __init__(self, config: dict[str, Any], submission: str):
+        self.config = config
+        self.submission = submission
+        self._status = "initialized"
+        self._started_at: float | None = None
+        self._wakeup = threading.Event()
+        self.peak_memory_mb: float | None = None
+
+    # -- status ---------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """The worker's state; while running, reading it checks for the end of the run."""
+        if self._status == "running":
+            if self._is_submission_interrupted():
+                self._status = "retry"
+            elif self._is_submission_finished():
+                self._status = "finished"
+            else:
+                self.check_timeout()
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        if value not in STATUSES:
+            raise ValueError(f"unknown worker status {value!r}; one of {', '.join(STATUSES)}")
+        self._status = value
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a run may take before it is stopped."""
+        return float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since ``launch_submission`` (0 before it)."""
+        return 0.0 if self._started_at is None else time.monotonic() - self._started_at
+
+    def check_timeout(self) -> bool:
+        """Return True (and set status ``timeout``) once the run is past ``timeout``."""
+        if self._status == "timeout":
+            return True
+        if self._status == "running" and self.elapsed > self.timeout:
+            self._status = "timeout"
+            logger.info("%r ran past its timeout of %g s", self, self.timeout)
+            return True
+        return False
+
+    def _is_submission_finished(self) -> bool:
+        """Whether the launched run has ended (subclasses must say how to tell)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _is_submission_finished")
+
+    def _is_submission_interrupted(self) -> bool:
+        """Whether the run was lost through no fault of the submission (spot, SSH, Dask)."""
+        return False
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Prepare the worker; subclasses do their work first, then call ``super().setup()``."""
+        if self._status not in ("initialized", "setup"):
+            raise ValueError(f"{self!r}: setup() called in status {self._status!r}")
+        self._status = "setup"
+        logger.info("%r set up", self)
+
+    def launch_submission(self) -> None:
+        """Start the run; subclasses start it, then call ``super().launch_submission()``."""
+        if self._status in ("running", "finished", "timeout", "collected"):
+            raise ValueError(
+                f"{self!r}: the submission was already launched; collect its results first"
+            )
+        if self._status != "setup":
+            raise ValueError(f"{self!r}: call setup() before launch_submission()")
+        self._started_at = time.monotonic()
+        self._status = "running"
+        logger.info("%r launched", self)
+
+    def collect_results(self) -> tuple[int, str]:
+        """Check that there is something to collect; subclasses then write log and predictions.
+
+        Subclasses return ``(returncode, error_msg)`` and set ``self.status = 'collected'``.
+        """
+        if self._status == "initialized":
+            raise ValueError(
+                f"{self!r}: nothing to collect; call setup() and launch_submission() first"
+            )
+        if self._status == "setup":
+            raise ValueError(f"{self!r}: nothing to collect; call launch_submission() first")
+        if self._status in ("collected", "killed"):
+            raise ValueError(f"{self!r}: results were already collected")
+        return 0, ""
+
+    def teardown(self) -> None:
+        """Release what the worker holds; subclasses clean up, then call ``super().teardown()``."""
+        if self._status in ("running", "finished", "timeout"):
+            raise ValueError(f"{self!r}: collect_results() before teardown()")
+        self._status = "killed"
+        logger.info("%r torn down", self)
+
+    def launch(self) -> tuple[int, str]:
+        """Run the whole contract in a row, for use without a dispatcher."""
+        self.setup()
+        try:
+            self.launch_submission()
+            while self.status == "running":
+                self.wait(self.timeout - self.elapsed + 0.1)
+            if self._status == "retry":
+                self.kill()
+                return 1, "the run was interrupted"
+            return self.collect_results()
+        finally:
+            self.teardown()
+
+    # -- dispatcher hooks -----------------------------------------------------------------
+
+    def wait(self, timeout: float) -> None:
+        """Block until the run may have ended, ``kill`` is called, or ``timeout`` passes.
+
+        The default checks ``_is_submission_finished`` every ``time_between_collection``
+        seconds; workers that can be told of the end (a process, a future) override it.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        interval = float(self.config.get("time_between_collection") or 1.0)
+        while self.status == "running" and not self._wakeup.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.wait(min(interval, remaining))
+
+    def kill(self) -> None:
+        """Stop the run now (dispatcher shutdown); subclasses stop it, then call ``super()``.
+
+        Safe from another thread and in any status; the worker can then be torn down.
+        """
+        self._wakeup.set()
+        if self._status in ("running", "finished", "timeout", "retry"):
+            self._status = "killed"
+            logger.info("%r killed", self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.submission}): status={self._status!r}"
+
+    __str__ = __repr__
