@@ -20,6 +20,9 @@ import yaml
 DEFAULT_TIMEOUT = 7200
 DEFAULT_MAX_ATTEMPTS = 3
 LEDGER_FILENAME = "ramp-runner.sqlite3"
+# Keys the dispatcher adds to a worker's dict; accepted when such a dict is validated again.
+DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
+                   "dispatcher_id")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
 
 
@@ -203,11 +206,15 @@ class EventConfig:
             return Path(self.dispatcher.ledger)
         return self.path.parent / LEDGER_FILENAME
 
-    def worker_dict(self) -> dict[str, Any]:
-        """The dict handed to ``Worker(config, submission)``."""
+    def worker_dict(self, **more: Any) -> dict[str, Any]:
+        """The dict handed to ``Worker(config, submission)``: the worker section plus
+        what the dispatcher knows (``DISPATCHER_KEYS``)."""
         return self.worker.as_worker_dict(
             n_threads=self.dispatcher.n_threads,
             time_between_collection=self.dispatcher.time_between_collection,
+            event_name=self.ramp.event_name,
+            event_dir=str(self.path.parent),
+            **more,
         )
 
 
@@ -301,8 +308,7 @@ def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> Wor
             **{f.name: getattr(section, f.name) for f in dataclasses.fields(section)},
             extra=types.MappingProxyType(extra),
         )
-    # Keys the dispatcher fills into a worker's dict are accepted when a dict comes back in.
-    values = {k: v for k, v in values.items() if k not in ("n_threads", "time_between_collection")}
+    values = {k: v for k, v in values.items() if k not in DISPATCHER_KEYS}
     if worker_type != "dask":
         values.pop("n_workers", None)
     section = _build(section_class, values, source, key_path)

@@ -182,6 +182,16 @@ class BaseWorker:
             self._status = "killed"
             logger.info("%r killed", self)
 
+    @classmethod
+    def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
+        """Release what runs of this event left behind (a dead dispatcher's instances).
+
+        Called by the dispatcher on start and by ``invoke reap``; returns what was (or,
+        with ``dry_run``, would be) released. Workers holding nothing outside a run
+        keep this default.
+        """
+        return []
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.submission}): status={self._status!r}"
 
