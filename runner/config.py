@@ -314,8 +314,8 @@ def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> Wor
     section = _build(section_class, values, source, key_path)
     for name in getattr(section_class, "REQUIRED", ()):
         if getattr(section, name) in ("", (), None):
-            field = _field(section_class, name)
-            raise ConfigError(source, f"{key_path}.{name}", _describe(field.type))
+            hint = typing.get_type_hints(section_class)[name]
+            raise ConfigError(source, f"{key_path}.{name}", _describe(hint))
     if isinstance(section, AWSWorkerSection) and not (
         section.ami_image_name or section.ami_image_id
     ):
@@ -395,10 +395,6 @@ def _types_text() -> str:
     from runner.workers import registered_worker_types
 
     return ", ".join(repr(name) for name in sorted(registered_worker_types()))
-
-
-def _field(cls: type, name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _build(cls: type, values: Mapping[str, Any], source: str, key_path: str) -> Any:

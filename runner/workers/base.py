@@ -133,6 +133,8 @@ class BaseWorker:
             raise ValueError(f"{self!r}: nothing to collect; call launch_submission() first")
         if self._status in ("collected", "killed"):
             raise ValueError(f"{self!r}: results were already collected")
+        # As in RAMP, collecting a run that is still going waits for its end or timeout.
+        self._wait_until_done()
         return 0, ""
 
     def teardown(self) -> None:
@@ -147,8 +149,7 @@ class BaseWorker:
         self.setup()
         try:
             self.launch_submission()
-            while self.status == "running":
-                self.wait(self.timeout - self.elapsed + 0.1)
+            self._wait_until_done()
             if self._status == "retry":
                 self.kill()
                 return 1, "the run was interrupted"
@@ -171,6 +172,10 @@ class BaseWorker:
             if remaining <= 0:
                 return
             self._wakeup.wait(min(interval, remaining))
+
+    def _wait_until_done(self) -> None:
+        while self.status == "running" and not self._wakeup.is_set():
+            self.wait(self.timeout - self.elapsed + 0.1)
 
     def kill(self) -> None:
         """Stop the run now (dispatcher shutdown); subclasses stop it, then call ``super()``.

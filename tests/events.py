@@ -1,0 +1,64 @@
+"""Build throw-away events from the example iris event, for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import yaml
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "iris"
+GOOD_SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting")
+
+
+def make_event(root: Path, submissions=GOOD_SUBMISSIONS, worker=None, dispatcher=None) -> Path:
+    """Copy the example kit, data script and ``submissions`` under ``root``; return config path.
+
+    ``worker`` and ``dispatcher`` update the example config's sections.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(EXAMPLE / "ramp-kits", root / "ramp-kits",
+                    ignore=shutil.ignore_patterns("training_output", "__pycache__"))
+    data = root / "ramp-data" / "iris"
+    data.mkdir(parents=True)
+    shutil.copy(EXAMPLE / "ramp-data" / "iris" / "prepare_data.py", data)
+    for name in submissions:
+        shutil.copytree(EXAMPLE / "submissions" / name, root / "submissions" / name,
+                        ignore=shutil.ignore_patterns("training_output", "__pycache__"))
+    config = yaml.safe_load((EXAMPLE / "config.yml").read_text())
+    config["worker"].update(worker or {})
+    config["dispatcher"].update(dispatcher or {})
+    path = root / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def install_fake_conda(folder: Path, envs: dict[str, Path]) -> Path:
+    """Write a ``conda`` answering ``conda info --envs --json`` (conda cannot be installed here).
+
+    The base environment is this test run's Python environment; ``envs`` maps other
+    environment names to prefixes.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"root_prefix": sys.prefix, "envs": [sys.prefix, *map(str, envs.values())]}
+    script = folder / "conda"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "if sys.argv[1:] != ['info', '--envs', '--json']:\n"
+        "    sys.exit('fake conda: only `conda info --envs --json` is answered')\n"
+        f"print({json.dumps(json.dumps(info))})\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def env_prefix_like_this_one(prefix: Path) -> Path:
+    """Make ``prefix`` look like an environment with ramp-test (links into this venv)."""
+    (prefix / "bin").mkdir(parents=True, exist_ok=True)
+    os.symlink(Path(sys.prefix) / "bin" / "ramp-test", prefix / "bin" / "ramp-test")
+    return prefix
