@@ -1,0 +1,269 @@
+"""The dispatcher: claim -> setup/launch -> watch -> collect -> record -> teardown.
+
+Each claimed submission runs in its own thread (a *slot*), so a slow setup such as an EC2
+boot never holds up the others. The main thread only discovers and claims submissions,
+and sleeps on a queue that slots, signals and timers wake: it never spins.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from runner import ramptest, submissions
+from runner.config import EventConfig
+from runner.ledger import Ledger
+from runner.workers import worker_class
+from runner.workers.base import BaseWorker
+
+logger = logging.getLogger("runner.dispatcher")
+
+# How often an idle dispatcher looks for new submission folders; the seed's ``sleep``
+# policy waits 5 s, and ``None`` (run forever) rescans at this pace instead of spinning.
+IDLE_RESCAN_SECONDS = 2.0
+SLEEP_POLICY_SECONDS = 5.0
+# A slot is given this long to tear its worker down after a shutdown signal.
+SHUTDOWN_GRACE_SECONDS = 120.0
+
+
+class DispatcherBusy(RuntimeError):
+    """Another dispatcher already runs this event."""
+
+
+def prepare_data(data_dir: str | Path) -> bool:
+    """Run ``prepare_data.py`` in ``data_dir`` when its ``data/`` is missing (RAMP's layout).
+
+    Returns whether it ran; a failing script raises RuntimeError with its output.
+    """
+    data_dir = Path(data_dir)
+    script = data_dir / "prepare_data.py"
+    if (data_dir / "data").exists() or not script.exists():
+        return False
+    logger.info("preparing the data: %s", script)
+    completed = subprocess.run([sys.executable, script.name], cwd=data_dir,
+                               capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{script} failed:\n{completed.stdout}{completed.stderr}")
+    return True
+
+
+class Dispatcher:
+    """Run the event's submissions with its worker type until the hunger policy says stop.
+
+    ``on_change(name, state)`` is called after each recorded state change (for displays).
+    """
+
+    def __init__(self, config: EventConfig, on_change: Callable[[str, str], None] | None = None):
+        self.config = config
+        self.worker_class: type[BaseWorker] = worker_class(config.worker.worker_type)
+        self.dispatcher_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._on_change = on_change or (lambda name, state: None)
+        self._wakeups: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._slots: dict[str, tuple[threading.Thread, BaseWorker | None]] = {}
+        self._slots_lock = threading.Lock()
+        self.ledger: Ledger | None = None
+
+    # -- public -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Dispatch until the hunger policy ends it or SIGINT/SIGTERM arrives."""
+        with _exclusive(self.config.ledger_path), Ledger(self.config.ledger_path) as ledger, \
+                self._signals_handled():
+            self.ledger = ledger
+            prepare_data(self.config.worker.data_dir)
+            recovered = ledger.recover_abandoned()
+            if recovered:
+                logger.warning("back to new after a dead dispatcher: %s", ", ".join(recovered))
+            reaped = self.worker_class.reap_leftovers(self._worker_dict())
+            if reaped:
+                logger.warning("released what earlier runs left: %s", ", ".join(reaped))
+            try:
+                self._loop()
+            finally:
+                self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the dispatcher to stop claiming and tear every running worker down."""
+        self._stopping.set()
+        self._wakeups.put("stop")
+
+    # -- main loop ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        policy = self.config.dispatcher.hunger_policy
+        while not self._stopping.is_set():
+            self.ledger.add(submissions.discover(self.config.worker.submissions_dir))
+            self._fill_slots()
+            busy = self._busy_slots()
+            if not busy and self.ledger.count_new() == 0:
+                if policy == "exit":
+                    logger.info("no submission left to run: exiting (hunger_policy: exit)")
+                    return
+                wait = SLEEP_POLICY_SECONDS if policy == "sleep" else IDLE_RESCAN_SECONDS
+            else:
+                wait = IDLE_RESCAN_SECONDS
+            try:
+                self._wakeups.get(timeout=wait)
+            except queue.Empty:
+                pass
+
+    def _busy_slots(self) -> int:
+        with self._slots_lock:
+            return len(self._slots)
+
+    def _fill_slots(self) -> None:
+        free = self.config.dispatcher.slots - self._busy_slots()
+        for name in self.ledger.claim(free, worker=self.dispatcher_id):
+            self._changed(name, "sent_to_training")
+            thread = threading.Thread(target=self._run_slot, args=(name,), name=f"slot-{name}",
+                                      daemon=True)
+            with self._slots_lock:
+                self._slots[name] = (thread, None)
+            thread.start()
+
+    # -- one submission -----------------------------------------------------------------
+
+    def _run_slot(self, name: str) -> None:
+        worker: BaseWorker | None = None
+        try:
+            worker = self.worker_class(self._worker_dict(), name)
+            with self._slots_lock:
+                self._slots[name] = (self._slots[name][0], worker)
+            self._run_worker(name, worker)
+        except Exception as error:  # a worker's bug must not take the dispatcher down
+            logger.exception("%s: unexpected error", name)
+            self._retry(name, f"{type(error).__name__}: {error}")
+        finally:
+            if worker is not None:
+                try:
+                    worker.teardown()
+                except Exception:
+                    logger.exception("%s: teardown failed", name)
+            with self._slots_lock:
+                self._slots.pop(name, None)
+            self._wakeups.put(name)
+
+    def _run_worker(self, name: str, worker: BaseWorker) -> None:
+        try:
+            worker.setup()
+        except ValueError as error:
+            self._record(name, "checking_error", self.ledger.mark_checking_error, name,
+                         f"setup failed: {error}")
+            return
+        except Exception as error:
+            self._retry(name, f"setup failed: {type(error).__name__}: {error}")
+            return
+        if self._stopping.is_set():
+            self._release(name)
+            return
+        self._record(name, "training", self.ledger.mark_training, name)
+        worker.launch_submission()
+        while (status := worker.status) == "running":
+            worker.wait(max(0.0, worker.timeout - worker.elapsed) + 0.05)
+        if status == "killed":
+            self._release(name)
+        elif status == "retry":
+            worker.kill()
+            self._retry(name, "the run was interrupted (spot reclaim, lost host or worker)")
+        else:
+            self._collect(name, worker)
+
+    def _collect(self, name: str, worker: BaseWorker) -> None:
+        returncode, error_msg = worker.collect_results()
+        run_time = worker.elapsed
+        peak = getattr(worker, "peak_memory_mb", None)
+        if returncode != 0:
+            self._record(name, "training_error", self.ledger.mark_training_error, name,
+                         error_msg or f"ramp-test exited with {returncode}", run_time, peak)
+            return
+        self._record(name, "tested", self.ledger.mark_tested, name, run_time, peak)
+        output = Path(self.config.worker.predictions_dir) / name
+        try:
+            results = ramptest.read_results(output)
+        except ValueError as error:
+            self._record(name, "checking_error", self.ledger.mark_checking_error, name,
+                         f"could not read the results: {error}")
+            return
+        times = {"train": results.train_time, "valid": results.valid_time,
+                 "test": results.test_time}
+        self._record(name, "scored", self.ledger.mark_scored, name, results.bagged_scores, times)
+
+    # -- ledger helpers -----------------------------------------------------------------
+
+    def _record(self, name: str, state: str, transition: Callable[..., object],
+                *arguments: object) -> None:
+        transition(*arguments)
+        self._changed(name, state)
+
+    def _retry(self, name: str, reason: str) -> None:
+        state = self.ledger.retry(name, reason, self.config.dispatcher.max_attempts)
+        logger.warning("%s: %s -> %s", name, reason, state)
+        self._changed(name, state)
+
+    def _release(self, name: str) -> None:
+        self._record(name, "new", self.ledger.release, name, "dispatcher shut down")
+
+    def _changed(self, name: str, state: str) -> None:
+        logger.info("%s: %s", name, state)
+        self._on_change(name, state)
+
+    def _worker_dict(self) -> dict:
+        return self.config.worker_dict(dispatcher_id=self.dispatcher_id)
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Kill what still runs, wait for every slot to tear down and release its claim."""
+        with self._slots_lock:
+            slots = list(self._slots.values())
+        if slots:
+            logger.warning("stopping %d running submission(s)", len(slots))
+        for _, worker in slots:
+            if worker is not None:
+                worker.kill()
+        for thread, _ in slots:
+            thread.join(SHUTDOWN_GRACE_SECONDS)
+
+    @contextmanager
+    def _signals_handled(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, frame: object) -> None:
+            logger.warning("%s received: stopping", signal.Signals(signum).name)
+            self.stop()
+
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+@contextmanager
+def _exclusive(ledger_path: Path) -> Iterator[None]:
+    """Hold the event's lock: two dispatchers on one ledger would steal each other's runs."""
+    lock_path = Path(str(ledger_path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DispatcherBusy(
+                f"another dispatcher is running this event (lock {lock_path})"
+            ) from None
+        yield

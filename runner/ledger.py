@@ -1,0 +1,299 @@
+"""The ledger: an SQLite store of the event's submissions and every change of their state.
+
+Each transition is one transaction that checks the state it starts from, so a submission
+can neither be claimed twice nor scored twice, and a crash leaves either the old state or
+the new one. The ``transitions`` table keeps the history (who scored what, when).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATES = (
+    "new",
+    "sent_to_training",
+    "training",
+    "tested",
+    "scored",
+    "training_error",
+    "checking_error",
+)
+RUNNING_STATES = ("sent_to_training", "training", "tested")
+FINAL_STATES = ("scored", "training_error", "checking_error")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS submissions (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error_msg TEXT NOT NULL DEFAULT '',
+    scores TEXT,
+    train_time REAL,
+    valid_time REAL,
+    test_time REAL,
+    run_time REAL,
+    peak_memory_mb REAL,
+    worker TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL REFERENCES submissions(name),
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    at REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+class TransitionError(RuntimeError):
+    """A state change asked of a submission that is not in the state it starts from."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One row of the ledger."""
+
+    name: str
+    state: str
+    attempts: int
+    error_msg: str
+    scores: dict[str, dict[str, float]] | None
+    train_time: float | None
+    valid_time: float | None
+    test_time: float | None
+    run_time: float | None
+    peak_memory_mb: float | None
+    worker: str
+    created_at: float
+    updated_at: float
+
+
+class Ledger:
+    """The submissions of one event, in an SQLite file (WAL mode), safe across threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the dispatcher's threads, serialised by a lock; each
+        # transition is short, so the lock is never held for long.
+        self._connection = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        self._connection.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=FULL")
+        self._connection.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._connection.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, name: str) -> Submission:
+        """Return the submission called ``name`` (KeyError when unknown)."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT * FROM submissions WHERE name = ?", (name,)
+            ).fetchone()
+        if row is None:
+            raise KeyError(f"no submission {name!r} in {self.path}")
+        return _submission(row)
+
+    def all(self) -> list[Submission]:
+        """Return every submission, oldest first."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT * FROM submissions ORDER BY created_at, name"
+            ).fetchall()
+        return [_submission(row) for row in rows]
+
+    def names(self) -> set[str]:
+        """Return the names of all submissions."""
+        with self._lock:
+            return {row[0] for row in self._connection.execute("SELECT name FROM submissions")}
+
+    def count_new(self) -> int:
+        """Return how many submissions wait to be run."""
+        with self._lock:
+            return self._connection.execute(
+                "SELECT COUNT(*) FROM submissions WHERE state = 'new'"
+            ).fetchone()[0]
+
+    def transitions(self, name: str | None = None) -> list[tuple[str, str | None, str, str]]:
+        """Return ``(name, from_state, to_state, detail)`` of every change, in order."""
+        query = "SELECT name, from_state, to_state, detail FROM transitions"
+        arguments: tuple[Any, ...] = ()
+        if name is not None:
+            query, arguments = query + " WHERE name = ?", (name,)
+        with self._lock:
+            rows = self._connection.execute(query + " ORDER BY id", arguments).fetchall()
+        return [tuple(row) for row in rows]
+
+    # -- transitions --------------------------------------------------------------------
+
+    def add(self, names: Iterable[str]) -> list[str]:
+        """Record the given submissions as ``new``; return those that were not known yet."""
+        added = []
+        with self._transaction() as db:
+            for name in names:
+                now = time.time()
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO submissions (name, state, created_at, updated_at)"
+                    " VALUES (?, 'new', ?, ?)",
+                    (name, now, now),
+                )
+                if cursor.rowcount:
+                    _log(db, name, None, "new", now, "discovered")
+                    added.append(name)
+        return added
+
+    def claim(self, limit: int, worker: str) -> list[str]:
+        """Move up to ``limit`` new submissions, oldest first, to ``sent_to_training``."""
+        if limit <= 0:
+            return []
+        with self._transaction() as db:
+            names = [
+                row[0]
+                for row in db.execute(
+                    "SELECT name FROM submissions WHERE state = 'new'"
+                    " ORDER BY created_at, name LIMIT ?",
+                    (limit,),
+                )
+            ]
+            for name in names:
+                _move(db, name, ("new",), "sent_to_training", worker=worker)
+        return names
+
+    def mark_training(self, name: str) -> None:
+        """The worker is set up and the run starts."""
+        with self._transaction() as db:
+            _move(db, name, ("sent_to_training",), "training")
+
+    def mark_tested(self, name: str, run_time: float | None, peak_memory_mb: float | None) -> None:
+        """The run succeeded and its output was collected."""
+        with self._transaction() as db:
+            _move(db, name, ("training",), "tested", run_time=run_time,
+                  peak_memory_mb=peak_memory_mb)
+
+    def mark_scored(self, name: str, scores: dict[str, dict[str, float]],
+                    times: dict[str, float]) -> None:
+        """The collected output was read into scores and times."""
+        with self._transaction() as db:
+            _move(db, name, ("tested",), "scored", scores=json.dumps(scores), error_msg="",
+                  **{f"{step}_time": value for step, value in times.items()})
+
+    def mark_training_error(self, name: str, error_msg: str, run_time: float | None,
+                            peak_memory_mb: float | None) -> None:
+        """The submission failed or ran past its timeout; ``error_msg`` says how."""
+        with self._transaction() as db:
+            _move(db, name, ("training",), "training_error", error_msg=error_msg,
+                  run_time=run_time, peak_memory_mb=peak_memory_mb)
+
+    def mark_checking_error(self, name: str, error_msg: str) -> None:
+        """The system could not run the submission; it will not be retried by itself."""
+        with self._transaction() as db:
+            _move(db, name, RUNNING_STATES, "checking_error", error_msg=error_msg)
+
+    def retry(self, name: str, reason: str, max_attempts: int) -> str:
+        """Count a lost attempt: back to ``new``, or ``checking_error`` once exhausted.
+
+        Returns the new state.
+        """
+        with self._transaction() as db:
+            attempts = db.execute(
+                "SELECT attempts FROM submissions WHERE name = ?", (name,)
+            ).fetchone()[0] + 1
+            if attempts >= max_attempts:
+                message = f"gave up after {attempts} attempts; last: {reason}"
+                _move(db, name, RUNNING_STATES, "checking_error", attempts=attempts,
+                      error_msg=message)
+                return "checking_error"
+            _move(db, name, RUNNING_STATES, "new", attempts=attempts, error_msg=reason,
+                  detail=reason)
+            return "new"
+
+    def release(self, name: str, reason: str) -> None:
+        """Give a claimed submission back without counting an attempt (shutdown)."""
+        with self._transaction() as db:
+            _move(db, name, RUNNING_STATES, "new", detail=reason)
+
+    def recover_abandoned(self) -> list[str]:
+        """Put back to ``new`` what a dead dispatcher left running; return their names."""
+        with self._transaction() as db:
+            names = [
+                row[0]
+                for row in db.execute(
+                    "SELECT name FROM submissions WHERE state IN (?, ?, ?)", RUNNING_STATES
+                )
+            ]
+            for name in names:
+                _move(db, name, RUNNING_STATES, "new", detail="left running by a dead dispatcher")
+        return names
+
+    def rerun(self, name: str) -> None:
+        """Queue a finished submission again, forgetting its results and attempts."""
+        with self._transaction() as db:
+            _move(db, name, FINAL_STATES, "new", attempts=0, error_msg="", scores=None,
+                  train_time=None, valid_time=None, test_time=None, run_time=None,
+                  peak_memory_mb=None, detail="rerun asked")
+
+
+def _move(db: sqlite3.Connection, name: str, sources: tuple[str, ...], target: str,
+          detail: str = "", **columns: Any) -> None:
+    row = db.execute("SELECT state FROM submissions WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise TransitionError(f"no submission {name!r}")
+    if row[0] not in sources:
+        raise TransitionError(
+            f"submission {name!r} is {row[0]!r}; cannot move it to {target!r} "
+            f"(only from {', '.join(sources)})"
+        )
+    now = time.time()
+    columns.update(state=target, updated_at=now)
+    assignments = ", ".join(f"{column} = ?" for column in columns)
+    db.execute(f"UPDATE submissions SET {assignments} WHERE name = ?", (*columns.values(), name))
+    _log(db, name, row[0], target, now, detail)
+
+
+def _log(db: sqlite3.Connection, name: str, source: str | None, target: str, at: float,
+         detail: str) -> None:
+    db.execute(
+        "INSERT INTO transitions (name, from_state, to_state, at, detail) VALUES (?, ?, ?, ?, ?)",
+        (name, source, target, at, detail),
+    )
+
+
+def _submission(row: sqlite3.Row) -> Submission:
+    values = dict(row)
+    values["scores"] = json.loads(values["scores"]) if values["scores"] else None
+    return Submission(**values)

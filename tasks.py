@@ -1,0 +1,172 @@
+"""Command-line tasks (``invoke --list``): thin wrappers over the runner package."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+from invoke import task
+from invoke.exceptions import Exit
+
+EVENT_CONFIG_HELP = {"event_config": "path of the event config.yml"}
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _load(event_config: str):
+    from runner.config import ConfigError, load_event_config
+
+    try:
+        return load_event_config(event_config)
+    except ConfigError as error:
+        raise Exit(f"error: {error}", code=2) from None
+
+
+def _logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, console=_console())])
+
+
+@task(help=EVENT_CONFIG_HELP)
+def check_config(c, event_config):
+    """Validate an event config and print what it resolves to (exit 2 on error)."""
+    config = _load(event_config)
+    from rich.table import Table
+
+    table = Table("key", "value", title=str(config.path), show_header=False)
+    table.add_row("event", f"{config.ramp.event_name} ({config.ramp.problem_name})")
+    for key, value in config.worker_dict().items():
+        table.add_row(f"worker.{key}", repr(value))
+    table.add_row("dispatcher.slots", str(config.dispatcher.slots))
+    table.add_row("dispatcher.hunger_policy", repr(config.dispatcher.hunger_policy))
+    table.add_row("ledger", str(config.ledger_path))
+    _console().print(table)
+
+
+@task(help={**EVENT_CONFIG_HELP, "verbose": "log every step"})
+def dispatch(c, event_config, verbose=False):
+    """Run the event's submissions until the hunger policy stops the dispatcher."""
+    config = _load(event_config)
+    _logging(verbose)
+    from runner.dispatcher import Dispatcher, DispatcherBusy
+
+    try:
+        Dispatcher(config).run()
+    except DispatcherBusy as error:
+        raise Exit(f"error: {error}", code=2) from None
+    _print_status(config)
+
+
+@task(help={**EVENT_CONFIG_HELP, "name": "name of the submission (default: folder name)"})
+def submit(c, path, event_config, name=None):
+    """Add the submission folder PATH to the event."""
+    config = _load(event_config)
+    from runner.submissions import submit as submit_folder
+
+    try:
+        added = submit_folder(config, path, name)
+    except ValueError as error:
+        raise Exit(f"error: {error}", code=2) from None
+    print(f"submitted {added}")
+
+
+@task(help=EVENT_CONFIG_HELP)
+def status(c, event_config):
+    """Print every submission of the event with its state."""
+    _print_status(_load(event_config))
+
+
+@task(help={**EVENT_CONFIG_HELP, "split": "which bagged score ranks: test or valid"})
+def leaderboard(c, event_config, split="test"):
+    """Print the scored submissions, best first, with times and peak memory."""
+    config = _load(event_config)
+    from rich.table import Table
+
+    from runner.leaderboard import rank
+    from runner.ledger import Ledger
+    from runner.ramptest import score_types
+
+    types = score_types(config.worker.kit_dir)
+    with Ledger(config.ledger_path) as ledger:
+        entries = rank(ledger.all(), types, split)
+    table = Table("rank", "submission", *(t.name for t in types), "train s", "valid s",
+                  "test s", "peak MiB", title=f"{config.ramp.event_title or config.ramp.event_name}"
+                  f" ({split})")
+    for entry in entries:
+        s = entry.submission
+        table.add_row(str(entry.rank), s.name, *(f"{entry.scores[t.name]:.4f}" for t in types),
+                      *(_number(v) for v in (s.train_time, s.valid_time, s.test_time,
+                                             s.peak_memory_mb)))
+    _console().print(table)
+
+
+@task(help=EVENT_CONFIG_HELP)
+def rerun(c, name, event_config):
+    """Queue the finished submission NAME again."""
+    config = _load(event_config)
+    from runner.ledger import Ledger, TransitionError
+
+    with Ledger(config.ledger_path) as ledger:
+        try:
+            ledger.rerun(name)
+        except (KeyError, TransitionError) as error:
+            raise Exit(f"error: {error}", code=2) from None
+    print(f"{name} queued again")
+
+
+@task(help=EVENT_CONFIG_HELP)
+def create_conda_env(c, event_config):
+    """Create the event's conda env from the kit's environment.yml."""
+    _conda_env(event_config, "create")
+
+
+@task(help=EVENT_CONFIG_HELP)
+def update_conda_env(c, event_config):
+    """Update the event's conda env from the kit's environment.yml."""
+    _conda_env(event_config, "update")
+
+
+@task(help={"k": "only tests matching this expression"})
+def test(c, k=None):
+    """Run the test suite."""
+    argv = [sys.executable, "-m", "pytest"] + (["-k", k] if k else [])
+    raise Exit(code=subprocess.call(argv))
+
+
+def _conda_env(event_config, action):
+    config = _load(event_config)
+    from runner.workers.conda import environment_command
+
+    try:
+        argv = environment_command(action, getattr(config.worker, "conda_env", None),
+                                   config.worker.kit_dir)
+    except ValueError as error:
+        raise Exit(f"error: {error}", code=2) from None
+    print(" ".join(argv))
+    raise Exit(code=subprocess.call(argv))
+
+
+def _print_status(config):
+    from rich.table import Table
+
+    from runner.ledger import Ledger
+
+    table = Table("submission", "state", "attempts", "run s", "peak MiB", "error",
+                  title=config.ramp.event_name)
+    with Ledger(config.ledger_path) as ledger:
+        for s in ledger.all():
+            error = s.error_msg.strip().splitlines()[-1] if s.error_msg.strip() else ""
+            table.add_row(s.name, s.state, str(s.attempts), _number(s.run_time),
+                          _number(s.peak_memory_mb), error)
+    _console().print(table)
+
+
+def _number(value):
+    return "" if value is None else f"{value:.1f}"
