@@ -6,11 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 
 from runner import peak_rss
+
+KILL_GRACE_SECONDS = 5.0
 
 
 class LocalRun:
@@ -70,6 +73,10 @@ class LocalRun:
             except psutil.NoSuchProcess:
                 pass
         self._proc.wait()
+        # SIGKILL is delivered asynchronously: return only once the tree is really gone.
+        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        while time.monotonic() < deadline and any(map(_alive, stragglers)):
+            time.sleep(0.02)
 
     @property
     def peak_memory_mb(self) -> float | None:
@@ -82,3 +89,11 @@ class LocalRun:
     def cleanup(self) -> None:
         """Remove the memory file the wrapper left beside the log."""
         self._memory_path.unlink(missing_ok=True)
+
+
+def _alive(process: psutil.Process) -> bool:
+    # A zombie is dead; it only waits for a parent (maybe a non-reaping PID 1) to reap it.
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

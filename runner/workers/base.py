@@ -139,10 +139,17 @@ class BaseWorker:
 
     def teardown(self) -> None:
         """Release what the worker holds; subclasses clean up, then call ``super().teardown()``."""
-        if self._status in ("running", "finished", "timeout"):
-            raise ValueError(f"{self!r}: collect_results() before teardown()")
+        self._check_teardown_allowed()
         self._status = "killed"
         logger.info("%r torn down", self)
+
+    def _check_teardown_allowed(self) -> None:
+        """Raise ValueError while a run's results wait to be collected.
+
+        Subclasses that release something call it first, so that misuse loses nothing.
+        """
+        if self._status in ("running", "finished", "timeout"):
+            raise ValueError(f"{self!r}: collect_results() before teardown()")
 
     def launch(self) -> tuple[int, str]:
         """Run the whole contract in a row, for use without a dispatcher."""

@@ -161,7 +161,8 @@ class CondaEnvWorker(BaseWorker):
 
     def teardown(self) -> None:
         """Make sure nothing of the run is left, and remove the scratch folder."""
-        if self._run is not None and self._status != "running":
+        self._check_teardown_allowed()
+        if self._run is not None:
             self._run.stop()
             self._run.cleanup()
         if self._scratch is not None:
