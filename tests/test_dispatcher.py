@@ -1,0 +1,258 @@
+"""The dispatcher on the example event: real ramp-test runs, real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runner.config import load_event_config
+from runner.dispatcher import Dispatcher, DispatcherBusy
+from runner.ledger import Ledger
+from runner.workers.base import BaseWorker
+from tests.events import EXAMPLE, make_event
+
+REPO = Path(__file__).resolve().parent.parent
+ALL_EXAMPLES = tuple(sorted(p.name for p in (EXAMPLE / "submissions").iterdir()))
+
+
+def _processes_under(root: Path) -> list[psutil.Process]:
+    """Live processes whose command line mentions ``root`` (the test's own event)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        if process.info["status"] == psutil.STATUS_ZOMBIE or process.pid == os.getpid():
+            continue
+        if any(str(root) in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def _scored_transitions(ledger_path: Path) -> dict[str, int]:
+    with Ledger(ledger_path) as ledger:
+        return {s.name: sum(1 for t in ledger.transitions(s.name) if t[2] == "scored")
+                for s in ledger.all()}
+
+
+def test_example_event_end_to_end(tmp_path):
+    config = load_event_config(make_event(tmp_path, ALL_EXAMPLES, worker={"timeout": 10}))
+    seen = []
+    Dispatcher(config, on_change=lambda name, state: seen.append((name, state))).run()
+
+    with Ledger(config.ledger_path) as ledger:
+        states = {s.name: s for s in ledger.all()}
+    assert {n: s.state for n, s in states.items()} == {
+        "gradient_boosting": "scored",
+        "hanging": "training_error",
+        "raising_error": "training_error",
+        "random_forest": "scored",
+        "starting_kit": "scored",
+    }
+    assert states["raising_error"].error_msg.startswith("Traceback")
+    assert "fails on purpose" in states["raising_error"].error_msg
+    assert "timeout=10" in states["hanging"].error_msg
+    for name in ("starting_kit", "random_forest", "gradient_boosting"):
+        submission = states[name]
+        assert 0 < submission.scores["test"]["acc"] <= 1
+        assert submission.train_time > 0 and submission.peak_memory_mb > 0
+        assert (Path(config.worker.logs_dir) / name / "log").is_file()
+    assert states["random_forest"].scores["test"]["acc"] > states["starting_kit"].scores[
+        "test"]["acc"]
+    assert ("starting_kit", "scored") in seen
+    assert _processes_under(tmp_path) == []
+
+
+def test_seed_style_custom_worker_runs_through_an_entry_point(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "seedworker-1.0.dist-info").mkdir(parents=True)
+    (site / "seedworker-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: seedworker\nVersion: 1.0\n")
+    (site / "seedworker-1.0.dist-info" / "entry_points.txt").write_text(
+        "[ramp_runner.workers]\nseed = seed_worker_plugin:SeedStyleWorker\n")
+    (site / "seed_worker_plugin.py").write_text(
+        (Path(__file__).parent / "seed_worker.py").read_text())
+    monkeypatch.syspath_prepend(str(site))
+    config = load_event_config(make_event(
+        tmp_path / "event", ("starting_kit", "raising_error"), worker={"worker_type": "seed"}))
+
+    Dispatcher(config).run()
+
+    with Ledger(config.ledger_path) as ledger:
+        assert ledger.get("starting_kit").state == "scored"
+        assert ledger.get("raising_error").state == "training_error"
+        assert "fails on purpose" in ledger.get("raising_error").error_msg
+
+
+def _dispatcher_process(config_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "invoke", "--search-root", str(REPO), "dispatch",
+         "--event-config", str(config_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for_state(ledger_path: Path, state: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ledger_path.exists():
+            with sqlite3.connect(ledger_path) as db:
+                try:
+                    if db.execute("SELECT 1 FROM submissions WHERE state = ?",
+                                  (state,)).fetchone():
+                        return
+                except sqlite3.OperationalError:
+                    pass  # the schema is being created
+        time.sleep(0.1)
+    raise AssertionError(f"no submission reached {state!r} within {timeout} s")
+
+
+def test_sigkilled_dispatcher_restarted_scores_each_submission_once(tmp_path):
+    path = make_event(tmp_path, ("starting_kit", "random_forest", "gradient_boosting"))
+    config = load_event_config(path)
+    first = _dispatcher_process(path)
+    _wait_for_state(config.ledger_path, "training")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    with Ledger(config.ledger_path) as ledger:
+        assert {"sent_to_training", "training"} & {s.state for s in ledger.all()}
+
+    second = _dispatcher_process(path)
+    assert second.wait(timeout=120) == 0
+
+    assert _scored_transitions(config.ledger_path) == {
+        "starting_kit": 1, "random_forest": 1, "gradient_boosting": 1}
+    with Ledger(config.ledger_path) as ledger:
+        assert {s.state for s in ledger.all()} == {"scored"}
+        assert any(t[3] == "left running by a dead dispatcher" for t in ledger.transitions())
+    # The runs the killed dispatcher had started must not outlive it.
+    deadline = time.monotonic() + 10
+    while _processes_under(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_under(tmp_path) == []
+
+
+def test_sigterm_stops_runs_and_gives_submissions_back(tmp_path):
+    path = make_event(tmp_path, ("hanging", "starting_kit"), worker={"timeout": 600},
+                      dispatcher={"n_workers": 1})
+    config = load_event_config(path)
+    process = _dispatcher_process(path)
+    _wait_for_state(config.ledger_path, "training")
+    time.sleep(1)  # let the hanging run get going (and fork its child)
+    assert _processes_under(tmp_path)
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+
+    with Ledger(config.ledger_path) as ledger:
+        states = {s.name: (s.state, s.attempts) for s in ledger.all()}
+    assert states == {"hanging": ("new", 0), "starting_kit": ("new", 0)}
+    assert _processes_under(tmp_path) == []
+
+
+def test_second_dispatcher_on_the_same_event_is_refused(tmp_path):
+    config = load_event_config(make_event(tmp_path, ("hanging",), worker={"timeout": 600}))
+    first = Dispatcher(config)
+    thread = threading.Thread(target=first.run)
+    thread.start()
+    try:
+        _wait_for_state(config.ledger_path, "training")
+        with pytest.raises(DispatcherBusy, match="another dispatcher"):
+            Dispatcher(config).run()
+    finally:
+        first.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+class ScriptedWorker(BaseWorker):
+    """A worker whose outcome per submission and attempt is set by the test."""
+
+    script: dict[str, list[str]] = {}
+    setup_delay: dict[str, float] = {}
+    output: Path | None = None
+
+    def setup(self):
+        time.sleep(self.setup_delay.get(self.submission, 0))
+        if self.script[self.submission][0] == "setup_fails":
+            self.script[self.submission].pop(0)
+            raise ConnectionError("the instance never answered")
+        super().setup()
+
+    def launch_submission(self):
+        self._outcome = self.script[self.submission].pop(0)
+        super().launch_submission()
+
+    def _is_submission_interrupted(self):
+        return self._outcome == "interrupted"
+
+    def _is_submission_finished(self):
+        return True
+
+    def collect_results(self):
+        super().collect_results()
+        shutil.copytree(self.output, Path(self.config["predictions_dir"]) / self.submission)
+        self.status = "collected"
+        return 0, ""
+
+
+@pytest.fixture(scope="module")
+def real_output(tmp_path_factory):
+    """The training_output of one real ramp-test run, which ScriptedWorker hands back."""
+    config = load_event_config(make_event(tmp_path_factory.mktemp("real"), ("starting_kit",)))
+    Dispatcher(config).run()
+    return Path(config.worker.predictions_dir) / "starting_kit"
+
+
+@pytest.fixture
+def scripted_event(tmp_path, monkeypatch, real_output):
+    """Make an event with empty submission folders, run by ScriptedWorker."""
+    monkeypatch.setattr("runner.dispatcher.worker_class", lambda worker_type: ScriptedWorker)
+    monkeypatch.setattr(ScriptedWorker, "output", real_output)
+    monkeypatch.setattr(ScriptedWorker, "script", {})
+    monkeypatch.setattr(ScriptedWorker, "setup_delay", {})
+
+    def make(names, max_attempts=3):
+        config = load_event_config(
+            make_event(tmp_path, (), dispatcher={"max_attempts": max_attempts}))
+        for name in names:
+            (Path(config.worker.submissions_dir) / name).mkdir(parents=True)
+        return config
+
+    return make
+
+
+def test_interrupted_run_is_retried_then_scored(scripted_event):
+    config = scripted_event(["spot"])
+    ScriptedWorker.script.update(spot=["interrupted", "ok"])
+    Dispatcher(config).run()
+    with Ledger(config.ledger_path) as ledger:
+        submission = ledger.get("spot")
+        assert (submission.state, submission.attempts) == ("scored", 1)
+        assert "interrupted" in [t for t in ledger.transitions("spot") if t[2] == "new"][-1][3]
+
+
+def test_retries_are_bounded_by_max_attempts(scripted_event):
+    config = scripted_event(["unlucky"], max_attempts=2)
+    ScriptedWorker.script.update(unlucky=["setup_fails", "setup_fails", "ok"])
+    Dispatcher(config).run()
+    with Ledger(config.ledger_path) as ledger:
+        submission = ledger.get("unlucky")
+    assert (submission.state, submission.attempts) == ("checking_error", 2)
+    assert "gave up after 2 attempts" in submission.error_msg
+    assert "the instance never answered" in submission.error_msg
+
+
+def test_slow_setup_does_not_hold_up_other_slots(scripted_event):
+    config = scripted_event(["slow", "fast"])
+    ScriptedWorker.script.update(slow=["ok"], fast=["ok"])
+    ScriptedWorker.setup_delay.update(slow=3.0)
+    Dispatcher(config).run()
+    with Ledger(config.ledger_path) as ledger:
+        order = [(name, state) for name, _, state, _ in ledger.transitions()]
+    assert order.index(("fast", "scored")) < order.index(("slow", "training"))
