@@ -1,0 +1,277 @@
+"""The Image Builder pipeline that bakes the worker AMI from the documents of ami/."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import pulumi
+import pulumi_aws as aws
+from ami_documents import DOCUMENTS_DIR, ComponentDocument, load_document
+from stack_config import StackConfig
+
+SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+IMAGE_BUILDER_POLICY = "arn:aws:iam::aws:policy/EC2InstanceProfileForImageBuilder"
+BUILD_DATE = "{{ imagebuilder:buildDate }}"
+
+
+def ami_name_pattern(base_name: str) -> str:
+    """AMI name given by the distribution: base name + Image Builder's build date."""
+    return f"{base_name}-{BUILD_DATE}"
+
+
+def log_prefix(config: StackConfig) -> str:
+    """Key prefix of the build logs in the optional log bucket."""
+    return f"imagebuilder/{config.challenge_name}"
+
+
+def resolve_parent_image(parent_image: str) -> tuple[str, str]:
+    """Parent AMI id and root device name, from an AMI id or an SSM parameter name."""
+    if parent_image.startswith("ami-"):
+        image_id = parent_image
+    else:
+        image_id = aws.ssm.get_parameter(name=parent_image).value
+    image = aws.ec2.get_ami(filters=[{"name": "image-id", "values": [image_id]}])
+    return image.id, image.root_device_name
+
+
+def recipe_version(*parts: object) -> str:
+    """`1.<a>.<b>` from everything that shapes the recipe, so a change means a new version."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return f"1.{int(digest[:5], 16)}.{int(digest[5:10], 16)}"
+
+
+def worker_parameters(config: StackConfig, secret_names: Mapping[str, str]) -> dict[str, str]:
+    """Values of the ramp-worker document's parameters (AWSTOE rejects empty values)."""
+    return {
+        "ChallengeName": config.challenge_name,
+        "KitRepository": config.kit_repository,
+        "KitRef": config.kit_ref,
+        "InstanceUser": config.instance_user,
+        "DataSource": config.data_source,
+        "DataS3Uri": config.data_s3_uri or "none",
+        "OsfUsernameParameter": secret_names.get("osf-username", "none"),
+        "OsfPasswordParameter": secret_names.get("osf-password", "none"),
+        "AwsRegion": config.region,
+    }
+
+
+class AmiPipeline(pulumi.ComponentResource):
+    """Components, recipe, build role, infrastructure, distribution and a manual pipeline."""
+
+    def __init__(
+        self,
+        name: str,
+        config: StackConfig,
+        secret_names: Mapping[str, str],
+        secret_arns: list[pulumi.Output[str]],
+        documents_dir: Path = DOCUMENTS_DIR,
+        opts: pulumi.ResourceOptions | None = None,
+    ):
+        super().__init__("ramp-runner:infra:AmiPipeline", name, None, opts)
+        self._name = name
+        self._child = pulumi.ResourceOptions(parent=self)
+        tags = {"ramp:challenge": config.challenge_name}
+
+        specs = [("ramp-worker", worker_parameters(config, secret_names))]
+        if config.gpu_drivers:
+            # Drivers first: the worker's test phase may then see the GPU.
+            specs.insert(0, ("gpu-drivers", {"DriverVersion": config.gpu_driver_version}))
+        documents = [
+            (load_document(documents_dir / f"{stem}.yml"), values) for stem, values in specs
+        ]
+        self.components = [self._component(config, document, tags) for document, _ in documents]
+        parent_id, root_device = resolve_parent_image(config.parent_image)
+        self.recipe_version = recipe_version(
+            [document.version for document, _ in documents],
+            [values for _, values in documents],
+            parent_id,
+            root_device,
+            config.volume_size,
+        )
+        self.recipe = aws.imagebuilder.ImageRecipe(
+            f"{name}-recipe",
+            name=f"{config.challenge_name}-ramp-worker",
+            version=self.recipe_version,
+            parent_image=parent_id,
+            components=[
+                {
+                    "component_arn": component.arn,
+                    "parameters": [{"name": k, "value": v} for k, v in values.items()],
+                }
+                for component, (_, values) in zip(self.components, documents, strict=True)
+            ],
+            block_device_mappings=[
+                {
+                    "device_name": root_device,
+                    "ebs": {
+                        "volume_size": config.volume_size,
+                        "volume_type": "gp3",
+                        "delete_on_termination": "true",
+                    },
+                }
+            ],
+            tags=tags,
+            opts=self._child,
+        )
+        self.role, self.instance_profile, attachments = self._build_role(config, secret_arns)
+        self.infrastructure = aws.imagebuilder.InfrastructureConfiguration(
+            f"{name}-infrastructure",
+            name=f"{config.challenge_name}-ramp-worker",
+            instance_profile_name=self.instance_profile.name,
+            instance_types=list(config.instance_types),
+            terminate_instance_on_failure=True,
+            instance_metadata_options={"http_tokens": "required", "http_put_response_hop_limit": 2},
+            logging=(
+                {
+                    "s3_logs": {
+                        "s3_bucket_name": config.log_bucket,
+                        "s3_key_prefix": log_prefix(config),
+                    }
+                }
+                if config.log_bucket
+                else None
+            ),
+            resource_tags=tags,
+            tags=tags,
+            # A build started before the policies are attached could not reach SSM.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=attachments),
+        )
+        self.distribution = aws.imagebuilder.DistributionConfiguration(
+            f"{name}-distribution",
+            name=f"{config.challenge_name}-ramp-worker",
+            distributions=[
+                {
+                    "region": config.region,
+                    "ami_distribution_configuration": {
+                        "name": ami_name_pattern(config.ami_base_name),
+                        "ami_tags": {**tags, "ramp:ami-base-name": config.ami_base_name},
+                    },
+                }
+            ],
+            tags=tags,
+            opts=self._child,
+        )
+        # No schedule: the pipeline runs when `invoke build-ami` starts it.
+        self.pipeline = aws.imagebuilder.ImagePipeline(
+            f"{name}-pipeline",
+            name=f"{config.challenge_name}-ramp-worker",
+            image_recipe_arn=self.recipe.arn,
+            infrastructure_configuration_arn=self.infrastructure.arn,
+            distribution_configuration_arn=self.distribution.arn,
+            image_tests_configuration={"image_tests_enabled": True, "timeout_minutes": 120},
+            enhanced_image_metadata_enabled=True,
+            status="ENABLED",
+            tags=tags,
+            opts=self._child,
+        )
+        self.register_outputs(
+            {"pipelineArn": self.pipeline.arn, "recipeVersion": self.recipe_version}
+        )
+
+    def _component(
+        self, config: StackConfig, document: ComponentDocument, tags: dict[str, str]
+    ) -> aws.imagebuilder.Component:
+        """One component per document; the version follows the document's content."""
+        return aws.imagebuilder.Component(
+            f"{self._name}-{document.name}",
+            name=f"{config.challenge_name}-{document.name}",
+            platform="Linux",
+            version=document.version,
+            data=document.text,
+            description=document.content.get("description"),
+            # Keep replaced versions: images built from them still refer to them.
+            skip_destroy=True,
+            tags=tags,
+            opts=self._child,
+        )
+
+    def _build_role(
+        self, config: StackConfig, secret_arns: list[pulumi.Output[str]]
+    ) -> tuple[aws.iam.Role, aws.iam.InstanceProfile, list[pulumi.Resource]]:
+        """Role of the build instance: SSM core, Image Builder, and only the data it needs."""
+        name = self._name
+        role = aws.iam.Role(
+            f"{name}-build-role",
+            assume_role_policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": "ec2.amazonaws.com"},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ],
+                }
+            ),
+            tags={"ramp:challenge": config.challenge_name},
+            opts=self._child,
+        )
+        attachments: list[pulumi.Resource] = [
+            aws.iam.RolePolicyAttachment(
+                f"{name}-build-{suffix}", role=role.name, policy_arn=arn, opts=self._child
+            )
+            for suffix, arn in (
+                ("ssm-core", SSM_CORE_POLICY),
+                ("imagebuilder", IMAGE_BUILDER_POLICY),
+            )
+        ]
+        statements = _data_statements(config, secret_arns)
+        if statements is not None:
+            attachments.append(
+                aws.iam.RolePolicy(
+                    f"{name}-build-data",
+                    role=role.name,
+                    policy=statements.apply(
+                        lambda s: json.dumps({"Version": "2012-10-17", "Statement": s})
+                    ),
+                    opts=self._child,
+                )
+            )
+        profile = aws.iam.InstanceProfile(f"{name}-build-profile", role=role.name, opts=self._child)
+        return role, profile, attachments
+
+
+def _data_statements(
+    config: StackConfig, secret_arns: list[pulumi.Output[str]]
+) -> pulumi.Output[list[dict]] | None:
+    """IAM statements to read the private data: the data prefix or the secret parameters."""
+    statements: list[dict] = []
+    if config.data_source == "s3":
+        bucket = f"arn:aws:s3:::{config.data_bucket}"
+        statements += [
+            {
+                "Effect": "Allow",
+                "Action": "s3:ListBucket",
+                "Resource": bucket,
+                "Condition": {"StringLike": {"s3:prefix": [f"{config.data_prefix}/*"]}},
+            },
+            {
+                "Effect": "Allow",
+                "Action": "s3:GetObject",
+                "Resource": f"{bucket}/{config.data_prefix}/*",
+            },
+        ]
+    if config.log_bucket:
+        statements.append(
+            {
+                "Effect": "Allow",
+                "Action": "s3:PutObject",
+                "Resource": f"arn:aws:s3:::{config.log_bucket}/{log_prefix(config)}/*",
+            }
+        )
+    if not statements and not secret_arns:
+        return None
+    return pulumi.Output.all(*secret_arns).apply(
+        lambda arns: (
+            statements
+            + (
+                [{"Effect": "Allow", "Action": "ssm:GetParameter", "Resource": list(arns)}]
+                if arns
+                else []
+            )
+        )
+    )

@@ -1,0 +1,57 @@
+"""What the dispatcher needs to reach workers: a security group and a key pair."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pulumi
+import pulumi_aws as aws
+from stack_config import StackConfig
+
+
+class WorkerAccess(pulumi.ComponentResource):
+    """SSH from the configured CIDRs only, and the organiser's public key as an EC2 key pair."""
+
+    def __init__(self, name: str, config: StackConfig, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("ramp-runner:infra:WorkerAccess", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        ipv4 = [c for c in config.ssh_cidrs if ipaddress.ip_network(c).version == 4]
+        ipv6 = [c for c in config.ssh_cidrs if ipaddress.ip_network(c).version == 6]
+        # No vpc_id: the default VPC, where EC2 accepts a security group by name at launch.
+        self.security_group = aws.ec2.SecurityGroup(
+            f"{name}-ssh",
+            name=f"{config.challenge_name}-ramp-workers",
+            description=f"SSH to the RAMP workers of {config.challenge_name}",
+            ingress=[
+                aws.ec2.SecurityGroupIngressArgs(
+                    description="SSH from the dispatcher",
+                    protocol="tcp",
+                    from_port=22,
+                    to_port=22,
+                    cidr_blocks=ipv4 or None,
+                    ipv6_cidr_blocks=ipv6 or None,
+                )
+            ],
+            # Workers download packages and data only when the AMI lacks them; keep egress open.
+            egress=[
+                aws.ec2.SecurityGroupEgressArgs(
+                    protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"]
+                )
+            ],
+            tags={"ramp:challenge": config.challenge_name},
+            opts=child,
+        )
+        self.key_pair = aws.ec2.KeyPair(
+            f"{name}-key",
+            key_name=config.key_name,
+            public_key=config.public_key,
+            tags={"ramp:challenge": config.challenge_name},
+            opts=child,
+        )
+        self.register_outputs(
+            {
+                "securityGroupId": self.security_group.id,
+                "securityGroupName": self.security_group.name,
+                "keyName": self.key_pair.key_name,
+            }
+        )

@@ -1,0 +1,134 @@
+"""The AWSTOE component documents of ami/: structure, parameters, shellcheck on every script."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra"))
+
+import ami_documents  # noqa: E402
+
+DOCUMENTS = ami_documents.load_documents()
+BLOCKS = [
+    pytest.param(document, block, id=f"{stem}:{block.phase}:{block.step}")
+    for stem, document in DOCUMENTS.items()
+    for block in document.bash_blocks()
+]
+KNOWN_ACTIONS = {"ExecuteBash", "Reboot", "S3Download", "S3Upload", "WebDownload", "UpdateOS"}
+IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def test_the_documents_are_there():
+    assert set(DOCUMENTS) == {"ramp-worker", "gpu-drivers"}
+
+
+@pytest.mark.parametrize("document", DOCUMENTS.values(), ids=list(DOCUMENTS))
+def test_document_structure(document):
+    content = document.content
+    assert set(content) <= {"name", "description", "schemaVersion", "parameters", "phases"}
+    assert content["name"] == document.path.stem
+    assert content["description"]
+    assert str(content["schemaVersion"]) == "1.0"
+    # Image Builder takes at most 16000 characters of inline component data.
+    assert len(document.text) <= 16000
+    phases = [phase["name"] for phase in content["phases"]]
+    assert phases == ["build", "test"]
+    for phase in content["phases"]:
+        assert set(phase) == {"name", "steps"}
+        names = [step["name"] for step in phase["steps"]]
+        assert names and len(names) == len(set(names)), names
+        for step in phase["steps"]:
+            assert IDENTIFIER.match(step["name"]), step["name"]
+            assert set(step) <= {
+                "name",
+                "action",
+                "inputs",
+                "timeoutSeconds",
+                "onFailure",
+                "maxAttempts",
+            }
+            assert step["action"] in KNOWN_ACTIONS
+            assert isinstance(step.get("timeoutSeconds", 1), int)
+            assert step.get("onFailure", "Abort") in {"Abort", "Continue", "Ignore"}
+            if step["action"] == "ExecuteBash":
+                commands = step["inputs"]["commands"]
+                assert commands and all(isinstance(c, str) for c in commands)
+
+
+@pytest.mark.parametrize("document", DOCUMENTS.values(), ids=list(DOCUMENTS))
+def test_parameters_declared_and_used(document):
+    declared = document.parameters
+    assert declared, "values come in as AWSTOE parameters"
+    for name, spec in declared.items():
+        assert IDENTIFIER.match(name), name
+        assert spec["type"] == "string"
+        assert spec.get("description")
+        if "default" in spec:
+            assert spec["default"] != "", "AWSTOE rejects empty parameter values"
+    assert document.referenced_parameters() == set(declared)
+
+
+@pytest.mark.parametrize("document", DOCUMENTS.values(), ids=list(DOCUMENTS))
+def test_parameters_are_quoted_shell_assignments(document):
+    for block in document.bash_blocks():
+        for line in block.script.splitlines():
+            if ami_documents.PARAMETER_REFERENCE.search(line):
+                assert re.fullmatch(r'\s*[a-z0-9_]+="\{\{ [A-Za-z0-9]+ \}\}"', line), line
+
+
+@pytest.mark.parametrize(("document", "block"), BLOCKS)
+def test_shellcheck(document, block):
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is required: apt-get install -y shellcheck"
+    # shellcheck cannot parse {{ Name }}: give each parameter a placeholder value.
+    script = ami_documents.PARAMETER_REFERENCE.sub(
+        lambda match: f"PARAMETER_{match.group(1)}", block.script
+    )
+    assert script.lstrip().startswith("set -euo pipefail")
+    result = subprocess.run(
+        [shellcheck, "--shell=bash", "--severity=style", "-"],
+        input=f"#!/bin/bash\n{script}\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_worker_reads_osf_credentials_from_ssm_at_build_time():
+    worker = DOCUMENTS["ramp-worker"]
+    [fetch] = [b for b in worker.bash_blocks() if b.step == "FetchData"]
+    assert "aws ssm get-parameter" in fetch.script
+    assert "--with-decryption" in fetch.script
+    assert "constants" not in worker.content
+    assert not re.search(r"password\s*[:=]\s*[^\"$\s]", worker.text, re.IGNORECASE)
+
+
+def test_worker_test_phase_runs_the_starting_kit_as_the_instance_user():
+    worker = DOCUMENTS["ramp-worker"]
+    tests = [b for b in worker.bash_blocks() if b.phase == "test"]
+    script = "\n".join(b.script for b in tests)
+    assert "ramp-test --submission starting_kit --quick-test" in script
+    assert 'sudo -u "$user"' in script
+
+
+def test_worker_environment_sources():
+    [create] = [b for b in DOCUMENTS["ramp-worker"].bash_blocks() if b.step == "CreateEnvironment"]
+    for name in ("environment.yml", "requirements.txt", "extra_libraries.txt"):
+        assert name in create.script
+
+
+def test_content_version_follows_every_edit():
+    text = DOCUMENTS["ramp-worker"].text
+    version = ami_documents.content_version(text)
+    assert re.fullmatch(r"1\.\d+\.\d+", version)
+    assert ami_documents.content_version(text) == version
+    edited = text.replace("clean --all --yes", "clean --all --quiet --yes", 1)
+    assert ami_documents.content_version(edited) != version
+    assert DOCUMENTS["ramp-worker"].version == version

@@ -1,0 +1,396 @@
+"""The Pulumi program under mocks: the resource graph, config errors, secrets, versions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+import pytest
+
+INFRA_DIR = Path(__file__).resolve().parents[1] / "infra"
+sys.path.insert(0, str(INFRA_DIR))
+
+import ami_documents  # noqa: E402
+import program  # noqa: E402
+import stack_config  # noqa: E402
+
+PROJECT = "ramp-runner"
+PARENT_AMI = "ami-0parent0000000001"
+PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk5bGV4YW1wbGVrZXlleGFtcGxla2V5 organiser@ramp"
+OSF_USER = "osf-user-4b1d"
+OSF_PASSWORD = "s3cr3t-osf-pa55word"
+SECRET_SIGNATURE, SECRET_MARKER = (
+    "4dabf18193072939515e22adb298388d",
+    "1b47061264138c4ac30d75fd1eb44270",
+)
+BASE_CONFIG = {
+    "aws:region": "eu-west-1",
+    "challengeName": "iris",
+    "sshCidrs": json.dumps(["203.0.113.7/32", "2001:db8::/64"]),
+    "publicKey": PUBLIC_KEY,
+}
+
+
+@dataclass
+class Recorded:
+    """One resource registered with the mocks."""
+
+    typ: str
+    name: str
+    inputs: dict
+    outputs: dict
+
+
+class Mocks(pulumi.runtime.Mocks):
+    """Computed outputs (id, arn, name) as the provider would return them, in camelCase."""
+
+    def __init__(self):
+        self.resources: list[Recorded] = []
+        self.calls: list[tuple[str, dict]] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        outputs = dict(args.inputs)
+        name = outputs.setdefault("name", f"{args.name}-physical")
+        if args.typ.startswith("aws:imagebuilder/"):
+            kind = {
+                "aws:imagebuilder/component:Component": "component",
+                "aws:imagebuilder/imageRecipe:ImageRecipe": "image-recipe",
+                "aws:imagebuilder/imagePipeline:ImagePipeline": "image-pipeline",
+                "aws:imagebuilder/infrastructureConfiguration:InfrastructureConfiguration": (
+                    "infrastructure-configuration"
+                ),
+                "aws:imagebuilder/distributionConfiguration:DistributionConfiguration": (
+                    "distribution-configuration"
+                ),
+            }[args.typ]
+            version = f"/{outputs['version']}" if "version" in outputs else ""
+            outputs["arn"] = f"arn:aws:imagebuilder:eu-west-1:123456789012:{kind}/{name}{version}"
+        else:
+            service = args.typ.split(":")[1].split("/")[0]
+            outputs["arn"] = f"arn:aws:{service}:eu-west-1:123456789012:{args.name}"
+        self.resources.append(Recorded(args.typ, args.name, dict(args.inputs), outputs))
+        return [f"{args.name}-id", outputs]
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        self.calls.append((args.token, dict(args.args)))
+        if args.token == "aws:ssm/getParameter:getParameter":
+            return {"name": args.args["name"], "value": PARENT_AMI, "type": "String"}
+        if args.token == "aws:ec2/getAmi:getAmi":
+            return {"id": PARENT_AMI, "rootDeviceName": "/dev/sda1", "architecture": "x86_64"}
+        raise NotImplementedError(args.token)
+
+    def of_type(self, suffix: str) -> list[Recorded]:
+        """Resources whose type token ends with suffix, e.g. 'ImageRecipe'."""
+        return [r for r in self.resources if r.typ.endswith(f":{suffix}")]
+
+    def one(self, suffix: str) -> Recorded:
+        """The single resource of a type."""
+        found = self.of_type(suffix)
+        assert len(found) == 1, [r.name for r in found]
+        return found[0]
+
+
+@pytest.fixture
+def mocks():
+    """Fresh mocks and an empty config for each test."""
+    recorder = Mocks()
+    pulumi.runtime.set_mocks(recorder, project=PROJECT, stack="test", preview=False)
+    yield recorder
+    pulumi.runtime.set_all_config({})
+
+
+def run_program(values: dict, secrets: dict | None = None, documents_dir=None):
+    """Set the stack config as `pulumi config set` would and declare the program."""
+    secrets = secrets or {}
+    full = {(k if ":" in k else f"{PROJECT}:{k}"): v for k, v in {**values, **secrets}.items()}
+    pulumi.runtime.set_all_config(full, secret_keys=[f"{PROJECT}:{k}" for k in secrets])
+    config = stack_config.read_stack_config()
+    kwargs = {"documents_dir": documents_dir} if documents_dir else {}
+    return program.build(config, **kwargs)
+
+
+def settled(outputs: dict, check):
+    """An Output that runs check once every stack output (and so every resource) resolved."""
+    keys = list(outputs)
+    return pulumi.Output.all(*outputs.values()).apply(
+        lambda vals: check(dict(zip(keys, vals, strict=True)))
+    )
+
+
+@pulumi.runtime.test
+def test_pipeline_graph_from_components_to_pipeline(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(values):
+        pipeline = mocks.one("ImagePipeline")
+        recipe = mocks.one("ImageRecipe")
+        component = mocks.one("Component")
+        infrastructure = mocks.one("InfrastructureConfiguration")
+        distribution = mocks.one("DistributionConfiguration")
+        assert values["pipelineArn"] == pipeline.outputs["arn"]
+        assert pipeline.inputs["imageRecipeArn"] == recipe.outputs["arn"]
+        assert pipeline.inputs["infrastructureConfigurationArn"] == infrastructure.outputs["arn"]
+        assert pipeline.inputs["distributionConfigurationArn"] == distribution.outputs["arn"]
+        assert "schedule" not in pipeline.inputs
+        assert pipeline.inputs["imageTestsConfiguration"]["imageTestsEnabled"] is True
+
+        assert [c["componentArn"] for c in recipe.inputs["components"]] == [
+            component.outputs["arn"]
+        ]
+        worker = ami_documents.load_documents()["ramp-worker"]
+        assert component.inputs["data"] == worker.text
+        assert component.inputs["version"] == worker.version
+        assert component.inputs["platform"] == "Linux"
+        assert component.inputs["skipDestroy"] is True
+        parameters = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        assert set(parameters) == set(worker.parameters)
+        assert parameters["ChallengeName"] == "iris"
+        assert parameters["KitRepository"] == "https://github.com/ramp-kits/iris.git"
+        assert parameters["DataSource"] == "none"
+        assert all(parameters.values()), "AWSTOE rejects empty parameter values"
+
+        assert recipe.inputs["parentImage"] == PARENT_AMI
+        [device] = recipe.inputs["blockDeviceMappings"]
+        assert device["deviceName"] == "/dev/sda1"
+        assert device["ebs"]["volumeSize"] == 30
+        tokens = [token for token, _ in mocks.calls]
+        assert tokens == ["aws:ssm/getParameter:getParameter", "aws:ec2/getAmi:getAmi"]
+        assert mocks.calls[0][1]["name"] == stack_config.UBUNTU_2204_PARAMETER
+
+        [dist] = distribution.inputs["distributions"]
+        assert dist["region"] == "eu-west-1"
+        ami = dist["amiDistributionConfiguration"]
+        assert ami["name"] == "iris-ramp-worker-{{ imagebuilder:buildDate }}"
+        assert ami["amiTags"]["ramp:ami-base-name"] == "iris-ramp-worker"
+        assert values["amiBaseName"] == "iris-ramp-worker"
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_build_instance_profile_role_has_ssm_core_and_no_data_access(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(_):
+        infrastructure = mocks.one("InfrastructureConfiguration")
+        profile = mocks.one("InstanceProfile")
+        role = mocks.one("Role")
+        assert infrastructure.inputs["instanceProfileName"] == profile.outputs["name"]
+        assert profile.inputs["role"] == role.outputs["name"]
+        assume = json.loads(role.inputs["assumeRolePolicy"])
+        assert assume["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+        attached = {
+            a.inputs["policyArn"]
+            for a in mocks.of_type("RolePolicyAttachment")
+            if a.inputs["role"] == role.outputs["name"]
+        }
+        assert "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore" in attached
+        assert mocks.of_type("RolePolicy") == [], "dataSource none needs no data access"
+        assert infrastructure.inputs["terminateInstanceOnFailure"] is True
+        assert infrastructure.inputs["instanceTypes"] == ["m5.large"]
+        assert infrastructure.inputs["instanceMetadataOptions"]["httpTokens"] == "required"
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_security_group_allows_ssh_from_configured_cidrs_only(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(values):
+        group = mocks.one("SecurityGroup")
+        [rule] = group.inputs["ingress"]
+        assert (rule["protocol"], rule["fromPort"], rule["toPort"]) == ("tcp", 22, 22)
+        assert rule["cidrBlocks"] == ["203.0.113.7/32"]
+        assert rule["ipv6CidrBlocks"] == ["2001:db8::/64"]
+        assert values["securityGroupName"] == group.outputs["name"] == "iris-ramp-workers"
+        assert values["securityGroupId"] == f"{group.name}-id"
+        key = mocks.one("KeyPair")
+        assert key.inputs["publicKey"] == PUBLIC_KEY
+        assert values["keyName"] == key.inputs["keyName"] == "iris-ramp-worker"
+        assert values["region"] == "eu-west-1"
+        assert values["remoteKitFolder"] == "/home/ubuntu/ramp-kits/iris"
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_ssh_from_anywhere_only_when_asked(mocks):
+    open_config = {**BASE_CONFIG, "sshCidrs": json.dumps(["0.0.0.0/0"])}
+    with pytest.raises(stack_config.StackConfigError, match="sshCidrs"):
+        run_program(open_config)
+    outputs = run_program({**open_config, "allowSshFromAnywhere": "true"})
+
+    def check(_):
+        [rule] = mocks.one("SecurityGroup").inputs["ingress"]
+        assert rule["cidrBlocks"] == ["0.0.0.0/0"]
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_osf_credentials_live_only_in_ssm_secure_strings(mocks):
+    secrets = {"osfUsername": OSF_USER, "osfPassword": OSF_PASSWORD}
+    outputs = run_program({**BASE_CONFIG, "dataSource": "osf"}, secrets)
+
+    def check(_):
+        parameters = mocks.of_type("Parameter")
+        assert {p.inputs["name"] for p in parameters} == {
+            "/ramp-runner/iris/osf-username",
+            "/ramp-runner/iris/osf-password",
+        }
+        assert {p.inputs["type"] for p in parameters} == {"SecureString"}
+        # Pulumi hands secret inputs to the provider wrapped with its secret signature.
+        values = [p.inputs["value"] for p in parameters]
+        assert all(v.get(SECRET_SIGNATURE) == SECRET_MARKER for v in values)
+        assert {v["value"] for v in values} == {OSF_USER, OSF_PASSWORD}
+        for resource in mocks.resources:
+            if resource.typ == "aws:ssm/parameter:Parameter":
+                continue
+            text = json.dumps(resource.inputs, default=str)
+            assert OSF_PASSWORD not in text, resource.name
+            assert OSF_USER not in text, resource.name
+        recipe = mocks.one("ImageRecipe")
+        values = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        assert values["OsfUsernameParameter"] == "/ramp-runner/iris/osf-username"
+        assert values["OsfPasswordParameter"] == "/ramp-runner/iris/osf-password"
+        policy = json.loads(mocks.one("RolePolicy").inputs["policy"])
+        [statement] = policy["Statement"]
+        assert statement["Action"] == "ssm:GetParameter"
+        assert sorted(statement["Resource"]) == sorted(p.outputs["arn"] for p in parameters)
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_s3_data_source_reads_only_its_prefix(mocks):
+    config = {**BASE_CONFIG, "dataSource": "s3", "dataBucket": "ramp-data", "dataPrefix": "iris/v2"}
+    outputs = run_program(config)
+
+    def check(_):
+        policy = json.loads(mocks.one("RolePolicy").inputs["policy"])
+        resources = {s["Action"]: s["Resource"] for s in policy["Statement"]}
+        assert resources == {
+            "s3:ListBucket": "arn:aws:s3:::ramp-data",
+            "s3:GetObject": "arn:aws:s3:::ramp-data/iris/v2/*",
+        }
+        recipe = mocks.one("ImageRecipe")
+        values = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        assert values["DataS3Uri"] == "s3://ramp-data/iris/v2/"
+        assert mocks.of_type("Parameter") == []
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_gpu_drivers_component_comes_first(mocks):
+    config = {**BASE_CONFIG, "gpuDrivers": "true", "parentImage": "ami-0given", "volumeSize": "80"}
+    outputs = run_program(config)
+
+    def check(_):
+        components = {c.outputs["arn"]: c for c in mocks.of_type("Component")}
+        recipe = mocks.one("ImageRecipe")
+        names = [components[c["componentArn"]].inputs["name"] for c in recipe.inputs["components"]]
+        assert names == ["iris-gpu-drivers", "iris-ramp-worker"]
+        assert recipe.inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 80
+        assert [token for token, _ in mocks.calls] == ["aws:ec2/getAmi:getAmi"]
+
+    return settled(outputs, check)
+
+
+def test_editing_one_line_gives_new_component_version_and_replaced_recipe(tmp_path):
+    def graph(documents_dir):
+        recorder = Mocks()
+        pulumi.runtime.set_mocks(recorder, project=PROJECT, stack="test", preview=False)
+
+        @pulumi.runtime.test
+        def declare():
+            return settled(run_program(BASE_CONFIG, documents_dir=documents_dir), lambda _: None)
+
+        declare()
+        return recorder
+
+    edited_dir = tmp_path / "ami"
+    shutil.copytree(ami_documents.DOCUMENTS_DIR, edited_dir)
+    worker = edited_dir / "ramp-worker.yml"
+    worker.write_text(worker.read_text().replace("clean --all --yes", "clean --all --quiet --yes"))
+
+    before, after = graph(ami_documents.DOCUMENTS_DIR), graph(edited_dir)
+    old, new = before.one("Component"), after.one("Component")
+    assert (old.name, old.inputs["name"]) == (new.name, new.inputs["name"])
+    assert old.inputs["version"] != new.inputs["version"]
+    assert old.outputs["arn"] != new.outputs["arn"]
+    old_recipe, new_recipe = before.one("ImageRecipe"), after.one("ImageRecipe")
+    # Same logical resource, new immutable version: Pulumi replaces it (create, then delete),
+    # and the pipeline, updated in place, points at the new recipe.
+    assert old_recipe.name == new_recipe.name
+    assert old_recipe.inputs["version"] != new_recipe.inputs["version"]
+    assert new_recipe.inputs["components"][0]["componentArn"] == new.outputs["arn"]
+    assert after.one("ImagePipeline").inputs["imageRecipeArn"] == new_recipe.outputs["arn"]
+    unchanged = graph(ami_documents.DOCUMENTS_DIR).one("ImageRecipe")
+    assert unchanged.inputs["version"] == old_recipe.inputs["version"]
+    pulumi.runtime.set_all_config({})
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"challengeName": None}, "challengeName"),
+        ({"challengeName": "Iris Challenge"}, "challengeName"),
+        ({"sshCidrs": None}, "sshCidrs"),
+        ({"sshCidrs": json.dumps(["10.0.0.300/32"])}, "sshCidrs"),
+        ({"sshCidrs": json.dumps(["10.0.0.1/8"])}, "sshCidrs"),
+        ({"sshCidrs": json.dumps(["::/0"])}, "sshCidrs"),
+        ({"publicKey": "not a key"}, "publicKey"),
+        ({"dataSource": "ftp"}, "dataSource"),
+        ({"dataSource": "s3"}, "dataBucket"),
+        ({"dataSource": "osf"}, "osfUsername"),
+        ({"volumeSize": "big"}, "volumeSize"),
+        ({"volumeSize": "4"}, "volumeSize"),
+        ({"gpuDrivers": "yes"}, "gpuDrivers"),
+        ({"instanceTypes": json.dumps([])}, "instanceTypes"),
+        ({"instanceUser": "Root User"}, "instanceUser"),
+        ({"amiBaseName": "x" * 101}, "amiBaseName"),
+    ],
+)
+def test_bad_config_names_the_key(changes, key):
+    raw = {k: v for k, v in {**BASE_CONFIG, **changes}.items() if v is not None}
+    with pytest.raises(stack_config.StackConfigError, match=f"'{key}'") as error:
+        stack_config.parse_stack_config(raw, {}, "eu-west-1")
+    assert error.value.key == key
+
+
+def test_missing_region_names_the_key(mocks):
+    config = {k: v for k, v in BASE_CONFIG.items() if k != "aws:region"}
+    pulumi.runtime.set_all_config({f"{PROJECT}:{k}": v for k, v in config.items()})
+    with pytest.raises(stack_config.StackConfigError, match="aws:region"):
+        stack_config.read_stack_config()
+
+
+def test_config_defaults_and_comma_lists():
+    raw = {**BASE_CONFIG, "sshCidrs": "203.0.113.7/32, 198.51.100.0/24"}
+    config = stack_config.parse_stack_config(raw, {}, "eu-west-1")
+    assert config.ssh_cidrs == ("203.0.113.7/32", "198.51.100.0/24")
+    assert config.parent_image == stack_config.UBUNTU_2204_PARAMETER
+    assert (config.kit_ref, config.instance_user, config.volume_size) == ("HEAD", "ubuntu", 30)
+    assert (config.gpu_drivers, config.data_source, config.key_name) == (
+        False,
+        "none",
+        "iris-ramp-worker",
+    )
+
+
+def test_example_stack_config_is_valid():
+    example = __import__("yaml").safe_load((INFRA_DIR / "Pulumi.example.yaml").read_text())
+    raw = {
+        key.split(":", 1)[1]: value if isinstance(value, str) else json.dumps(value)
+        for key, value in example["config"].items()
+        if key.startswith(f"{PROJECT}:")
+    }
+    assert set(raw) <= set(stack_config.PLAIN_KEYS)
+    config = stack_config.parse_stack_config(raw, {}, example["config"]["aws:region"])
+    assert config.challenge_name == "iris"
