@@ -170,3 +170,80 @@ def _print_status(config):
 
 def _number(value):
     return "" if value is None else f"{value:.1f}"
+
+
+@task(help={"pipeline_arn": "Image Builder pipeline (default: the stack output pipelineArn)",
+            "outputs_file": "JSON of `pulumi stack output --json`, when the pulumi CLI is absent",
+            "stack": "Pulumi stack to read outputs from (default: the selected one)",
+            "no_wait": "start the build, print the image ARN and return",
+            "poll": "seconds between two looks at the image (default 30)"})
+def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False, poll=30):
+    """Run the AMI pipeline, follow the image and print the AMI (exit 1 if it fails)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from runner.imagebuilder import ImageBuildError, make_client, start_build, wait_for_image
+
+    pipeline_arn = pipeline_arn or _stack_pipeline_arn(outputs_file, stack)
+    try:
+        client = make_client(pipeline_arn)
+        image_arn = start_build(client, pipeline_arn)
+    except (ValueError, ClientError, BotoCoreError) as error:
+        raise Exit(f"error: cannot start {pipeline_arn}: {error}", code=1) from None
+    console = _console()
+    console.print(f"building {image_arn}")
+    if no_wait:
+        return
+    seen = []
+
+    with console.status("PENDING") as display:
+        def progress(state, elapsed):
+            if not seen or seen[-1] != state:
+                seen.append(state)
+                console.log(state)
+            display.update(f"{state}, {elapsed / 60:.0f} min")
+
+        try:
+            ami = wait_for_image(client, image_arn, on_progress=progress, poll_seconds=float(poll))
+        except ImageBuildError as error:
+            raise Exit(f"error: {error}", code=1) from None
+        except (ClientError, BotoCoreError) as error:
+            raise Exit(f"error: lost track of {image_arn}: {error}", code=1) from None
+    console.print(f"AVAILABLE {ami.ami_id} {ami.ami_name} ({ami.region})")
+
+
+@task(help={**EVENT_CONFIG_HELP,
+            "outputs_file": "JSON of `pulumi stack output --json`, when the pulumi CLI is absent",
+            "stack": "Pulumi stack to read outputs from (default: the selected one)"})
+def aws_config(c, event_config, outputs_file=None, stack=None):
+    """Write the stack outputs (AMI name, security group, key, region) into the worker section."""
+    from runner.stack_outputs import StackOutputsError, read_stack_outputs, write_worker_settings
+
+    try:
+        written = write_worker_settings(event_config, read_stack_outputs(outputs_file, stack=stack))
+    except StackOutputsError as error:
+        raise Exit(f"error: {error}", code=2) from None
+    for key, value in written.items():
+        print(f"worker.{key}: {value}")
+
+
+def _stack_pipeline_arn(outputs_file, stack):
+    from runner.stack_outputs import StackOutputsError, pipeline_arn, read_stack_outputs
+
+    try:
+        return pipeline_arn(read_stack_outputs(outputs_file, stack=stack))
+    except StackOutputsError as error:
+        raise Exit(f"error: {error}", code=2) from None
+
+
+@task(help={**EVENT_CONFIG_HELP,
+            "dry_run": "only list what would be released"})
+def reap(c, event_config, dry_run=False):
+    """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts."""
+    from runner.workers import worker_class
+
+    config = _load(event_config)
+    _logging(False)
+    released = worker_class(config.worker.worker_type).reap_leftovers(
+        config.worker_dict(), dry_run=dry_run)
+    verb = "would release" if dry_run else "released"
+    print(f"{verb} {len(released)}: {' '.join(released)}" if released else "nothing to release")
