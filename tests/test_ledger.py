@@ -1,0 +1,113 @@
+"""The ledger: checked transitions, exclusive claims, bounded retries, recovery."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from runner.ledger import Ledger, TransitionError
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        yield ledger
+
+
+def test_add_reports_only_new_names(ledger):
+    assert ledger.add(["a", "b"]) == ["a", "b"]
+    assert ledger.add(["b", "c"]) == ["c"]
+    assert [s.state for s in ledger.all()] == ["new", "new", "new"]
+
+
+def test_ledger_uses_write_ahead_logging(ledger):
+    assert ledger._connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_concurrent_claims_never_share_a_submission(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    names = [f"s{i:03d}" for i in range(200)]
+    with Ledger(path) as ledger:
+        ledger.add(names)
+    claimed: list[list[str]] = [[] for _ in range(4)]
+
+    def claim_all(index):
+        with Ledger(path) as own:
+            while batch := own.claim(3, worker=f"d{index}"):
+                claimed[index].extend(batch)
+
+    threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = [name for batch in claimed for name in batch]
+    assert sorted(everything) == names  # each claimed exactly once
+
+
+def test_the_happy_path_records_scores_and_times(ledger):
+    ledger.add(["a"])
+    assert ledger.claim(5, worker="d") == ["a"]
+    ledger.mark_training("a")
+    ledger.mark_tested("a", run_time=3.5, peak_memory_mb=120.0)
+    ledger.mark_scored("a", {"test": {"acc": 0.9}}, {"train": 1.0, "valid": 0.1, "test": 0.2})
+    submission = ledger.get("a")
+    assert submission.state == "scored"
+    assert submission.scores == {"test": {"acc": 0.9}}
+    assert (submission.train_time, submission.run_time, submission.peak_memory_mb) == (
+        1.0, 3.5, 120.0)
+    assert [t[2] for t in ledger.transitions("a")] == [
+        "new", "sent_to_training", "training", "tested", "scored"]
+
+
+def test_a_transition_from_the_wrong_state_changes_nothing(ledger):
+    ledger.add(["a"])
+    with pytest.raises(TransitionError, match="'a' is 'new'; cannot move it to 'scored'"):
+        ledger.mark_scored("a", {"test": {"acc": 1.0}}, {})
+    assert ledger.get("a").state == "new"
+    assert ledger.get("a").scores is None
+    with pytest.raises(TransitionError, match="no submission 'zzz'"):
+        ledger.mark_training("zzz")
+
+
+def test_scoring_twice_is_refused(ledger):
+    ledger.add(["a"])
+    ledger.claim(1, worker="d")
+    ledger.mark_training("a")
+    ledger.mark_tested("a", 1.0, None)
+    ledger.mark_scored("a", {"test": {"acc": 0.5}}, {})
+    with pytest.raises(TransitionError):
+        ledger.mark_scored("a", {"test": {"acc": 0.9}}, {})
+    assert ledger.get("a").scores == {"test": {"acc": 0.5}}
+
+
+def test_retries_are_counted_and_bounded(ledger):
+    ledger.add(["a"])
+    for expected in ("new", "new", "checking_error"):
+        ledger.claim(1, worker="d")
+        assert ledger.retry("a", "spot instance reclaimed", max_attempts=3) == expected
+    submission = ledger.get("a")
+    assert submission.attempts == 3
+    assert submission.error_msg == "gave up after 3 attempts; last: spot instance reclaimed"
+
+
+def test_release_and_recovery_do_not_count_attempts(ledger):
+    ledger.add(["a", "b", "c"])
+    ledger.claim(3, worker="d")
+    ledger.mark_training("b")
+    ledger.release("a", "shutdown")
+    assert sorted(ledger.recover_abandoned()) == ["b", "c"]
+    assert {(s.state, s.attempts) for s in ledger.all()} == {("new", 0)}
+
+
+def test_rerun_only_from_a_final_state(ledger):
+    ledger.add(["a"])
+    with pytest.raises(TransitionError):
+        ledger.rerun("a")
+    ledger.claim(1, worker="d")
+    ledger.mark_training("a")
+    ledger.mark_training_error("a", "Traceback ...", 1.0, None)
+    ledger.rerun("a")
+    submission = ledger.get("a")
+    assert (submission.state, submission.error_msg, submission.attempts) == ("new", "", 0)

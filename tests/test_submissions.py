@@ -1,0 +1,80 @@
+"""Adding submissions to an event, and a dispatcher that waits for them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.config import load_event_config
+from runner.dispatcher import Dispatcher, prepare_data
+from runner.ledger import Ledger
+from runner.submissions import discover, submit
+from tests.events import EXAMPLE, make_event
+
+
+@pytest.fixture
+def config(tmp_path):
+    return load_event_config(make_event(tmp_path / "event", ("starting_kit",),
+                                        dispatcher={"hunger_policy": None}))
+
+
+def test_submit_copies_and_queues(config):
+    name = submit(config, EXAMPLE / "submissions" / "random_forest", name="rf_v1")
+    assert name == "rf_v1"
+    assert (Path(config.worker.submissions_dir) / "rf_v1" / "classifier.py").is_file()
+    with Ledger(config.ledger_path) as ledger:
+        assert ledger.get("rf_v1").state == "new"
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("../escape", "expected letters"),
+    (".hidden", "expected letters"),
+    ("starting_kit", "already exists"),
+])
+def test_submit_refuses_bad_names(config, name, message):
+    with pytest.raises(ValueError, match=message):
+        submit(config, EXAMPLE / "submissions" / "random_forest", name=name)
+
+
+def test_discover_skips_hidden_folders_and_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / ".b.incoming").mkdir()
+    (tmp_path / "notes.txt").write_text("not a submission")
+    assert discover(tmp_path) == ["a"]
+    assert discover(tmp_path / "missing") == []
+
+
+def test_prepare_data_failure_is_reported(tmp_path):
+    (tmp_path / "prepare_data.py").write_text("raise SystemExit('no network here')\n")
+    with pytest.raises(RuntimeError, match="no network here"):
+        prepare_data(tmp_path)
+
+
+def test_hunger_policy_none_waits_for_new_submissions(config):
+    dispatcher = Dispatcher(config)
+    thread = threading.Thread(target=dispatcher.run)
+    thread.start()
+    try:
+        _wait_until(config, "starting_kit", "scored")
+        assert thread.is_alive()  # nothing left to run, yet it keeps waiting
+        submit(config, EXAMPLE / "submissions" / "random_forest")
+        _wait_until(config, "random_forest", "scored")
+        assert thread.is_alive()
+    finally:
+        dispatcher.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+def _wait_until(config, name, state, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if config.ledger_path.exists():
+            with Ledger(config.ledger_path) as ledger:
+                if name in ledger.names() and ledger.get(name).state == state:
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} did not reach {state} within {timeout} s")
