@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 STATES = (
     "new",
@@ -54,6 +54,16 @@ CREATE TABLE IF NOT EXISTS transitions (
     detail TEXT NOT NULL DEFAULT ''
 );
 """
+
+
+class Transition(NamedTuple):
+    """One recorded change of state."""
+
+    name: str
+    from_state: str | None
+    to_state: str
+    detail: str
+    at: float
 
 
 class TransitionError(RuntimeError):
@@ -149,15 +159,15 @@ class Ledger:
                 "SELECT COUNT(*) FROM submissions WHERE state = 'new'"
             ).fetchone()[0]
 
-    def transitions(self, name: str | None = None) -> list[tuple[str, str | None, str, str]]:
-        """Return ``(name, from_state, to_state, detail)`` of every change, in order."""
-        query = "SELECT name, from_state, to_state, detail FROM transitions"
+    def transitions(self, name: str | None = None) -> list[Transition]:
+        """Return every change of state (of one submission, or all), in order."""
+        query = "SELECT name, from_state, to_state, detail, at FROM transitions"
         arguments: tuple[Any, ...] = ()
         if name is not None:
             query, arguments = query + " WHERE name = ?", (name,)
         with self._lock:
             rows = self._connection.execute(query + " ORDER BY id", arguments).fetchall()
-        return [tuple(row) for row in rows]
+        return [Transition(*row) for row in rows]
 
     # -- transitions --------------------------------------------------------------------
 

@@ -38,12 +38,12 @@ def _processes_under(root: Path) -> list[psutil.Process]:
 
 def _scored_transitions(ledger_path: Path) -> dict[str, int]:
     with Ledger(ledger_path) as ledger:
-        return {s.name: sum(1 for t in ledger.transitions(s.name) if t[2] == "scored")
+        return {s.name: sum(1 for t in ledger.transitions(s.name) if t.to_state == "scored")
                 for s in ledger.all()}
 
 
 def test_example_event_end_to_end(tmp_path):
-    config = load_event_config(make_event(tmp_path, ALL_EXAMPLES, worker={"timeout": 10}))
+    config = load_event_config(make_event(tmp_path, ALL_EXAMPLES, worker={"timeout": 20}))
     seen = []
     Dispatcher(config, on_change=lambda name, state: seen.append((name, state))).run()
 
@@ -58,7 +58,7 @@ def test_example_event_end_to_end(tmp_path):
     }
     assert states["raising_error"].error_msg.startswith("Traceback")
     assert "fails on purpose" in states["raising_error"].error_msg
-    assert "timeout=10" in states["hanging"].error_msg
+    assert "timeout=20" in states["hanging"].error_msg
     for name in ("starting_kit", "random_forest", "gradient_boosting"):
         submission = states[name]
         assert 0 < submission.scores["test"]["acc"] <= 1
@@ -130,7 +130,7 @@ def test_sigkilled_dispatcher_restarted_scores_each_submission_once(tmp_path):
         "starting_kit": 1, "random_forest": 1, "gradient_boosting": 1}
     with Ledger(config.ledger_path) as ledger:
         assert {s.state for s in ledger.all()} == {"scored"}
-        assert any(t[3] == "left running by a dead dispatcher" for t in ledger.transitions())
+        assert any(t.detail == "left running by a dead dispatcher" for t in ledger.transitions())
     # The runs the killed dispatcher had started must not outlive it.
     deadline = time.monotonic() + 10
     while _processes_under(tmp_path) and time.monotonic() < deadline:
@@ -234,7 +234,8 @@ def test_interrupted_run_is_retried_then_scored(scripted_event):
     with Ledger(config.ledger_path) as ledger:
         submission = ledger.get("spot")
         assert (submission.state, submission.attempts) == ("scored", 1)
-        assert "interrupted" in [t for t in ledger.transitions("spot") if t[2] == "new"][-1][3]
+        back = [t for t in ledger.transitions("spot") if t.to_state == "new"]
+        assert "interrupted" in back[-1].detail
 
 
 def test_retries_are_bounded_by_max_attempts(scripted_event):
@@ -254,5 +255,5 @@ def test_slow_setup_does_not_hold_up_other_slots(scripted_event):
     ScriptedWorker.setup_delay.update(slow=3.0)
     Dispatcher(config).run()
     with Ledger(config.ledger_path) as ledger:
-        order = [(name, state) for name, _, state, _ in ledger.transitions()]
+        order = [(t.name, t.to_state) for t in ledger.transitions()]
     assert order.index(("fast", "scored")) < order.index(("slow", "training"))

@@ -57,7 +57,7 @@ def test_the_happy_path_records_scores_and_times(ledger):
     assert submission.scores == {"test": {"acc": 0.9}}
     assert (submission.train_time, submission.run_time, submission.peak_memory_mb) == (
         1.0, 3.5, 120.0)
-    assert [t[2] for t in ledger.transitions("a")] == [
+    assert [t.to_state for t in ledger.transitions("a")] == [
         "new", "sent_to_training", "training", "tested", "scored"]
 
 

@@ -49,6 +49,7 @@ class BaseWorker:
         self._status = "initialized"
         self._started_at: float | None = None
         self._wakeup = threading.Event()
+        self._status_lock = threading.Lock()
         self.peak_memory_mb: float | None = None
 
     # -- status ---------------------------------------------------------------------------
@@ -58,9 +59,9 @@ class BaseWorker:
         """The worker's state; while running, reading it checks for the end of the run."""
         if self._status == "running":
             if self._is_submission_interrupted():
-                self._status = "retry"
+                self._advance("running", "retry")
             elif self._is_submission_finished():
-                self._status = "finished"
+                self._advance("running", "finished")
             else:
                 self.check_timeout()
         return self._status
@@ -85,11 +86,18 @@ class BaseWorker:
         """Return True (and set status ``timeout``) once the run is past ``timeout``."""
         if self._status == "timeout":
             return True
-        if self._status == "running" and self.elapsed > self.timeout:
-            self._status = "timeout"
+        if self.elapsed > self.timeout and self._advance("running", "timeout"):
             logger.info("%r ran past its timeout of %g s", self, self.timeout)
             return True
         return False
+
+    def _advance(self, expected: str, target: str) -> bool:
+        """Move from ``expected`` to ``target`` unless another thread moved first (kill)."""
+        with self._status_lock:
+            if self._status != expected:
+                return False
+            self._status = target
+            return True
 
     def _is_submission_finished(self) -> bool:
         """Whether the launched run has ended (subclasses must say how to tell)."""
@@ -185,14 +193,16 @@ class BaseWorker:
             self.wait(self.timeout - self.elapsed + 0.1)
 
     def kill(self) -> None:
-        """Stop the run now (dispatcher shutdown); subclasses stop it, then call ``super()``.
+        """Mark the run stopped (dispatcher shutdown); subclasses call ``super().kill()``
+        first, then stop the run, so that its end is never taken for a normal finish.
 
         Safe from another thread and in any status; the worker can then be torn down.
         """
+        with self._status_lock:
+            if self._status in ("running", "finished", "timeout", "retry"):
+                self._status = "killed"
+                logger.info("%r killed", self)
         self._wakeup.set()
-        if self._status in ("running", "finished", "timeout", "retry"):
-            self._status = "killed"
-            logger.info("%r killed", self)
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

@@ -155,9 +155,9 @@ class CondaEnvWorker(BaseWorker):
 
     def kill(self) -> None:
         """Kill the run's whole process tree."""
+        super().kill()
         if self._run is not None:
             self._run.stop()
-        super().kill()
 
     def teardown(self) -> None:
         """Make sure nothing of the run is left, and remove the scratch folder."""
