@@ -105,6 +105,12 @@ class AWSWorkerSection(WorkerSection):
     conda_env: str | None = None
     access_key_id: str | None = secret(default=None)
     secret_access_key: str | None = secret(default=None)
+    # ramp-runner additions: credentials profile, boot limits, host keys, remote PATH.
+    profile_name: str | None = None
+    ssh_ready_timeout: float = 600.0
+    self_destruct_margin: float = 1800.0
+    known_hosts_file: str | None = None
+    remote_path_prefix: str | None = None
 
     REQUIRED = (
         "region_name",
@@ -136,6 +142,8 @@ class SSHWorkerSection(WorkerSection):
     hosts: tuple[SSHHost, ...] = ()
     memory_profiling: bool = False
     known_hosts_file: str | None = None
+    strict_host_key_checking: bool = False
+    remote_path_prefix: str | None = None
 
     REQUIRED = ("hosts",)
 
@@ -320,6 +328,20 @@ def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> Wor
         section.ami_image_name or section.ami_image_id
     ):
         raise ConfigError(source, f"{key_path}.ami_image_name", "an AMI base name (or ami_image_id)")
+    if isinstance(section, AWSWorkerSection):
+        if section.ssh_ready_timeout <= 0:
+            raise ConfigError(source, f"{key_path}.ssh_ready_timeout",
+                              "a positive number of seconds", repr(section.ssh_ready_timeout))
+        if section.self_destruct_margin < 0:
+            raise ConfigError(source, f"{key_path}.self_destruct_margin",
+                              "a number of seconds >= 0", repr(section.self_destruct_margin))
+        if (section.access_key_id is None) != (section.secret_access_key is None):
+            raise ConfigError(source, f"{key_path}.access_key_id",
+                              "access_key_id and secret_access_key together, or neither")
+    if isinstance(section, SSHWorkerSection):
+        seen = [(h.host, h.port) for h in section.hosts]
+        if len(set(seen)) != len(seen):
+            raise ConfigError(source, f"{key_path}.hosts", "each host:port listed once")
     if section.timeout <= 0:
         raise ConfigError(source, f"{key_path}.timeout", "a positive number of seconds",
                           repr(section.timeout))

@@ -1,0 +1,138 @@
+"""AWSWorker (``worker_type: aws``): one EC2 instance per submission, driven over SSH.
+
+setup = newest AMI + launch (spot or on-demand) + SSH ready + upload; the instance is
+terminated if any of it fails, and always in ``teardown``. The instance also halts
+itself (and, launched with shutdown behaviour ``terminate``, ends) ``timeout +
+self_destruct_margin`` seconds after boot, so a dead dispatcher leaks nothing for long.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from runner import ec2
+from runner.config import AWSWorkerSection, worker_section
+from runner.remote import RemoteSession, forget_host
+from runner.workers.remote_worker import RemoteWorker
+
+logger = logging.getLogger("runner.worker")
+
+
+def owner_token() -> str:
+    """``host:pid:start-time`` of this process, tagged on the instances it launches."""
+    return f"{socket.gethostname()}:{os.getpid()}:{int(psutil.Process().create_time())}"
+
+
+def owner_alive(token: str | None) -> bool:
+    """Whether the process named by an owner tag still runs (other hosts: assumed so)."""
+    try:
+        host, pid, started = (token or "").rsplit(":", 2)
+        pid, started = int(pid), int(started)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        return int(psutil.Process(pid).create_time()) == started
+    except psutil.Error:
+        return False
+
+
+def _section(config: dict[str, Any]) -> AWSWorkerSection:
+    return worker_section(config, "worker config", "worker")
+
+
+def _client(section: AWSWorkerSection) -> Any:
+    return ec2.client(section.region_name, section.profile_name, section.access_key_id,
+                      section.secret_access_key)
+
+
+def known_hosts_path(config: dict[str, Any]) -> Path:
+    """The event's known_hosts file: ``known_hosts_file``, else ``<event_dir>/known_hosts``."""
+    configured = config.get("known_hosts_file")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(config.get("event_dir") or config["logs_dir"]) / "known_hosts"
+
+
+class AWSWorker(RemoteWorker):
+    """Run a submission on its own EC2 instance, from the newest AMI of the event."""
+
+    def __init__(self, config: dict[str, Any], submission: str):
+        super().__init__(config, submission)
+        self.instance: ec2.Instance | None = None
+        self._ec2: Any = None
+
+    def setup(self) -> None:
+        """Find the AMI, launch, wait for SSH, upload; terminate the instance on any failure."""
+        section = _section(self.config)
+        self.remote_kit = section.remote_ramp_kit_folder.rstrip("/")
+        self.conda_env, self.path_prefix = section.conda_env, section.remote_path_prefix
+        self._ec2 = _client(section)
+        if section.ami_image_id:
+            image_id = ec2.pinned_ami(self._ec2, section.ami_image_id)
+        else:
+            image_id = ec2.newest_ami(self._ec2, section.ami_image_name)
+        event = self.config.get("event_name") or ""
+        tags = {
+            "Name": f"ramp-runner {event} {self.submission}",
+            ec2.TAG_EVENT: event,
+            ec2.TAG_SUBMISSION: self.submission,
+            ec2.TAG_DISPATCHER: str(self.config.get("dispatcher_id") or ""),
+            ec2.TAG_OWNER: owner_token(),
+        }
+        self.instance = ec2.launch_instance(
+            self._ec2,
+            image_id=image_id,
+            instance_type=section.instance_type,
+            key_name=section.key_name,
+            security_group=section.security_group,
+            tags=tags,
+            spot=section.use_spot_instance,
+            spot_fallback_on_demand=section.spot_fallback_on_demand,
+            user_data=ec2.self_destruct_user_data(self.timeout + section.self_destruct_margin),
+        )
+        self._check_spot_notice = self.instance.spot
+        try:
+            ec2.wait_until_running(self._ec2, self.instance.instance_id)
+            host, port = ec2.instance_address(self._ec2, self.instance.instance_id)
+            known_hosts = known_hosts_path(self.config)
+            forget_host(known_hosts, host, port)  # a new machine: trust its first key
+            self.session = RemoteSession(host, section.ami_user_name, section.key_path, port,
+                                         known_hosts=known_hosts)
+            self.session.connect(ready_timeout=section.ssh_ready_timeout)
+            self._upload()
+        except BaseException:
+            self._terminate()
+            raise
+        super().setup()
+
+    def _terminate(self) -> None:
+        self._close_session()
+        if self.instance is not None:
+            ec2.terminate(self._ec2, [self.instance.instance_id])
+            self.instance = None
+
+    def teardown(self) -> None:
+        """Terminate the instance (whatever happened before), then the contract's checks."""
+        self._terminate()
+        super().teardown()
+
+    @classmethod
+    def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
+        """Terminate this event's instances whose launching process is gone."""
+        section = _section(config)
+        event = config.get("event_name") or ""
+        orphans = ec2.reap(_client(section), event,
+                           lambda tags: owner_alive(tags.get(ec2.TAG_OWNER)), dry_run=dry_run)
+        if orphans:
+            logger.warning("%s %d leftover instance(s) of event %r: %s",
+                           "would terminate" if dry_run else "terminated", len(orphans), event,
+                           ", ".join(orphans))
+        return orphans

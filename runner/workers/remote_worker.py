@@ -1,0 +1,242 @@
+"""What AWSWorker and SSHWorker share: one ramp-test run on a host over a RemoteSession.
+
+Remote layout, under the host's kit folder ``K`` (``remote_ramp_kit_folder``):
+``K/submissions/<sub>/`` holds the uploaded submission (ramp-test writes its
+``training_output`` there) and ``K/.ramp-runner/<sub>/`` the run's files: ``pid`` (the
+session leader, so the whole tree can be killed), ``exit`` (written atomically when the
+run ends), ``log`` and, with ``memory_profiling``, ``peak_rss`` and ``peak_rss.py``.
+The run is started detached (``setsid nohup``): a dropped connection does not end it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from runner import peak_rss, ramptest
+from runner.remote import CONNECTION_ERRORS, RemoteSession
+from runner.workers.base import BaseWorker
+
+logger = logging.getLogger("runner.worker")
+
+RUN_FOLDER = ".ramp-runner"
+# Files the upload leaves out: outputs of earlier local runs and bytecode.
+NOT_UPLOADED = ("training_output", "__pycache__")
+# Kill the session "$pid" (every process of a run shares the session its leader opened
+# with setsid, even those that left its process group), and wait, bounded, until it is
+# empty: SIGKILL is asynchronous and a dying parent may still fork.
+KILL_SESSION = (
+    'case "$pid" in ""|*[!0-9]*) ;; *) [ "$pid" -gt 1 ] && for i in $(seq 50); do '
+    'pkill -KILL -s "$pid" || break; sleep 0.1; done;; esac; '
+)
+# Conda installs an AMI may have when conda is not on the login PATH.
+CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
+
+
+class RemoteWorker(BaseWorker):
+    """A run of ramp-test on a remote host; subclasses say how to get the host.
+
+    Subclasses open ``self.session`` in ``setup`` (then call ``_upload``), and release
+    the host in ``teardown``. ``_check_spot_notice`` adds the EC2 spot check to polls.
+    """
+
+    _check_spot_notice = False
+    metadata_url = "http://169.254.169.254"
+
+    def __init__(self, config: dict[str, Any], submission: str):
+        super().__init__(config, submission)
+        self.session: RemoteSession | None = None
+        self.remote_kit = ""
+        self.conda_env: str | None = None
+        self.path_prefix: str | None = None
+        self.memory_profiling = bool(config.get("memory_profiling"))
+        self._poll_at = float("-inf")
+        self._poll_state = ("running", None, False)
+        self._exit_code: int | None = None
+
+    # -- remote paths and scripts ---------------------------------------------------------
+
+    @property
+    def run_dir(self) -> str:
+        """The run's folder on the host."""
+        return f"{self.remote_kit}/{RUN_FOLDER}/{self.submission}"
+
+    def _upload(self) -> None:
+        """Send the submission (without earlier outputs) and the memory probe, in one stream,
+        replacing what an earlier run of the same submission left on the host."""
+        local = Path(self.config["submissions_dir"]) / self.submission
+        if not local.is_dir():
+            raise ValueError(f"{self!r}: no submission folder {local}")
+        files = [(local, f"submissions/{self.submission}")]
+        for path in sorted(local.rglob("*")):
+            relative = path.relative_to(local)
+            if not any(part in NOT_UPLOADED for part in relative.parts):
+                files.append((path, f"submissions/{self.submission}/{relative.as_posix()}"))
+        files.append((local, f"{RUN_FOLDER}/{self.submission}"))
+        if self.memory_profiling:
+            files.append((peak_rss.__file__, f"{RUN_FOLDER}/{self.submission}/peak_rss.py"))
+        stale = " ".join(shlex.quote(p) for p in (
+            f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
+        self.session.upload(files, self.remote_kit, before=f"rm -rf {stale} && ")
+
+    def _run_script(self) -> str:
+        run = shlex.quote(self.run_dir)
+        kit = self.remote_kit
+        argv = ramptest.command(self.submission, kit, kit, f"{kit}/submissions")
+        if self.memory_profiling:
+            argv = ["python", f"{self.run_dir}/peak_rss.py", f"{self.run_dir}/peak_rss", "--",
+                    *argv]
+        lines = [f"cd {shlex.quote(kit)} || exit 97"]
+        if self.path_prefix:
+            lines.append(f"export PATH={shlex.quote(self.path_prefix)}:\"$PATH\"")
+        if self.conda_env:
+            homes = " ".join(f'"{home}"' for home in CONDA_HOMES)
+            env = shlex.quote(self.conda_env)
+            lines += [
+                f"command -v conda >/dev/null || for d in {homes}; do "
+                '[ -x "$d/bin/conda" ] && PATH="$d/bin:$PATH" && break; done',
+                f'eval "$(conda shell.bash hook)" && conda activate {env} '
+                f"|| {{ echo 'cannot activate conda environment '{env}; exit 98; }}",
+            ]
+        n_threads = self.config.get("n_threads")
+        if n_threads:
+            lines.append("export " + " ".join(
+                f"{name}={int(n_threads)}" for name in ramptest.THREAD_VARIABLES))
+        lines += [
+            "export PYTHONUNBUFFERED=1",
+            shlex.join(argv),
+            f"echo $? > {run}/exit.tmp && mv {run}/exit.tmp {run}/exit",
+        ]
+        return "\n".join(lines)
+
+    def _kill_script(self) -> str:
+        pid_file = shlex.quote(f"{self.run_dir}/pid")
+        return f"pid=$(cat {pid_file} 2>/dev/null); {KILL_SESSION}"
+
+    def _poll_script(self) -> str:
+        run = shlex.quote(self.run_dir)
+        script = (f"if [ -f {run}/exit ]; then echo exit $(cat {run}/exit); "
+                  f"elif kill -0 $(cat {run}/pid 2>/dev/null) 2>/dev/null; then echo running; "
+                  "else echo lost; fi")
+        if self._check_spot_notice:
+            # IMDSv2: a token first, then the notice (404 until AWS schedules a reclaim).
+            url = shlex.quote(self.metadata_url)
+            script += (
+                f"; t=$(curl -sf -m 2 -X PUT {url}/latest/api/token "
+                "-H 'X-aws-ec2-metadata-token-ttl-seconds: 60') && "
+                f"curl -sf -m 2 -o /dev/null -H \"X-aws-ec2-metadata-token: $t\" "
+                f"{url}/latest/meta-data/spot/instance-action && echo notice; true"
+            )
+        return script
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def launch_submission(self) -> None:
+        """Start ramp-test detached on the host (one round trip), then mark it running."""
+        if self._status != "setup":
+            super().launch_submission()  # raises the contract's error
+        run = shlex.quote(self.run_dir)
+        # "cd || exit" and not "&&": "a && b &" would background a subshell, and $! would
+        # name it instead of the session leader.
+        command = (f"cd {run} || exit 1; setsid nohup bash -lc {shlex.quote(self._run_script())} "
+                   f"> {run}/log 2>&1 < /dev/null & echo $! > {run}/pid")
+        status, _, stderr = self.session.run(command)
+        if status != 0:
+            raise RuntimeError(f"{self!r}: could not start ramp-test: {stderr.strip()}")
+        super().launch_submission()
+
+    def _poll(self) -> tuple[str, int | None, bool]:
+        """(state, exit code, spot notice), at most once per ``time_between_collection``."""
+        interval = float(self.config.get("time_between_collection") or 1.0)
+        if time.monotonic() - self._poll_at < interval:
+            return self._poll_state
+        self._poll_at = time.monotonic()
+        try:
+            self._poll_state = self._parse_poll(self.session.run(self._poll_script(), 60)[1])
+        except CONNECTION_ERRORS as error:
+            logger.warning("%r: connection lost (%s); reconnecting", self, error)
+            try:
+                self.session.reconnect()
+                self._poll_state = self._parse_poll(self.session.run(self._poll_script(), 60)[1])
+            except CONNECTION_ERRORS as again:
+                logger.warning("%r: host unreachable: %s", self, again)
+                self._poll_state = ("lost", None, False)
+        return self._poll_state
+
+    @staticmethod
+    def _parse_poll(output: str) -> tuple[str, int | None, bool]:
+        words = output.split()
+        notice = "notice" in words
+        if words[:1] == ["exit"] and len(words) > 1 and words[1].lstrip("-").isdigit():
+            return "exit", int(words[1]), notice
+        return (words[0] if words else "lost"), None, notice
+
+    def _is_submission_interrupted(self) -> bool:
+        state, _, notice = self._poll()
+        if notice:
+            logger.warning("%r: spot interruption notice", self)
+        if state == "lost":
+            logger.warning("%r: the run disappeared from the host", self)
+        return notice or state == "lost"
+
+    def _is_submission_finished(self) -> bool:
+        state, code, _ = self._poll()
+        if state == "exit":
+            self._exit_code = code
+        return state == "exit"
+
+    def kill(self) -> None:
+        """Mark the run killed, then kill the remote process tree (best effort: the host
+        may be gone)."""
+        super().kill()
+        if self.session is not None and self.session.is_connected and self._started_at:
+            try:
+                self.session.run(self._kill_script(), 30)
+            except CONNECTION_ERRORS as error:
+                logger.warning("%r: could not kill the remote run: %s", self, error)
+
+    def collect_results(self) -> tuple[int, str]:
+        """Kill what is left of the run, fetch log and outputs in one stream, report."""
+        super().collect_results()
+        timed_out = self._status == "timeout"
+        logs = Path(self.config["logs_dir"]) / self.submission
+        logs.mkdir(parents=True, exist_ok=True)
+        output = f"submissions/{self.submission}/training_output"
+        names = (f"set -- {RUN_FOLDER}/{self.submission}/log; "
+                 f"for f in {RUN_FOLDER}/{self.submission}/peak_rss {output}; do "
+                 '[ -e "$f" ] && set -- "$@" "$f"; done; true')
+        with tempfile.TemporaryDirectory(dir=logs, prefix=".incoming-") as incoming:
+            self.session.download(self.remote_kit, names, incoming, before=self._kill_script())
+            incoming = Path(incoming)
+            log = incoming / RUN_FOLDER / self.submission / "log"
+            shutil.copyfile(log, logs / "log")
+            peak = incoming / RUN_FOLDER / self.submission / "peak_rss"
+            if peak.exists():
+                self.peak_memory_mb = float(peak.read_text())
+            text = log.read_text(errors="replace")
+            if timed_out:
+                returncode, error_msg = ramptest.TIMEOUT_RETURNCODE, ramptest.timeout_message(
+                    self.timeout)
+            else:
+                returncode = self._exit_code if self._exit_code is not None else 1
+                error_msg = "" if returncode == 0 else (
+                    ramptest.traceback_of(text) or text.strip()[-2000:])
+            if returncode == 0:
+                predictions = Path(self.config["predictions_dir"]) / self.submission
+                shutil.rmtree(predictions, ignore_errors=True)
+                predictions.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(incoming / output, predictions)
+        self.status = "collected"
+        return returncode, error_msg
+
+    def _close_session(self) -> None:
+        if self.session is not None:
+            logger.info("%r: %d connection(s), %d round trips, %d bytes sent, %d received",
+                        self, self.session.connections, self.session.round_trips,
+                        self.session.bytes_sent, self.session.bytes_received)
+            self.session.close()

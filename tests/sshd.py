@@ -1,0 +1,245 @@
+"""Real parts for the remote tests: an OpenSSH sshd on 127.0.0.1, moto's EC2 server,
+and an iris event whose "remote" kit folder lives on this machine.
+
+Import the fixtures explicitly (``from tests.sshd import sshd, ...``). A fixture that
+cannot start its real part fails the test; nothing here skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+IRIS = REPO / "examples" / "iris"
+SSHD = "/usr/sbin/sshd"
+VENV_BIN = str(Path(sys.executable).parent)
+REGION = "eu-west-3"
+AMI_BASE = "iris-ramp-worker"
+SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting", "raising_error", "hanging")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_banner(port: int, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                if sock.recv(64).startswith(b"SSH-"):
+                    return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class SSHServer:
+    """A running sshd: where it listens, who may log in with which key."""
+
+    host: str
+    port: int
+    user: str
+    key_path: str
+    host_public_key: str
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> SSHServer:
+    """A real OpenSSH sshd on 127.0.0.1 with its own host key and one user key."""
+    folder = tmp_path_factory.mktemp("sshd")
+    if not os.access(SSHD, os.X_OK):
+        pytest.fail(f"{SSHD} is missing: apt-get install -y openssh-server")
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)],
+                       check=True)
+    shutil.copyfile(folder / "user_key.pub", folder / "authorized_keys")
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = open(folder / "sshd.log", "wb")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", "/dev/null", "-p", str(port),
+         "-o", "ListenAddress=127.0.0.1",
+         "-o", f"HostKey={folder / 'host_key'}",
+         "-o", f"AuthorizedKeysFile={folder / 'authorized_keys'}",
+         "-o", "PidFile=none", "-o", "StrictModes=no",
+         "-o", "Subsystem=sftp internal-sftp",
+         "-o", "PermitRootLogin=prohibit-password",
+         "-o", "UsePAM=no", "-o", "MaxStartups=50"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    if not _wait_for_banner(port, time.monotonic() + 15):
+        process.kill()
+        log.close()
+        pytest.fail(f"sshd did not start: {(folder / 'sshd.log').read_text()[-2000:]}")
+    yield SSHServer("127.0.0.1", port, getpass.getuser(), str(folder / "user_key"),
+                    (folder / "host_key.pub").read_text().strip())
+    process.terminate()
+    process.wait(10)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's EC2 API in this process (its backends are inspectable from the tests)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_server, monkeypatch):
+    """A fresh moto account reached through the standard environment chain."""
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset",
+                                                  method="POST"))
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    return boto3.client("ec2", region_name=REGION)
+
+
+def add_ami(name: str, created: str, owner: str | None = None, state: str = "available") -> str:
+    """Put an AMI with a chosen creation date (and owner) straight into moto's backend."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.amis import Ami
+    from moto.ec2.utils import random_ami_id
+
+    backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+    ami_id = random_ami_id()
+    backend.amis[ami_id] = Ami(backend, ami_id, name=name, owner_id=owner, state=state,
+                               creation_date=datetime.datetime.fromisoformat(created))
+    return ami_id
+
+
+def live_instances(client) -> list[dict]:
+    """Instances of the moto account that are not terminated."""
+    reservations = client.describe_instances(Filters=[
+        {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}
+    ])["Reservations"]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def session_members(sid: int) -> list[psutil.Process]:
+    """Live processes of the session ``sid`` (the run's whole tree)."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
+
+
+def all_instances(client) -> list[dict]:
+    """Every instance moto knows, whatever its state."""
+    return [i for r in client.describe_instances()["Reservations"] for i in r["Instances"]]
+
+
+@pytest.fixture(scope="session")
+def remote_kit(tmp_path_factory) -> Path:
+    """The kit as the AMI has it: a copy of the iris kit with the data inside."""
+    kit = tmp_path_factory.mktemp("remote") / "ramp-kits" / "iris"
+    shutil.copytree(IRIS / "ramp-kits" / "iris", kit,
+                    ignore=shutil.ignore_patterns("__pycache__", "submissions"))
+    data = IRIS / "ramp-data" / "iris" / "data"
+    if not data.is_dir():
+        scratch = tmp_path_factory.mktemp("data")
+        shutil.copy(IRIS / "ramp-data" / "iris" / "prepare_data.py", scratch)
+        subprocess.run([sys.executable, "prepare_data.py"], cwd=scratch, check=True)
+        data = scratch / "data"
+    shutil.copytree(data, kit / "data")
+    (kit / "submissions").mkdir()
+    return kit
+
+
+def make_event(tmp_path: Path, worker: dict, submissions=SUBMISSIONS, **dispatcher) -> Path:
+    """Write an event (config.yml, submissions) under ``tmp_path``; return the config path."""
+    event = tmp_path / "event"
+    (event / "submissions").mkdir(parents=True)
+    for name in submissions:
+        shutil.copytree(IRIS / "submissions" / name, event / "submissions" / name,
+                        ignore=shutil.ignore_patterns("training_output", "__pycache__"))
+    config = {
+        "ramp": {"problem_name": "iris", "event_name": "iris_remote_test"},
+        "worker": {"submissions_dir": str(event / "submissions"),
+                   "predictions_dir": str(event / "predictions"),
+                   "logs_dir": str(event / "logs"), **worker},
+        "dispatcher": {"hunger_policy": "exit", "n_workers": 1, "n_threads": 1,
+                       "time_between_collection": 0.2, **dispatcher},
+    }
+    path = event / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def aws_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
+    """The seed's AWS worker section, pointed at moto and the local sshd."""
+    return {
+        "worker_type": "aws",
+        "region_name": REGION,
+        "ami_image_name": AMI_BASE,
+        "ami_user_name": sshd.user,
+        "instance_type": "t3.micro",
+        "use_spot_instance": False,
+        "key_name": "iris_key",
+        "security_group": "ramp-workers",
+        "key_path": sshd.key_path,
+        "remote_ramp_kit_folder": str(remote_kit),
+        "remote_path_prefix": VENV_BIN,
+        "memory_profiling": True,
+        "timeout": 120,
+        "ssh_ready_timeout": 20,
+        **more,
+    }
+
+
+def ssh_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
+    """An SSH worker section with the local sshd as its one host."""
+    return {
+        "worker_type": "ssh",
+        "hosts": [{"host": sshd.host, "port": sshd.port, "user": sshd.user,
+                   "key_path": sshd.key_path, "remote_ramp_kit_folder": str(remote_kit)}],
+        "remote_path_prefix": VENV_BIN,
+        "memory_profiling": True,
+        "timeout": 120,
+        **more,
+    }
+
+
+@pytest.fixture
+def instance_at_sshd(aws, sshd, monkeypatch):
+    """Every launched instance answers at the local sshd; the AMI of the event exists."""
+    from runner import ec2
+
+    aws.create_security_group(GroupName="ramp-workers", Description="ramp workers")
+    add_ami(AMI_BASE + "-2024-01-01", "2024-01-01T00:00:00+00:00")
+    monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: (sshd.host,
+                                                                              sshd.port))
+    return aws

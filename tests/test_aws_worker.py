@@ -1,0 +1,239 @@
+"""AWSWorker: moto for EC2, a real sshd on 127.0.0.1 as every instance, real ramp-test."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import ramptest
+from runner.config import load_event_config
+from runner.dispatcher import Dispatcher
+from runner.ledger import Ledger
+from runner.workers import remote_worker
+from runner.workers.aws import AWSWorker
+from tests import events
+from tests.sshd import (
+    REPO,
+    SUBMISSIONS,
+    all_instances,
+    aws,
+    aws_worker_section,
+    instance_at_sshd,
+    live_instances,
+    make_event,
+    moto_server,
+    remote_kit,
+    session_members,
+    sshd,
+)
+
+__all__ = ["aws", "instance_at_sshd", "moto_server", "remote_kit", "sshd"]  # fixtures
+
+
+def _ledger(config):
+    with Ledger(config.ledger_path) as ledger:
+        return {submission.name: submission for submission in ledger.all()}
+
+
+def test_aws_event_scores_like_the_local_worker(tmp_path, sshd, remote_kit, instance_at_sshd,
+                                                fake_conda):
+    path = make_event(tmp_path / "aws", aws_worker_section(sshd, remote_kit, timeout=15),
+                      n_workers=2)
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    remote = _ledger(config)
+
+    local_path = events.make_event(tmp_path / "local", submissions=SUBMISSIONS,
+                                   worker={"timeout": 15})
+    local_config = load_event_config(local_path)
+    Dispatcher(local_config).run()
+    local = _ledger(local_config)
+
+    assert {name: s.state for name, s in remote.items()} == {
+        "starting_kit": "scored", "random_forest": "scored", "gradient_boosting": "scored",
+        "raising_error": "training_error", "hanging": "training_error"}
+    assert {name: s.state for name, s in local.items()} == {
+        name: s.state for name, s in remote.items()}
+    for name in ("starting_kit", "random_forest", "gradient_boosting"):
+        assert remote[name].scores == local[name].scores, name
+        assert remote[name].peak_memory_mb > 0
+        assert (Path(config.worker.predictions_dir) / name / "bagged_scores.csv").exists()
+    assert remote["hanging"].error_msg == ramptest.timeout_message(15)
+    assert "RuntimeError" in remote["raising_error"].error_msg
+    for name in SUBMISSIONS:
+        assert (Path(config.worker.logs_dir) / name / "log").stat().st_size > 0
+    instances = all_instances(instance_at_sshd)
+    assert len(instances) == len(SUBMISSIONS)
+    assert live_instances(instance_at_sshd) == []
+    tagged = {t["Value"] for i in instances for t in i["Tags"] if t["Key"] ==
+              "ramp-runner:submission"}
+    assert tagged == set(SUBMISSIONS)
+
+
+def test_ssh_never_up_terminates_and_retries_then_checking_error(
+        tmp_path, sshd, remote_kit, instance_at_sshd, monkeypatch):
+    from runner import ec2
+
+    monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: ("127.0.0.1", 9))
+    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, ssh_ready_timeout=3),
+                      submissions=("starting_kit",), max_attempts=2)
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    submission = _ledger(config)["starting_kit"]
+    assert submission.state == "checking_error"
+    assert submission.attempts == 2
+    assert "did not answer" in submission.error_msg
+    assert len(all_instances(instance_at_sshd)) == 2
+    assert live_instances(instance_at_sshd) == []
+
+
+def test_timeout_kills_the_remote_tree_and_terminates(tmp_path, sshd, remote_kit,
+                                                      instance_at_sshd):
+    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, timeout=4),
+                      submissions=("hanging",))
+    config = load_event_config(path)
+    worker = AWSWorker(config.worker_dict(dispatcher_id="test"), "hanging")
+    worker.setup()
+    try:
+        assert len(live_instances(instance_at_sshd)) == 1
+        worker.launch_submission()
+        while worker.status == "running":
+            worker.wait(1)
+        assert worker.status == "timeout"
+        sid = int((remote_kit / ".ramp-runner" / "hanging" / "pid").read_text())
+        assert session_members(sid)
+        returncode, error_msg = worker.collect_results()
+        assert session_members(sid) == []
+    finally:
+        worker.teardown()
+    assert (returncode, error_msg) == (ramptest.TIMEOUT_RETURNCODE,
+                                       ramptest.timeout_message(4))
+    assert live_instances(instance_at_sshd) == []
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+    """IMDSv2 as a spot instance sees it: a token, then the interruption notice."""
+
+    notices = 0
+    token = "test-token"
+
+    def do_PUT(self):  # noqa: N802 - http.server's naming
+        ok = self.path == "/latest/api/token" and self.headers.get(
+            "X-aws-ec2-metadata-token-ttl-seconds")
+        self._answer(200 if ok else 400, self.token if ok else "")
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            return self._answer(401, "")
+        if self.path == "/latest/meta-data/spot/instance-action" and type(self).notices:
+            type(self).notices -= 1
+            return self._answer(200, '{"action": "terminate", "time": "2030-01-01T00:00:00Z"}')
+        return self._answer(404, "")
+
+    def _answer(self, status, body):
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def metadata(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(remote_worker.RemoteWorker, "metadata_url",
+                        f"http://127.0.0.1:{server.server_port}")
+    yield _Metadata
+    server.shutdown()
+
+
+def test_spot_notice_retries_on_a_new_instance(tmp_path, sshd, remote_kit, instance_at_sshd,
+                                               metadata):
+    metadata.notices = 1
+    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, use_spot_instance=True),
+                      submissions=("starting_kit",))
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    submission = _ledger(config)["starting_kit"]
+    assert submission.state == "scored", submission.error_msg
+    assert submission.attempts == 1
+    assert metadata.notices == 0
+    instances = all_instances(instance_at_sshd)
+    assert len(instances) == 2
+    assert all(i.get("InstanceLifecycle") == "spot" for i in instances)
+    assert live_instances(instance_at_sshd) == []
+
+
+DISPATCHER = """
+import sys
+from runner import ec2
+ec2.instance_address = lambda client, instance_id: ("127.0.0.1", int(sys.argv[2]))
+from runner.config import load_event_config
+from runner.dispatcher import Dispatcher
+Dispatcher(load_event_config(sys.argv[1])).run()
+"""
+
+
+def test_reap_after_the_dispatcher_was_killed(tmp_path, sshd, remote_kit, instance_at_sshd):
+    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, timeout=600),
+                      submissions=("hanging",))
+    dispatcher = subprocess.Popen([sys.executable, "-c", DISPATCHER, str(path), str(sshd.port)],
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = remote_kit / ".ramp-runner" / "hanging" / "pid"
+    pid_file.unlink(missing_ok=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            assert time.monotonic() < deadline and dispatcher.poll() is None
+            time.sleep(0.2)
+        sid = int(pid_file.read_text())
+        os.kill(dispatcher.pid, signal.SIGKILL)
+        dispatcher.wait()
+        assert len(live_instances(instance_at_sshd)) == 1
+        invoke = [str(Path(sys.executable).parent / "invoke"), "-r", str(REPO), "reap",
+                  "--event-config", str(path)]
+        dry = subprocess.run([*invoke, "--dry-run"], capture_output=True, text=True, cwd=REPO)
+        assert dry.returncode == 0, dry.stderr
+        assert "would release 1" in dry.stdout
+        assert len(live_instances(instance_at_sshd)) == 1
+        done = subprocess.run(invoke, capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        assert "released 1" in done.stdout
+        assert live_instances(instance_at_sshd) == []
+    finally:
+        dispatcher.kill()
+        # A real instance dies with its processes; the local "instance" needs a hand.
+        if pid_file.exists() and pid_file.read_text().strip():
+            left = int(pid_file.read_text())
+            deadline = time.monotonic() + 10
+            while session_members(left) and time.monotonic() < deadline:
+                subprocess.run(["pkill", "-KILL", "-s", str(left)])
+                time.sleep(0.1)
+    assert session_members(sid) == []
+
+
+def test_secrets_stay_out_of_logs_reprs_and_the_host(tmp_path, sshd, remote_kit,
+                                                     instance_at_sshd, caplog):
+    secret = "wJalrXUtnFEMIxK7MDENGxbPxRfiCYzSECRETKEY"
+    path = make_event(tmp_path, aws_worker_section(
+        sshd, remote_kit, access_key_id="AKIATESTEXPLICIT", secret_access_key=secret),
+        submissions=("starting_kit",))
+    config = load_event_config(path)
+    caplog.set_level(logging.DEBUG)
+    Dispatcher(config).run()
+    assert _ledger(config)["starting_kit"].state == "scored"
+    assert secret not in caplog.text
+    assert secret not in repr(config) and secret not in repr(config.worker)
+    assert secret not in (Path(config.worker.logs_dir) / "starting_kit" / "log").read_text()
+    assert live_instances(instance_at_sshd) == []

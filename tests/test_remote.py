@@ -1,0 +1,87 @@
+"""runner.remote against a real sshd: one connection, tar streams, host keys."""
+
+from __future__ import annotations
+
+import paramiko
+import pytest
+
+from runner.remote import HostKeyError, RemoteSession, forget_host, known_host_name
+from tests.sshd import free_port, sshd
+
+__all__ = ["sshd"]  # fixture, imported for pytest
+
+
+def _session(sshd, known_hosts, **more):
+    return RemoteSession(sshd.host, sshd.user, sshd.key_path, sshd.port,
+                         known_hosts=known_hosts, **more)
+
+
+def test_first_use_records_the_host_key_and_steps_share_one_connection(sshd, tmp_path, caplog):
+    known_hosts = tmp_path / "known_hosts"
+    session = _session(sshd, known_hosts)
+    session.connect()
+    try:
+        assert session.run("echo hello")[:2] == (0, "hello\n")
+        assert session.run("exit 3")[0] == 3
+    finally:
+        session.close()
+    assert (session.connections, session.round_trips) == (1, 2)
+    recorded = paramiko.HostKeys(str(known_hosts))
+    name = known_host_name(sshd.host, sshd.port)
+    key_type, key_text = sshd.host_public_key.split()[:2]
+    assert recorded.lookup(name)[key_type].get_base64() == key_text
+    assert "trusting" in caplog.text and name in caplog.text
+
+
+def test_changed_host_key_is_refused(sshd, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    name = known_host_name(sshd.host, sshd.port)
+    impostor = paramiko.Ed25519Key.from_private_key_file(sshd.key_path)  # any other key
+    keys = paramiko.HostKeys()
+    keys.add(name, impostor.get_name(), impostor)
+    keys.save(str(known_hosts))
+    session = _session(sshd, known_hosts)
+    with pytest.raises(HostKeyError, match="changed"):
+        session.connect()
+    forget_host(known_hosts, sshd.host, sshd.port)  # what the AWS worker does for a new instance
+    session.connect()
+    session.close()
+
+
+def test_strict_checking_refuses_an_unknown_host(sshd, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    with pytest.raises(HostKeyError, match="strict"):
+        _session(sshd, known_hosts, strict_host_keys=True).connect()
+    assert not known_hosts.exists() or known_hosts.read_text() == ""
+
+
+def test_upload_and_download_are_single_tar_streams(sshd, tmp_path):
+    local = tmp_path / "local"
+    (local / "sub" / "deep").mkdir(parents=True)
+    (local / "sub" / "a.py").write_text("print('a')\n")
+    (local / "sub" / "deep" / "b.bin").write_bytes(bytes(range(256)) * 100)
+    remote = tmp_path / "remote"
+    session = _session(sshd, tmp_path / "known_hosts")
+    session.connect()
+    try:
+        session.upload([(local / "sub", "sub"), (local / "sub" / "a.py", "sub/a.py"),
+                        (local / "sub" / "deep", "sub/deep"),
+                        (local / "sub" / "deep" / "b.bin", "sub/deep/b.bin")], str(remote))
+        assert (remote / "sub" / "deep" / "b.bin").read_bytes() == bytes(range(256)) * 100
+        back = tmp_path / "back"
+        back.mkdir()
+        session.download(str(remote), "set -- sub/deep", back)
+        assert (back / "sub" / "deep" / "b.bin").read_bytes() == bytes(range(256)) * 100
+        assert not (back / "sub" / "a.py").exists()
+    finally:
+        session.close()
+    assert (session.connections, session.round_trips) == (1, 2)
+    assert 0 < session.bytes_sent < 25600 and 0 < session.bytes_received < 25600  # compressed
+
+
+def test_connect_gives_up_after_ready_timeout(sshd, tmp_path):
+    session = RemoteSession("127.0.0.1", sshd.user, sshd.key_path, free_port(),
+                            known_hosts=tmp_path / "known_hosts")
+    with pytest.raises(TimeoutError, match="did not answer"):
+        session.connect(ready_timeout=3)
+    assert session.connections >= 2  # it did retry

@@ -1,0 +1,140 @@
+"""SSHWorker against a real sshd on 127.0.0.1 running real ramp-test of the iris kit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import ramptest
+from runner.config import load_event_config
+from runner.dispatcher import Dispatcher
+from runner.ledger import Ledger
+from runner.remote import HostKeyError
+from runner.workers import ssh as ssh_module
+from runner.workers.ssh import SSHWorker
+from tests.sshd import make_event, remote_kit, session_members, ssh_worker_section, sshd
+
+__all__ = ["remote_kit", "sshd"]  # fixtures, imported for pytest
+
+
+def _worker(tmp_path, sshd, remote_kit, submission, **more):
+    path = make_event(tmp_path, ssh_worker_section(sshd, remote_kit, **more),
+                      submissions=(submission,))
+    config = load_event_config(path)
+    return SSHWorker(config.worker_dict(dispatcher_id="test"), submission), config
+
+
+def _run_until_done(worker, limit=120):
+    deadline = time.monotonic() + limit
+    while worker.status == "running":
+        assert time.monotonic() < deadline
+        worker.wait(1)
+
+
+def test_dispatch_over_ssh_scores_and_errors(tmp_path, sshd, remote_kit):
+    path = make_event(tmp_path, ssh_worker_section(sshd, remote_kit),
+                      submissions=("starting_kit", "raising_error"), n_workers=2)
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    with Ledger(config.ledger_path) as ledger:
+        good, bad = ledger.get("starting_kit"), ledger.get("raising_error")
+    assert good.state == "scored", good.error_msg
+    assert good.scores["test"]["acc"] > 0.5
+    assert bad.state == "training_error"
+    assert "Traceback" in bad.error_msg and "RuntimeError" in bad.error_msg
+    logs = Path(config.worker.logs_dir)
+    assert "Bagged scores" in (logs / "starting_kit" / "log").read_text()
+    assert (Path(config.worker.predictions_dir) / "starting_kit" / "bagged_scores.csv").exists()
+    assert not (Path(config.worker.predictions_dir) / "raising_error").exists()
+    # Nothing left on the host, and the event's known_hosts has the host.
+    assert list((remote_kit / ".ramp-runner").iterdir()) == []
+    assert list((remote_kit / "submissions").iterdir()) == []
+    assert f"[{sshd.host}]:{sshd.port}" in (path.parent / "known_hosts").read_text()
+
+
+def test_peak_memory_and_upload_of_only_the_submission(tmp_path, sshd, remote_kit):
+    worker, config = _worker(tmp_path, sshd, remote_kit, "starting_kit")
+    local = Path(config.worker.submissions_dir) / "starting_kit"
+    (local / "training_output").mkdir()
+    (local / "training_output" / "stale.txt").write_text("from an earlier local run")
+    worker.setup()
+    try:
+        uploaded = remote_kit / "submissions" / "starting_kit"
+        assert sorted(p.name for p in uploaded.iterdir()) == sorted(
+            p.name for p in local.iterdir() if p.name != "training_output")
+        assert sorted(p.name for p in (remote_kit / "submissions").iterdir()) == ["starting_kit"]
+        worker.launch_submission()
+        _run_until_done(worker)
+        returncode, error_msg = worker.collect_results()
+    finally:
+        worker.teardown()
+    assert (returncode, error_msg) == (0, "")
+    assert worker.peak_memory_mb and 10 < worker.peak_memory_mb < 4000
+    assert not (Path(config.worker.predictions_dir) / "starting_kit" / "stale.txt").exists()
+    assert worker.status == "killed"
+    assert worker.session.connections == 1
+
+
+def test_timeout_kills_the_remote_tree(tmp_path, sshd, remote_kit):
+    worker, config = _worker(tmp_path, sshd, remote_kit, "hanging", timeout=4)
+    worker.setup()
+    try:
+        worker.launch_submission()
+        _run_until_done(worker)
+        assert worker.status == "timeout"
+        sid = int((remote_kit / ".ramp-runner" / "hanging" / "pid").read_text())
+        assert len(session_members(sid)) >= 3  # wrapper, ramp-test, its forked child
+        returncode, error_msg = worker.collect_results()
+        assert session_members(sid) == []
+    finally:
+        worker.teardown()
+    assert returncode == ramptest.TIMEOUT_RETURNCODE
+    assert error_msg == ramptest.timeout_message(4)
+    assert (Path(config.worker.logs_dir) / "hanging" / "log").exists()
+
+
+def test_kill_from_the_dispatcher_stops_the_run(tmp_path, sshd, remote_kit):
+    worker, _ = _worker(tmp_path, sshd, remote_kit, "hanging", timeout=60)
+    worker.setup()
+    try:
+        worker.launch_submission()
+        pid_file = remote_kit / ".ramp-runner" / "hanging" / "pid"
+        sid = int(pid_file.read_text())
+        deadline = time.monotonic() + 30
+        while len(session_members(sid)) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        worker.kill()
+        assert worker.status == "killed"
+        assert session_members(sid) == []
+    finally:
+        worker.teardown()
+
+
+def test_strict_host_keys_refuse_an_unknown_host(tmp_path, sshd, remote_kit):
+    worker, config = _worker(tmp_path, sshd, remote_kit, "starting_kit",
+                             strict_host_key_checking=True)
+    with pytest.raises(HostKeyError):
+        worker.setup()
+    worker.teardown()
+    assert ssh_module._busy == set()  # the host was released
+
+
+def test_reap_kills_runs_a_dead_dispatcher_left(tmp_path, sshd, remote_kit):
+    worker, config = _worker(tmp_path, sshd, remote_kit, "hanging", timeout=600)
+    worker.setup()
+    worker.launch_submission()
+    sid = int((remote_kit / ".ramp-runner" / "hanging" / "pid").read_text())
+    # The dispatcher "dies": its connection drops, its claim on the host goes with it.
+    worker.session.close()
+    worker._release_host()
+    worker_dict = config.worker_dict(dispatcher_id="next")
+    assert SSHWorker.reap_leftovers(worker_dict, dry_run=True) == [
+        f"{sshd.host}:{sshd.port}:hanging"]
+    assert session_members(sid)
+    assert SSHWorker.reap_leftovers(worker_dict) == [f"{sshd.host}:{sshd.port}:hanging"]
+    assert session_members(sid) == []
+    assert not (remote_kit / ".ramp-runner" / "hanging").exists()
+    assert not (remote_kit / "submissions" / "hanging").exists()
