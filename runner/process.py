@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from runner import peak_rss
+from runner import supervise
 
 KILL_GRACE_SECONDS = 5.0
 
@@ -20,7 +20,9 @@ class LocalRun:
     """A command started in a new session, stdout+stderr to ``log_path``.
 
     Everything the command forks stays in its process group, so ``stop`` ends the whole
-    tree (and any descendant that left the group is found through its parent links).
+    tree (and any descendant that left the group is found through its parent links). The
+    group also dies with the process that created this object, even by SIGKILL: the
+    supervisor leading it watches that process.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path,
@@ -30,7 +32,8 @@ class LocalRun:
         self._memory_path = self.log_path.with_name(self.log_path.name + ".peak_rss")
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, peak_rss.__file__, str(self._memory_path), "--", *argv],
+                [sys.executable, supervise.__file__, "--watch", str(os.getpid()),
+                 "--peak-rss", str(self._memory_path), "--", *argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

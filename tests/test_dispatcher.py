@@ -138,6 +138,22 @@ def test_sigkilled_dispatcher_restarted_scores_each_submission_once(tmp_path):
     assert _processes_under(tmp_path) == []
 
 
+def test_sigkilled_dispatcher_leaves_no_run_behind(tmp_path):
+    path = make_event(tmp_path, ("hanging",), worker={"timeout": 600})
+    process = _dispatcher_process(path)
+    _wait_for_state(load_event_config(path).ledger_path, "training")
+    deadline = time.monotonic() + 30
+    while len(_processes_under(tmp_path)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the supervisor, ramp-test, and the child the submission forks
+    assert len(_processes_under(tmp_path)) >= 3
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 5
+    while _processes_under(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_under(tmp_path) == []
+
+
 def test_sigterm_stops_runs_and_gives_submissions_back(tmp_path):
     path = make_event(tmp_path, ("hanging", "starting_kit"), worker={"timeout": 600},
                       dispatcher={"n_workers": 1})

@@ -4,7 +4,7 @@ Remote layout, under the host's kit folder ``K`` (``remote_ramp_kit_folder``):
 ``K/submissions/<sub>/`` holds the uploaded submission (ramp-test writes its
 ``training_output`` there) and ``K/.ramp-runner/<sub>/`` the run's files: ``pid`` (the
 session leader, so the whole tree can be killed), ``exit`` (written atomically when the
-run ends), ``log`` and, with ``memory_profiling``, ``peak_rss`` and ``peak_rss.py``.
+run ends), ``log`` and, with ``memory_profiling``, ``peak_rss`` and ``supervise.py``.
 The run is started detached (``setsid nohup``): a dropped connection does not end it.
 """
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner import peak_rss, ramptest
+from runner import ramptest, supervise
 from runner.remote import CONNECTION_ERRORS, RemoteSession
 from runner.workers.base import BaseWorker
 
@@ -79,7 +79,7 @@ class RemoteWorker(BaseWorker):
                 files.append((path, f"submissions/{self.submission}/{relative.as_posix()}"))
         files.append((local, f"{RUN_FOLDER}/{self.submission}"))
         if self.memory_profiling:
-            files.append((peak_rss.__file__, f"{RUN_FOLDER}/{self.submission}/peak_rss.py"))
+            files.append((supervise.__file__, f"{RUN_FOLDER}/{self.submission}/supervise.py"))
         stale = " ".join(shlex.quote(p) for p in (
             f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
         self.session.upload(files, self.remote_kit, before=f"rm -rf {stale} && ")
@@ -89,8 +89,8 @@ class RemoteWorker(BaseWorker):
         kit = self.remote_kit
         argv = ramptest.command(self.submission, kit, kit, f"{kit}/submissions")
         if self.memory_profiling:
-            argv = ["python", f"{self.run_dir}/peak_rss.py", f"{self.run_dir}/peak_rss", "--",
-                    *argv]
+            argv = ["python", f"{self.run_dir}/supervise.py", "--peak-rss",
+                    f"{self.run_dir}/peak_rss", "--", *argv]
         lines = [f"cd {shlex.quote(kit)} || exit 97"]
         if self.path_prefix:
             lines.append(f"export PATH={shlex.quote(self.path_prefix)}:\"$PATH\"")
