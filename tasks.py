@@ -15,7 +15,8 @@ EVENT_CONFIG_HELP = {"event_config": "path of the event config.yml"}
 def _console():
     from rich.console import Console
 
-    return Console()
+    # Piped output (CI logs, files) gets wide tables rather than rich's default 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _load(event_config: str):
@@ -247,3 +248,13 @@ def reap(c, event_config, dry_run=False):
         config.worker_dict(), dry_run=dry_run)
     verb = "would release" if dry_run else "released"
     print(f"{verb} {len(released)}: {' '.join(released)}" if released else "nothing to release")
+
+
+@task(help={"workers": "number of Dask workers (one thread each): one per RAMP slot",
+            "tls": "require TLS, with a throw-away CA and certificates made for this cluster",
+            "folder": "where the scheduler file, certificates, logs and worker files go"})
+def dask_cluster(c, workers=2, tls=False, folder=".dask-cluster"):
+    """Run a Dask scheduler and workers on 127.0.0.1 until Ctrl+C; print the worker: section."""
+    from runner.dask_cluster import serve
+
+    serve(folder, workers=int(workers), tls=tls)

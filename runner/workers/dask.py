@@ -1,0 +1,261 @@
+"""DaskWorker (``worker_type: dask``): one submission as one task on a dask.distributed cluster.
+
+Nothing is shared but the scheduler's address: the submission travels as tar bytes, the
+kit and data are found at ``remote_kit_dir``/``remote_data_dir`` on the Dask workers or
+shipped once per Dask worker (cached there by content hash), and the log and predictions
+come back as bytes. The task itself is ``runner.dask_task.run_submission``; stopping a run
+kills its process tree on the Dask worker (``runner.dask_task.kill_run``), not only the future.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import distributed
+
+from runner import archive, dask_task, ramptest
+from runner.config import PATH_KEYS, ConfigError, DaskWorkerSection, worker_section
+from runner.workers.base import BaseWorker
+
+logger = logging.getLogger("runner.worker")
+
+CONNECT_TIMEOUT = "20s"
+# How long a stopped run may take to send back its log before it is given up.
+KILL_GRACE_SECONDS = 30.0
+
+_PACK_LOCK = threading.Lock()
+_PACKED: dict[str, tuple[tuple, str, bytes]] = {}
+
+
+class DaskWorker(BaseWorker):
+    """Run a submission with ramp-test on a Dask worker, local or remote, plain or TLS."""
+
+    def __init__(self, config: dict[str, Any], submission: str):
+        super().__init__(config, submission)
+        source = f"{type(self).__name__} config"
+        self.settings: DaskWorkerSection = worker_section(
+            {"worker_type": "dask", **config}, source, "worker")
+        for key in PATH_KEYS:
+            if not config.get(key):
+                raise ConfigError(source, f"worker.{key}", "a path")
+        self._security = security_of(self.settings, config.get("event_dir"), source)
+        self._run_id = f"{config.get('event_name') or 'event'}-{submission}-{uuid.uuid4().hex[:12]}"
+        self._client: distributed.Client | None = None
+        self._job: dict[str, Any] | None = None
+        self._future: distributed.Future | None = None
+        self._done = threading.Event()
+        self._outcome: dict[str, Any] | None = None
+        self._shipped: list[distributed.Future] = []
+        self._submits = 0
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Pack the submission, find or pack the kit and data, connect to the scheduler."""
+        folder = Path(self.config["submissions_dir"]) / self.submission
+        if not folder.is_dir():
+            raise ValueError(f"submission folder {folder} does not exist")
+        self._job = {
+            "run_id": self._run_id,
+            "submission": self.submission,
+            "submission_tar": archive.compress(archive.pack(folder, skip=("training_output",))),
+            "kit": self._source("kit_dir", self.settings.remote_kit_dir),
+            "data": self._source("data_dir", self.settings.remote_data_dir),
+            "conda_env": self.settings.conda_env,
+            "n_threads": self.config.get("n_threads"),
+            "timeout": self.timeout,
+        }
+        self._client = connect(self.settings, self._security)
+        super().setup()
+
+    def launch_submission(self) -> None:
+        """Submit the run as one task; its end wakes ``wait`` (no polling)."""
+        if self._status != "setup":
+            super().launch_submission()  # raises the contract's error
+        self._submit(self._job)
+        super().launch_submission()
+
+    def _is_submission_interrupted(self) -> bool:
+        future = self._future
+        if future.status == "lost":
+            logger.warning("%r: the connection to the scheduler was lost", self)
+            return True
+        if future.status in ("error", "cancelled"):
+            # Cancelled by the cluster, not by us (kill() leaves "running" first): the
+            # shipped kit or data died with their Dask worker before the task could start.
+            logger.warning("%r: the task %s on the cluster: %r", self, future.status,
+                           future.exception())
+            return True
+        return future.done() and self._result().get("status") == "lost"
+
+    def _is_submission_finished(self) -> bool:
+        if not self._future.done():
+            return False
+        outcome = self._result()
+        if outcome.get("status") == "missing":
+            self._ship(outcome)
+            return False
+        return True
+
+    def wait(self, timeout: float) -> None:
+        """Block until the task's future is done, ``kill`` is called, or ``timeout`` passes."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        while self.status == "running" and not self._wakeup.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._done.wait(remaining)
+
+    def collect_results(self) -> tuple[int, str]:
+        """Write the log and, on success, the predictions sent back by the Dask worker."""
+        super().collect_results()
+        timed_out = self._status == "timeout"
+        if timed_out:
+            # The task answers a remote kill with the log so far: wait a little for it.
+            self._kill_remote(cancel=False)
+            self._done.wait(KILL_GRACE_SECONDS)
+        outcome = self._result() if self._future.done() else {}
+        log_path = Path(self.config["logs_dir"]) / self.submission / "log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = outcome.get("log", b"").decode(errors="replace")
+        self.peak_memory_mb = outcome.get("peak_memory_mb")
+        if timed_out or outcome.get("status") == "timeout":
+            returncode = ramptest.TIMEOUT_RETURNCODE
+            error_msg = ramptest.timeout_message(self.timeout)
+            log += f"\n{error_msg}\n"
+        elif outcome.get("status") == "ended":
+            returncode = outcome["returncode"]
+            error_msg = "" if returncode == 0 else (
+                ramptest.traceback_of(log) or _tail(log) or f"ramp-test exited with {returncode}")
+        else:
+            why = outcome.get("status", "no answer from the cluster")
+            returncode, error_msg = 1, f"the run was stopped on the Dask worker ({why})"
+        log_path.write_text(log)
+        if returncode == 0:
+            target = Path(self.config["predictions_dir"]) / self.submission
+            if target.exists():
+                shutil.rmtree(target)
+            archive.unpack(outcome["output"], target)
+        self.status = "collected"
+        logger.info("%r collected: returncode %s", self, returncode)
+        return returncode, error_msg
+
+    def kill(self) -> None:
+        """Mark the run killed, then cancel the task and kill its process tree on whichever
+        Dask worker runs it."""
+        launched = self._future is not None and self._status in (
+            "running", "finished", "timeout", "retry")
+        super().kill()
+        if launched:
+            self._kill_remote(cancel=True)
+        self._done.set()
+
+    def teardown(self) -> None:
+        """Release the task's futures and the shipped bytes, and close the connection."""
+        self._check_teardown_allowed()
+        if self._client is not None:
+            futures = [f for f in (self._future, *self._shipped) if f is not None]
+            for future in futures:
+                future.release()
+            self._future, self._shipped = None, []
+            self._client.close(timeout=10)
+            self._client = None
+        super().teardown()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _source(self, local_key: str, remote_path: str | None) -> dict[str, Any]:
+        """How the task finds the kit or data: a path on the Dask worker, or a content hash."""
+        if remote_path:
+            return {"path": remote_path}
+        sha, _ = packed_folder(self.config[local_key])
+        return {"sha": sha, "tar": None}
+
+    def _submit(self, job: dict[str, Any]) -> None:
+        self._submits += 1
+        done = threading.Event()
+        self._done, self._outcome = done, None
+        future = self._client.submit(dask_task.run_submission, job, pure=False,
+                                     key=f"ramp-runner-{self._run_id}-{self._submits}")
+        # Called from the client's thread when the task ends, errs or is cancelled.
+        future.add_done_callback(lambda _: done.set())
+        self._future = future
+
+    def _ship(self, outcome: dict[str, Any]) -> None:
+        """Send the folders a Dask worker misses, then submit the run again next to them."""
+        job = dict(self._job)
+        address = outcome["worker"]
+        for name in outcome["missing"]:
+            _, tar = packed_folder(self.config[f"{name}_dir"])
+            logger.info("%r: shipping %s (%d kB) to %s", self, name, len(tar) // 1024, address)
+            shipped = self._client.scatter(tar, workers=[address], hash=False)
+            self._shipped.append(shipped)
+            job[name] = {**job[name], "tar": shipped}
+        # Another worker may take the task if this one is gone; the bytes follow it there.
+        self._submit(job)
+
+    def _result(self) -> dict[str, Any]:
+        if self._outcome is None:
+            self._outcome = self._future.result() if self._future.status == "finished" else {}
+        return self._outcome
+
+    def _kill_remote(self, cancel: bool) -> None:
+        """Kill the run's process tree on every Dask worker that has it (best effort)."""
+        try:
+            if cancel and self._future is not None:
+                self._future.cancel()
+            self._client.run(dask_task.kill_run, self._run_id, on_error="ignore",
+                             callback_timeout=10)
+        except Exception as error:  # a lost scheduler must not stop the shutdown
+            logger.warning("%r: could not kill the run on the cluster: %s", self, error)
+
+
+def security_of(settings: DaskWorkerSection, event_dir: str | None,
+                source: str) -> distributed.Security | None:
+    """The ``distributed.Security`` of ``dask_security`` (relative files: the event folder)."""
+    tls = settings.dask_security
+    if tls is None:
+        return None
+    if not settings.dask_scheduler.startswith("tls://"):
+        raise ConfigError(source, "worker.dask_scheduler", "a tls:// address with dask_security",
+                          repr(settings.dask_scheduler))
+    files = {}
+    for key in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        path = Path(os.path.expanduser(getattr(tls, key)))
+        if not path.is_absolute() and event_dir:
+            path = Path(event_dir) / path
+        if not path.is_file():
+            raise ConfigError(source, f"worker.dask_security.{key}", "a readable file",
+                              str(path))
+        files[key] = str(path)
+    return distributed.Security(**files, require_encryption=tls.require_encryption)
+
+
+def connect(settings: DaskWorkerSection,
+            security: distributed.Security | None) -> distributed.Client:
+    """A client of the event's scheduler, not made the process-wide default."""
+    return distributed.Client(settings.dask_scheduler, security=security,
+                              timeout=CONNECT_TIMEOUT, set_as_default=False)
+
+
+def packed_folder(folder: str | os.PathLike[str]) -> tuple[str, bytes]:
+    """``(content hash, gzip tar)`` of ``folder``, packed again only when its files change."""
+    key = str(Path(folder).resolve())
+    with _PACK_LOCK:
+        stamp = archive.fingerprint(key)
+        cached = _PACKED.get(key)
+        if cached is None or cached[0] != stamp:
+            plain = archive.pack(key)
+            cached = _PACKED[key] = (stamp, archive.digest(plain), archive.compress(plain))
+        return cached[1], cached[2]
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])

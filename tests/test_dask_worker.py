@@ -1,0 +1,331 @@
+"""DaskWorker on real clusters: a LocalCluster with processes, and ``dask scheduler`` +
+``dask worker`` subprocesses on loopback (plain and TLS) running in a folder of their own,
+so that nothing the dispatcher has is reachable by path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import distributed
+import pytest
+import yaml
+
+from runner import archive, dask_task
+from runner.config import ConfigError, load_event_config
+from runner.dask_cluster import LoopbackCluster, make_certificates
+from runner.dispatcher import prepare_data
+from runner.workers.dask import DaskWorker
+from tests import dask_helpers as h
+from tests.events import env_prefix_like_this_one, install_fake_conda, make_event
+
+REPO = Path(__file__).resolve().parent.parent
+SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting", "raising_error")
+SECRET = "RR_TEST_SECRET_TOKEN"
+DISPATCHER = """
+import sys
+from runner.config import load_event_config
+from runner.workers.dask import DaskWorker
+config = load_event_config(sys.argv[1])
+DaskWorker(config.worker_dict(), "hanging").launch()
+"""
+
+
+# -- clusters (real, started once per module; a failure to start fails the tests) -----------
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """A LocalCluster of two single-thread worker processes."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster:
+        yield cluster
+
+
+def _cluster_env(folder: Path) -> dict[str, str]:
+    """The Dask workers' environment: ramp-runner importable (as after ``pip install``),
+    a conda knowing ``ramp-iris``, and a secret the submissions must not see."""
+    prefix = env_prefix_like_this_one(folder / "envs" / "ramp-iris")
+    conda = install_fake_conda(folder / "conda-bin", {"ramp-iris": prefix})
+    return {"PYTHONPATH": str(REPO), "PATH": f"{conda.parent}:{os.environ['PATH']}",
+            SECRET: "must-not-leak"}
+
+
+@pytest.fixture(scope="module")
+def plain_cluster(tmp_path_factory):
+    """``dask scheduler`` + two ``dask worker`` processes on 127.0.0.1, cwd elsewhere."""
+    folder = tmp_path_factory.mktemp("plain-cluster")
+    with LoopbackCluster(folder / "cluster", workers=2, cwd=folder,
+                         env=_cluster_env(folder)) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory):
+    """The same with TLS: certificates made here, encryption required."""
+    folder = tmp_path_factory.mktemp("tls-cluster")
+    with LoopbackCluster(folder / "cluster", workers=2, tls=True, cwd=folder,
+                         env=_cluster_env(folder)) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def local_scores(tmp_path_factory):
+    """The ledger rows of the example submissions run by the local (conda) worker."""
+    root = tmp_path_factory.mktemp("local-event")
+    path = make_event(root / "event", submissions=SUBMISSIONS)
+    with pytest.MonkeyPatch.context() as patch:
+        conda = install_fake_conda(root / "conda-bin", {})
+        patch.delenv("CONDA_EXE", raising=False)
+        patch.setenv("PATH", f"{conda.parent}:{os.environ['PATH']}")
+        return h.dispatch(path)
+
+
+def _dask_event(root: Path, cluster: LoopbackCluster, submissions=SUBMISSIONS,
+                **worker) -> Path:
+    """The example event with a ``worker_type: dask`` section for ``cluster``."""
+    section = {"worker_type": "dask", "dask_scheduler": cluster.address, "n_workers": 2,
+               "conda_env": "ramp-iris", **worker}
+    if cluster.certificates:
+        c = cluster.certificates
+        section["dask_security"] = {"tls_ca_file": str(c.ca_file),
+                                    "tls_client_cert": str(c.client_cert),
+                                    "tls_client_key": str(c.client_key),
+                                    "require_encryption": True}
+    return make_event(root, submissions=submissions, worker=section)
+
+
+def _assert_same_outcome(rows, local_rows):
+    assert {n: r.state for n, r in rows.items()} == {n: r.state for n, r in local_rows.items()}
+    for name in ("starting_kit", "random_forest", "gradient_boosting"):
+        assert rows[name].state == "scored"
+        assert rows[name].scores == local_rows[name].scores
+        assert rows[name].peak_memory_mb and rows[name].peak_memory_mb > 10
+    assert rows["raising_error"].state == "training_error"
+    assert "RuntimeError: raising_error" in rows["raising_error"].error_msg
+
+
+def _cache_entries(cluster: LoopbackCluster) -> list[Path]:
+    return sorted((cluster.folder / "workers").glob(f"**/{dask_task.CACHE_FOLDER}/*"))
+
+
+# -- the issue's "done when" --------------------------------------------------------------
+
+
+def test_plain_cluster_without_shared_paths_scores_as_the_local_worker(
+        plain_cluster, local_scores, tmp_path):
+    path = _dask_event(tmp_path / "event", plain_cluster)
+    rows = h.dispatch(path)
+    _assert_same_outcome(rows, local_scores)
+    config = load_event_config(path)
+    predictions = Path(config.worker.predictions_dir) / "random_forest"
+    assert (predictions / "bagged_scores.csv").is_file()
+    assert (predictions / "fold_0" / "y_pred_test.npz").is_file()
+    log = (Path(config.worker.logs_dir) / "raising_error" / "log").read_text()
+    assert "RuntimeError: raising_error" in log
+    # Kit and data went once to each Dask worker that ran something, named by content hash.
+    kit_sha = archive.digest(archive.pack(config.worker.kit_dir))
+    entries = _cache_entries(plain_cluster)
+    assert kit_sha in {entry.name for entry in entries}
+    assert len(entries) in (2, 4)
+    # Nothing under the dispatcher's paths was used by the workers: they ran elsewhere.
+    assert str(tmp_path) not in (plain_cluster.folder / "workers.log").read_text()
+
+
+def test_tls_cluster_scores_as_the_local_worker(tls_cluster, local_scores, tmp_path):
+    rows = h.dispatch(_dask_event(tmp_path / "event", tls_cluster))
+    _assert_same_outcome(rows, local_scores)
+
+
+def test_tls_cluster_refuses_clients_without_its_certificates(tls_cluster, tmp_path):
+    stranger = make_certificates(tmp_path / "other-ca")
+    with pytest.raises((OSError, TimeoutError)):
+        distributed.Client(tls_cluster.address, security=stranger.client_security(),
+                           timeout="3s", set_as_default=False)
+    plain = tls_cluster.address.replace("tls://", "tcp://")
+    with pytest.raises((OSError, TimeoutError)):
+        distributed.Client(plain, timeout="3s", set_as_default=False)
+
+
+def _hanging_worker(cluster, tmp_path, **worker):
+    path = make_event(tmp_path / "event", submissions=("hanging",), worker={
+        "worker_type": "dask", "dask_scheduler": cluster.scheduler_address, **worker})
+    config = load_event_config(path)
+    prepare_data(config.worker.data_dir)
+    with distributed.Client(cluster, set_as_default=False) as client:
+        pids = h.worker_pids(client).values()
+    return config, DaskWorker(config.worker_dict(), "hanging"), pids
+
+
+def test_timeout_kills_the_process_tree_on_the_dask_worker(local_cluster, tmp_path):
+    config, worker, pids = _hanging_worker(local_cluster, tmp_path, timeout=5)
+    worker.setup()
+    try:
+        worker.launch_submission()
+        watcher = h.drive(worker)
+        # The supervisor, ramp-test and the child the submission forks.
+        _, tree = h.wait_for_run(pids, minimum=3)
+        watcher.join(60)
+        assert worker.status == "timeout"
+        returncode, error_msg = worker.collect_results()
+    finally:
+        worker.kill()
+        worker.teardown()
+    assert returncode == 124
+    assert "timeout=5" in error_msg
+    assert h.living(tree) == []
+    log = (Path(config.worker.logs_dir) / "hanging" / "log").read_text()
+    assert "ran longer than timeout=5 s and was killed" in log
+
+
+def test_kill_stops_the_remote_run_at_once(local_cluster, tmp_path):
+    _, worker, pids = _hanging_worker(local_cluster, tmp_path)
+    worker.setup()
+    worker.launch_submission()
+    watcher = h.drive(worker)
+    _, tree = h.wait_for_run(pids, minimum=3)
+    worker.kill()  # what the dispatcher does on SIGINT/SIGTERM, from its main thread
+    watcher.join(10)
+    assert worker.status == "killed"
+    worker.teardown()
+    assert h.living(tree, timeout=5) == []
+
+
+def test_a_dead_dispatcher_leaves_no_run_behind(local_cluster, tmp_path):
+    config, _, pids = _hanging_worker(local_cluster, tmp_path, timeout=600)
+    dispatcher = subprocess.Popen(
+        [sys.executable, "-c", DISPATCHER, str(config.path)], cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        _, tree = h.wait_for_run(pids, minimum=3)
+    finally:
+        dispatcher.kill()
+        dispatcher.wait()
+    # The scheduler drops the dead client's task; the task notices and kills its tree.
+    assert h.living(tree, timeout=15) == []
+
+
+def test_lost_dask_worker_gives_retry_and_the_next_try_scores(plain_cluster, tmp_path):
+    path = _dask_event(tmp_path / "event", plain_cluster, submissions=())
+    h.add_submission(path, "slow", h.SLOW_CLASSIFIER)
+    with plain_cluster.client() as client:
+        pids = h.worker_pids(client).values()
+    result = {}
+    dispatcher = threading.Thread(target=lambda: result.update(h.dispatch(path)))
+    dispatcher.start()
+    try:
+        # The supervisor and ramp-test.
+        victim, tree = h.wait_for_run(pids, minimum=2)
+        os.kill(victim, signal.SIGKILL)
+        # The supervisor ends the dead worker's ramp-test within a second or two.
+        assert h.living(tree, timeout=10) == []
+    finally:
+        dispatcher.join(120)
+    assert not dispatcher.is_alive()
+    row = result["slow"]
+    assert (row.state, row.attempts) == ("scored", 1), row
+    with plain_cluster.client() as client:  # the nanny brings the worker back
+        client.wait_for_workers(2, timeout=60)
+
+
+# -- what else the issue asks -------------------------------------------------------------
+
+
+def test_remote_run_environment_is_the_conda_env_with_n_threads_and_no_secrets(
+        plain_cluster, tmp_path):
+    path = _dask_event(tmp_path / "event", plain_cluster, submissions=())
+    h.add_submission(path, "env_dump", h.ENV_DUMP_CLASSIFIER)
+    config = load_event_config(path)
+    prepare_data(config.worker.data_dir)
+    worker = DaskWorker(config.worker_dict(), "env_dump")
+    returncode, error_msg = worker.launch()
+    assert returncode != 0 and "stop after printing the environment" in error_msg
+    log = (Path(config.worker.logs_dir) / "env_dump" / "log").read_text()
+    line = next(x for x in log.splitlines() if x.startswith("ENVIRONMENT="))
+    environment = json.loads(line.removeprefix("ENVIRONMENT="))
+    assert SECRET not in environment
+    assert environment["OMP_NUM_THREADS"] == "1"  # the example's dispatcher.n_threads
+    assert environment["PATH"].split(":")[0].endswith("envs/ramp-iris/bin")
+
+
+def test_remote_kit_and_data_paths_are_used_without_shipping(local_cluster, tmp_path):
+    on_the_worker = load_event_config(make_event(tmp_path / "remote"))
+    prepare_data(on_the_worker.worker.data_dir)
+    path = make_event(tmp_path / "event", submissions=("starting_kit",), worker={
+        "worker_type": "dask", "dask_scheduler": local_cluster.scheduler_address,
+        "kit_dir": str(tmp_path / "not-here" / "kit"),
+        "data_dir": str(tmp_path / "not-here" / "data"),
+        "remote_kit_dir": on_the_worker.worker.kit_dir,
+        "remote_data_dir": on_the_worker.worker.data_dir})
+    config = load_event_config(path)
+    assert DaskWorker(config.worker_dict(), "starting_kit").launch() == (0, "")
+    assert (Path(config.worker.predictions_dir) / "starting_kit" / "bagged_scores.csv").is_file()
+
+
+def test_a_tar_with_parent_members_is_refused_on_the_dask_worker(local_cluster, tmp_path):
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    # Enough ../ to reach the root from any depth, then down to this test's folder.
+    escape = "../" * 40 + str(tmp_path.relative_to("/") / "escaped.py")
+    evil = archive.compress(h.tar_with({"classifier.py": b"", escape: b"x"}))
+    job = {"run_id": "evil", "submission": "evil", "submission_tar": evil,
+           "kit": {"path": str(kit)}, "data": {"path": str(kit)}, "conda_env": None,
+           "n_threads": 1, "timeout": 10}
+    with distributed.Client(local_cluster, set_as_default=False) as client:
+        future = client.submit(dask_task.run_submission, job, pure=False)
+        with pytest.raises(archive.UnsafeArchiveError, match="escapes"):
+            future.result(timeout=60)
+        leaked = client.run(h.cached_files, "**/escaped.py")
+    assert not any(leaked.values())
+    assert not (tmp_path / "escaped.py").exists()
+
+
+@pytest.mark.parametrize("members, links", [
+    ({"../escaped": b"x"}, None),
+    ({"a/../../escaped": b"x"}, None),
+    ({"/tmp/escaped": b"x"}, None),
+    ({"ok": b"x"}, {"link": "/etc/passwd"}),
+])
+def test_unpack_refuses_escaping_members_before_writing_anything(tmp_path, members, links):
+    with pytest.raises(archive.UnsafeArchiveError):
+        archive.unpack(h.tar_with(members, links), tmp_path / "into")
+    assert not (tmp_path / "into").exists()
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_packing_depends_on_content_not_on_times(tmp_path):
+    folder = tmp_path / "kit"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.py").write_text("a = 1\n")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "a.pyc").write_bytes(b"junk")
+    first = archive.pack(folder)
+    os.utime(folder / "sub" / "a.py", (1, 1))
+    assert archive.pack(folder) == first
+    (folder / "sub" / "a.py").write_text("a = 2\n")
+    assert archive.digest(archive.pack(folder)) != archive.digest(first)
+    archive.unpack(archive.compress(first), tmp_path / "copy")
+    assert (tmp_path / "copy" / "sub" / "a.py").read_text() == "a = 1\n"
+    assert not (tmp_path / "copy" / "__pycache__").exists()
+
+
+def test_tls_settings_are_checked_when_the_worker_is_made(tmp_path):
+    certificates = make_certificates(tmp_path / "tls")
+    path = make_event(tmp_path / "event", submissions=("starting_kit",), worker={
+        "worker_type": "dask", "dask_scheduler": "tcp://127.0.0.1:8786",
+        "dask_security": {"tls_ca_file": str(certificates.ca_file),
+                          "tls_client_cert": str(certificates.client_cert),
+                          "tls_client_key": str(tmp_path / "missing.key")}})
+    config = load_event_config(path)
+    with pytest.raises(ConfigError, match="tls://"):
+        DaskWorker(config.worker_dict(), "starting_kit")
+    document = yaml.safe_load(path.read_text())
+    document["worker"]["dask_scheduler"] = "tls://127.0.0.1:8786"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match="tls_client_key"):
+        DaskWorker(load_event_config(path).worker_dict(), "starting_kit")
