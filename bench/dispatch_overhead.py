@@ -50,7 +50,19 @@ def run_once(submissions: tuple[str, ...]) -> dict:
     busy = sum(r.run_time or 0.0 for r in rows)
     slots = config.dispatcher.slots
     return {"wall": wall, "busy": busy, "slots": slots, "utilisation": busy / (slots * wall),
-            "spans": spans}
+            "gap": launch_gap(spans.values(), slots), "spans": spans}
+
+
+def launch_gap(spans, slots: int) -> float:
+    """Median seconds from a run's end to the launch of the run that took its slot."""
+    spans = sorted(spans)
+    ends = sorted(end for _, end in spans)
+    gaps = []
+    for start, _ in spans[slots:]:
+        freed = [end for end in ends if end <= start]
+        if freed:
+            gaps.append(start - freed[-1])
+    return sorted(gaps)[len(gaps) // 2] if gaps else float("nan")
 
 
 def plot(spans: dict[str, list[float]], path: Path) -> None:
@@ -78,13 +90,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'case':<22}{'runs':>5}{'wall s':>9}{'sum run s':>11}{'slots':>7}{'util':>7}")
+    print(f"{'case':<22}{'runs':>5}{'wall s':>9}{'sum run s':>11}{'slots':>7}{'util':>7}"
+          f"{'launch gap ms':>15}")
     for label, submissions in (("5 examples (1 hangs)", ALL), ("3 good examples", GOOD)):
         results = sorted((run_once(submissions) for _ in range(args.repeat)),
                          key=lambda r: r["wall"])
         median = results[len(results) // 2]
         print(f"{label:<22}{args.repeat:>5}{median['wall']:>9.2f}{median['busy']:>11.2f}"
-              f"{median['slots']:>7}{median['utilisation']:>7.0%}")
+              f"{median['slots']:>7}{median['utilisation']:>7.0%}{median['gap'] * 1000:>15.0f}")
         if submissions == ALL:
             plot(median["spans"], OUT / "dispatch_timeline.png")
     print(f"timeline: {OUT / 'dispatch_timeline.png'}")
