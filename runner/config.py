@@ -327,7 +327,8 @@ def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> Wor
     if isinstance(section, AWSWorkerSection) and not (
         section.ami_image_name or section.ami_image_id
     ):
-        raise ConfigError(source, f"{key_path}.ami_image_name", "an AMI base name (or ami_image_id)")
+        raise ConfigError(source, f"{key_path}.ami_image_name",
+                          "an AMI base name (or ami_image_id)")
     if isinstance(section, AWSWorkerSection):
         if section.ssh_ready_timeout <= 0:
             raise ConfigError(source, f"{key_path}.ssh_ready_timeout",
@@ -428,7 +429,9 @@ def _build(cls: type, values: Mapping[str, Any], source: str, key_path: str) -> 
     for name, field in fields.items():
         where = f"{key_path}.{name}"
         if name not in values:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            required = (field.default is dataclasses.MISSING
+                        and field.default_factory is dataclasses.MISSING)
+            if required:
                 raise ConfigError(source, where, _describe(hints[name]))
             continue
         arguments[name] = _convert(values[name], hints[name], source, where,
@@ -449,8 +452,8 @@ def _convert(value: Any, hint: Any, source: str, where: str, is_secret: bool) ->
         return _convert(value, inner[0], source, where, is_secret)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(source, where, _describe(hint) + _suggestion(str(value), map(str, args)),
-                              shown)
+            expected = _describe(hint) + _suggestion(str(value), map(str, args))
+            raise ConfigError(source, where, expected, shown)
         return value
     if origin is tuple:
         if not isinstance(value, list) or not value:

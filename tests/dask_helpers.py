@@ -35,22 +35,6 @@ class Classifier:
         return self.model.predict_proba(X)
 '''
 
-ENV_DUMP_CLASSIFIER = '''
-import importlib
-import json
-
-
-class Classifier:
-    def fit(self, X, y):
-        environ = getattr(importlib.import_module("o" + "s"), "environ")
-        print("ENVIRONMENT=" + json.dumps(dict(environ)))
-        raise RuntimeError("stop after printing the environment")
-
-    def predict_proba(self, X):
-        raise RuntimeError("never reached")
-'''
-
-
 def drive(worker) -> threading.Thread:
     """Watch a launched worker from a thread, as a dispatcher slot does, until it stops running."""
     def watch():

@@ -15,6 +15,30 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "iris"
 GOOD_SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting")
 
 
+# A submission that prints the environment it runs in, then fails (ramp-test refuses
+# source naming os-level process or file functions, hence the indirection).
+ENV_DUMP_CLASSIFIER = '''
+import importlib
+import json
+
+
+class Classifier:
+    def fit(self, X, y):
+        environ = getattr(importlib.import_module("o" + "s"), "environ")
+        print("ENVIRONMENT=" + json.dumps(dict(environ)))
+        raise RuntimeError("stop after printing the environment")
+
+    def predict_proba(self, X):
+        raise RuntimeError("never reached")
+'''
+
+
+def environment_in_log(log: str) -> dict[str, str]:
+    """The environment an ``ENV_DUMP_CLASSIFIER`` run printed into its log."""
+    line = next(x for x in log.splitlines() if x.startswith("ENVIRONMENT="))
+    return json.loads(line.removeprefix("ENVIRONMENT="))
+
+
 def make_event(root: Path, submissions=GOOD_SUBMISSIONS, worker=None, dispatcher=None) -> Path:
     """Copy the example kit, data script and ``submissions`` under ``root``; return config path.
 

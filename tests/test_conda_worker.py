@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,22 +11,7 @@ import pytest
 
 from runner.config import ConfigError, load_event_config
 from runner.workers.conda import CondaEnvWorker, CondaError, conda_env_prefix
-from tests.events import make_event
-
-ENV_DUMP = '''
-import importlib
-import json
-
-
-class Classifier:
-    def fit(self, X, y):
-        environ = getattr(importlib.import_module("o" + "s"), "environ")
-        print("ENVIRONMENT=" + json.dumps(dict(environ)))
-        raise RuntimeError("stop after printing the environment")
-
-    def predict_proba(self, X):
-        raise RuntimeError("never reached")
-'''
+from tests.events import ENV_DUMP_CLASSIFIER, environment_in_log, make_event
 
 
 @pytest.fixture
@@ -102,11 +86,10 @@ def test_child_environment_carries_no_secret(event, monkeypatch):
     monkeypatch.setenv("OSF_PASSWORD", "osf-secret")
     submission = Path(event.worker.submissions_dir) / "env_dump"
     submission.mkdir()
-    (submission / "classifier.py").write_text(ENV_DUMP)
+    (submission / "classifier.py").write_text(ENV_DUMP_CLASSIFIER)
     _worker(event, "env_dump").launch()
     log = (Path(event.worker.logs_dir) / "env_dump" / "log").read_text()
-    line = next(x for x in log.splitlines() if x.startswith("ENVIRONMENT="))
-    environment = json.loads(line.removeprefix("ENVIRONMENT="))
+    environment = environment_in_log(log)
     assert not [name for name in environment if name.startswith("AWS_")]
     assert "OSF_PASSWORD" not in environment
     assert "secret" not in log

@@ -4,7 +4,6 @@ so that nothing the dispatcher has is reachable by path."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,13 @@ from runner.dask_cluster import LoopbackCluster, make_certificates
 from runner.dispatcher import prepare_data
 from runner.workers.dask import DaskWorker
 from tests import dask_helpers as h
-from tests.events import env_prefix_like_this_one, install_fake_conda, make_event
+from tests.events import (
+    ENV_DUMP_CLASSIFIER,
+    env_prefix_like_this_one,
+    environment_in_log,
+    install_fake_conda,
+    make_event,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting", "raising_error")
@@ -239,15 +244,14 @@ def test_lost_dask_worker_gives_retry_and_the_next_try_scores(plain_cluster, tmp
 def test_remote_run_environment_is_the_conda_env_with_n_threads_and_no_secrets(
         plain_cluster, tmp_path):
     path = _dask_event(tmp_path / "event", plain_cluster, submissions=())
-    h.add_submission(path, "env_dump", h.ENV_DUMP_CLASSIFIER)
+    h.add_submission(path, "env_dump", ENV_DUMP_CLASSIFIER)
     config = load_event_config(path)
     prepare_data(config.worker.data_dir)
     worker = DaskWorker(config.worker_dict(), "env_dump")
     returncode, error_msg = worker.launch()
     assert returncode != 0 and "stop after printing the environment" in error_msg
     log = (Path(config.worker.logs_dir) / "env_dump" / "log").read_text()
-    line = next(x for x in log.splitlines() if x.startswith("ENVIRONMENT="))
-    environment = json.loads(line.removeprefix("ENVIRONMENT="))
+    environment = environment_in_log(log)
     assert SECRET not in environment
     assert environment["OMP_NUM_THREADS"] == "1"  # the example's dispatcher.n_threads
     assert environment["PATH"].split(":")[0].endswith("envs/ramp-iris/bin")
