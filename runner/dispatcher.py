@@ -163,7 +163,10 @@ class Dispatcher:
                          f"setup failed: {error}")
             return
         except Exception as error:
-            self._retry(name, f"setup failed: {type(error).__name__}: {error}")
+            if self._stopping.is_set():  # a shutdown interrupted the setup: not an attempt
+                self._release(name)
+            else:
+                self._retry(name, f"setup failed: {type(error).__name__}: {error}")
             return
         if self._stopping.is_set():
             self._release(name)

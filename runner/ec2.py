@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -165,8 +166,11 @@ def _run_one(ec2: Any, request: dict[str, Any]) -> str:
     return instance_id
 
 
-def wait_until_running(ec2: Any, instance_id: str, timeout: float = RUNNING_TIMEOUT) -> None:
-    """Block until the instance is ``running``; raise if it ends or ``timeout`` passes."""
+def wait_until_running(ec2: Any, instance_id: str, timeout: float = RUNNING_TIMEOUT,
+                       stop: threading.Event | None = None) -> None:
+    """Block until the instance is ``running``; raise if it ends, ``timeout`` passes, or
+    ``stop`` is set (InterruptedError)."""
+    stop = stop or threading.Event()
     deadline = time.monotonic() + timeout
     while True:
         state = instance_state(ec2, instance_id)
@@ -176,7 +180,8 @@ def wait_until_running(ec2: Any, instance_id: str, timeout: float = RUNNING_TIME
             raise RuntimeError(f"instance {instance_id} is {state} before it ran")
         if time.monotonic() > deadline:
             raise TimeoutError(f"instance {instance_id} still {state} after {timeout:g} s")
-        time.sleep(RUNNING_POLL_SECONDS)
+        if stop.wait(RUNNING_POLL_SECONDS):
+            raise InterruptedError(f"stopped while instance {instance_id} was {state}")
 
 
 def instance_state(ec2: Any, instance_id: str) -> str:

@@ -152,9 +152,11 @@ class RemoteSession:
 
     # -- connection -----------------------------------------------------------------------
 
-    def connect(self, ready_timeout: float = 0.0) -> None:
+    def connect(self, ready_timeout: float = 0.0, stop: threading.Event | None = None) -> None:
         """Open the connection, retrying refused or dropped attempts for ``ready_timeout``
-        seconds (a booting instance); an authentication or host key failure is final."""
+        seconds (a booting instance) unless ``stop`` is set (InterruptedError); an
+        authentication or host key failure is final."""
+        stop = stop or threading.Event()
         deadline = time.monotonic() + ready_timeout
         while True:
             try:
@@ -169,7 +171,9 @@ class RemoteSession:
                         f"SSH to {self.user}@{self.host}:{self.port} did not answer within "
                         f"{ready_timeout:g} s: {error}"
                     ) from error
-                time.sleep(RETRY_SECONDS)
+                if stop.wait(RETRY_SECONDS):
+                    raise InterruptedError(
+                        f"stopped while waiting for SSH on {self.host}:{self.port}") from error
 
     def _open(self) -> None:
         self.close()

@@ -96,6 +96,30 @@ def test_ssh_never_up_terminates_and_retries_then_checking_error(
     assert live_instances(instance_at_sshd) == []
 
 
+def test_shutdown_during_a_slow_boot_terminates_the_instance_at_once(
+        tmp_path, sshd, remote_kit, instance_at_sshd, monkeypatch):
+    from runner import ec2
+
+    # An instance whose SSH would take up to ten minutes to answer.
+    monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: ("127.0.0.1", 9))
+    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, ssh_ready_timeout=600),
+                      submissions=("starting_kit",))
+    config = load_event_config(path)
+    dispatcher = Dispatcher(config)
+    thread = threading.Thread(target=dispatcher.run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not all_instances(instance_at_sshd) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(all_instances(instance_at_sshd)) == 1
+    dispatcher.stop()  # what SIGINT/SIGTERM do
+    thread.join(30)
+    assert not thread.is_alive()
+    assert live_instances(instance_at_sshd) == []
+    submission = _ledger(config)["starting_kit"]
+    assert (submission.state, submission.attempts) == ("new", 0)
+
+
 def test_timeout_kills_the_remote_tree_and_terminates(tmp_path, sshd, remote_kit,
                                                       instance_at_sshd):
     path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, timeout=4),

@@ -100,13 +100,14 @@ class AWSWorker(RemoteWorker):
         )
         self._check_spot_notice = self.instance.spot
         try:
-            ec2.wait_until_running(self._ec2, self.instance.instance_id)
+            # A shutdown (kill) must not wait for a slow boot: it sets _wakeup.
+            ec2.wait_until_running(self._ec2, self.instance.instance_id, stop=self._wakeup)
             host, port = ec2.instance_address(self._ec2, self.instance.instance_id)
             known_hosts = known_hosts_path(self.config)
             forget_host(known_hosts, host, port)  # a new machine: trust its first key
             self.session = RemoteSession(host, section.ami_user_name, section.key_path, port,
                                          known_hosts=known_hosts)
-            self.session.connect(ready_timeout=section.ssh_ready_timeout)
+            self.session.connect(ready_timeout=section.ssh_ready_timeout, stop=self._wakeup)
             self._upload()
         except BaseException:
             self._terminate()
@@ -120,7 +121,8 @@ class AWSWorker(RemoteWorker):
             self.instance = None
 
     def teardown(self) -> None:
-        """Terminate the instance (whatever happened before), then the contract's checks."""
+        """Terminate the instance, whatever happened before (results, if any, collected)."""
+        self._check_teardown_allowed()
         self._terminate()
         super().teardown()
 
