@@ -29,10 +29,11 @@ STATES = (
 RUNNING_STATES = ("sent_to_training", "training", "tested")
 FINAL_STATES = ("scored", "training_error", "checking_error")
 
-SCHEMA = """
+_STATE_NAMES = ", ".join(f"'{state}'" for state in STATES)
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS submissions (
     name TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ({_STATE_NAMES})),
     attempts INTEGER NOT NULL DEFAULT 0,
     error_msg TEXT NOT NULL DEFAULT '',
     scores TEXT,

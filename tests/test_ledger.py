@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 import pytest
@@ -111,3 +112,9 @@ def test_rerun_only_from_a_final_state(ledger):
     ledger.rerun("a")
     submission = ledger.get("a")
     assert (submission.state, submission.error_msg, submission.attempts) == ("new", "", 0)
+
+
+def test_the_schema_refuses_a_state_ramp_does_not_know(ledger):
+    ledger.add(["a"])
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint"):
+        ledger._connection.execute("UPDATE submissions SET state = 'done' WHERE name = 'a'")
