@@ -349,6 +349,15 @@ def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> Wor
     return section
 
 
+def worker_settings(worker_type: str, config: Mapping[str, Any], source: str) -> WorkerSection:
+    """Validate the dict a built-in worker receives, whose five paths must be filled in."""
+    section = worker_section({"worker_type": worker_type, **config}, source, "worker")
+    for key in PATH_KEYS:
+        if not config.get(key):
+            raise ConfigError(source, f"worker.{key}", "a path")
+    return section
+
+
 def _default_ramp(path: Path) -> dict[str, Any]:
     # The seed's Dask example has only a worker section: name the event after its folder.
     name = path.parent.name or "event"

@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 import psutil
 
 from runner import ec2
-from runner.config import AWSWorkerSection, worker_section
+from runner.config import AWSWorkerSection, worker_settings
 from runner.remote import RemoteSession, forget_host
-from runner.workers.remote_worker import RemoteWorker
+from runner.workers.remote_worker import RemoteWorker, known_hosts_path
 
 logger = logging.getLogger("runner.worker")
 
@@ -45,20 +44,12 @@ def owner_alive(token: str | None) -> bool:
 
 
 def _section(config: dict[str, Any]) -> AWSWorkerSection:
-    return worker_section(config, "worker config", "worker")
+    return worker_settings("aws", config, "AWSWorker config")
 
 
 def _client(section: AWSWorkerSection) -> Any:
     return ec2.client(section.region_name, section.profile_name, section.access_key_id,
                       section.secret_access_key)
-
-
-def known_hosts_path(config: dict[str, Any]) -> Path:
-    """The event's known_hosts file: ``known_hosts_file``, else ``<event_dir>/known_hosts``."""
-    configured = config.get("known_hosts_file")
-    if configured:
-        return Path(configured).expanduser()
-    return Path(config.get("event_dir") or config["logs_dir"]) / "known_hosts"
 
 
 class AWSWorker(RemoteWorker):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import ramptest
-from runner.config import PATH_KEYS, ConfigError, worker_section
+from runner.config import worker_settings
 from runner.process import LocalRun
 from runner.workers.base import BaseWorker
 
@@ -71,11 +71,7 @@ class CondaEnvWorker(BaseWorker):
 
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
-        source = f"{type(self).__name__} config"
-        self.settings = worker_section({"worker_type": "conda", **config}, source, "worker")
-        for key in PATH_KEYS:
-            if not config.get(key):
-                raise ConfigError(source, f"worker.{key}", "a path")
+        self.settings = worker_settings("conda", config, f"{type(self).__name__} config")
         self._scratch: Path | None = None
         self._run: LocalRun | None = None
         self._bin: Path | None = None
@@ -132,7 +128,6 @@ class CondaEnvWorker(BaseWorker):
         timed_out = self._status == "timeout"
         self._run.stop()
         self.peak_memory_mb = self._run.peak_memory_mb
-        self._run.cleanup()
         if timed_out:
             returncode, error_msg = ramptest.TIMEOUT_RETURNCODE, ramptest.timeout_message(
                 self.timeout)

@@ -21,7 +21,7 @@ from typing import Any
 import distributed
 
 from runner import archive, dask_task, ramptest
-from runner.config import PATH_KEYS, ConfigError, DaskWorkerSection, worker_section
+from runner.config import ConfigError, DaskWorkerSection, worker_settings
 from runner.workers.base import BaseWorker
 
 logger = logging.getLogger("runner.worker")
@@ -40,11 +40,7 @@ class DaskWorker(BaseWorker):
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
         source = f"{type(self).__name__} config"
-        self.settings: DaskWorkerSection = worker_section(
-            {"worker_type": "dask", **config}, source, "worker")
-        for key in PATH_KEYS:
-            if not config.get(key):
-                raise ConfigError(source, f"worker.{key}", "a path")
+        self.settings: DaskWorkerSection = worker_settings("dask", config, source)
         self._security = security_of(self.settings, config.get("event_dir"), source)
         self._run_id = f"{config.get('event_name') or 'event'}-{submission}-{uuid.uuid4().hex[:12]}"
         self._client: distributed.Client | None = None

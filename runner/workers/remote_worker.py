@@ -38,6 +38,14 @@ KILL_SESSION = (
 CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
 
 
+def known_hosts_path(config: dict[str, Any]) -> Path:
+    """The event's known_hosts file: ``known_hosts_file``, else ``<event_dir>/known_hosts``."""
+    configured = config.get("known_hosts_file")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(config.get("event_dir") or config["logs_dir"]) / "known_hosts"
+
+
 class RemoteWorker(BaseWorker):
     """A run of ramp-test on a remote host; subclasses say how to get the host.
 

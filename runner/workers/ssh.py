@@ -13,10 +13,14 @@ import shlex
 import threading
 from typing import Any
 
-from runner.config import SSHHost, SSHWorkerSection, worker_section
+from runner.config import SSHHost, SSHWorkerSection, worker_settings
 from runner.remote import CONNECTION_ERRORS, RemoteSession
-from runner.workers.aws import known_hosts_path
-from runner.workers.remote_worker import KILL_SESSION, RUN_FOLDER, RemoteWorker
+from runner.workers.remote_worker import (
+    KILL_SESSION,
+    RUN_FOLDER,
+    RemoteWorker,
+    known_hosts_path,
+)
 
 logger = logging.getLogger("runner.worker")
 
@@ -30,7 +34,7 @@ def _key(host: SSHHost) -> tuple[str, str, int]:
 
 
 def _section(config: dict[str, Any]) -> SSHWorkerSection:
-    return worker_section(config, "worker config", "worker")
+    return worker_settings("ssh", config, "SSHWorker config")
 
 
 def _session(host: SSHHost, section: SSHWorkerSection, config: dict[str, Any]) -> RemoteSession:
