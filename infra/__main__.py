@@ -1,5 +1,15 @@
-"""Pulumi entry point; the program lives in program.py so tests can run it with mocks."""
+"""Pulumi's entry point.
 
-import program
+Pulumi's Python host runs this directory as a script (``runpy.run_path(".")``), which puts
+infra/ itself on sys.path, not its parent: add the parent so the program imports as the
+``infra`` package, exactly as the tests import it.
+"""
 
-program.main()
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from infra.program import main  # noqa: E402
+
+main()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .versions import content_version
 
 DOCUMENTS_DIR = Path(__file__).resolve().parent.parent / "ami"
 PARAMETER_REFERENCE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
@@ -69,12 +70,6 @@ class ComponentDocument:
     def referenced_parameters(self) -> set[str]:
         """Names used as {{ Name }} anywhere in the document."""
         return set(PARAMETER_REFERENCE.findall(self.text))
-
-
-def content_version(text: str) -> str:
-    """Map document text to `1.<a>.<b>` with 40 bits of its SHA-256 (each part < 2**20)."""
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return f"1.{int(digest[:5], 16)}.{int(digest[5:10], 16)}"
 
 
 def load_document(path: Path) -> ComponentDocument:

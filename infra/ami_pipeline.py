@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import pulumi
 import pulumi_aws as aws
-from ami_documents import DOCUMENTS_DIR, ComponentDocument, load_document
-from stack_config import StackConfig
+
+from .ami_documents import DOCUMENTS_DIR, ComponentDocument, load_document
+from .stack_config import StackConfig
+from .tags import TAG_AMI_BASE_NAME, challenge_tags
+from .versions import content_version
 
 SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 IMAGE_BUILDER_POLICY = "arn:aws:iam::aws:policy/EC2InstanceProfileForImageBuilder"
@@ -35,12 +37,6 @@ def resolve_parent_image(parent_image: str) -> tuple[str, str]:
         image_id = aws.ssm.get_parameter(name=parent_image).value
     image = aws.ec2.get_ami(filters=[{"name": "image-id", "values": [image_id]}])
     return image.id, image.root_device_name
-
-
-def recipe_version(*parts: object) -> str:
-    """`1.<a>.<b>` from everything that shapes the recipe, so a change means a new version."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    return f"1.{int(digest[:5], 16)}.{int(digest[5:10], 16)}"
 
 
 def worker_parameters(config: StackConfig, secret_names: Mapping[str, str]) -> dict[str, str]:
@@ -73,7 +69,7 @@ class AmiPipeline(pulumi.ComponentResource):
         super().__init__("ramp-runner:infra:AmiPipeline", name, None, opts)
         self._name = name
         self._child = pulumi.ResourceOptions(parent=self)
-        tags = {"ramp:challenge": config.challenge_name}
+        tags = challenge_tags(config.challenge_name)
 
         specs = [("ramp-worker", worker_parameters(config, secret_names))]
         if config.gpu_drivers:
@@ -84,7 +80,7 @@ class AmiPipeline(pulumi.ComponentResource):
         ]
         self.components = [self._component(config, document, tags) for document, _ in documents]
         parent_id, root_device = resolve_parent_image(config.parent_image)
-        self.recipe_version = recipe_version(
+        self.recipe_version = content_version(
             [document.version for document, _ in documents],
             [values for _, values in documents],
             parent_id,
@@ -147,7 +143,7 @@ class AmiPipeline(pulumi.ComponentResource):
                     "region": config.region,
                     "ami_distribution_configuration": {
                         "name": ami_name_pattern(config.ami_base_name),
-                        "ami_tags": {**tags, "ramp:ami-base-name": config.ami_base_name},
+                        "ami_tags": {**tags, TAG_AMI_BASE_NAME: config.ami_base_name},
                     },
                 }
             ],
@@ -207,7 +203,7 @@ class AmiPipeline(pulumi.ComponentResource):
                     ],
                 }
             ),
-            tags={"ramp:challenge": config.challenge_name},
+            tags=challenge_tags(config.challenge_name),
             opts=self._child,
         )
         attachments: list[pulumi.Resource] = [

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_aws as aws
-from stack_config import StackConfig
+
+from .stack_config import StackConfig
 
 
 def parameter_name(config: StackConfig, key: str) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pulumi
-from ami_documents import DOCUMENTS_DIR
-from ami_pipeline import AmiPipeline
-from data_secrets import DataSecrets
-from stack_config import StackConfig, read_stack_config
-from worker_access import WorkerAccess
+
+from .ami_documents import DOCUMENTS_DIR
+from .ami_pipeline import AmiPipeline
+from .data_secrets import DataSecrets
+from .stack_config import StackConfig, read_stack_config
+from .worker_access import WorkerAccess
 
 
 def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str, pulumi.Input]:

@@ -6,7 +6,9 @@ import ipaddress
 
 import pulumi
 import pulumi_aws as aws
-from stack_config import StackConfig
+
+from .stack_config import StackConfig
+from .tags import challenge_tags
 
 
 class WorkerAccess(pulumi.ComponentResource):
@@ -38,14 +40,14 @@ class WorkerAccess(pulumi.ComponentResource):
                     protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"]
                 )
             ],
-            tags={"ramp:challenge": config.challenge_name},
+            tags=challenge_tags(config.challenge_name),
             opts=child,
         )
         self.key_pair = aws.ec2.KeyPair(
             f"{name}-key",
             key_name=config.key_name,
             public_key=config.public_key,
-            tags={"ramp:challenge": config.challenge_name},
+            tags=challenge_tags(config.challenge_name),
             opts=child,
         )
         self.register_outputs(

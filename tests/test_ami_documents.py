@@ -5,14 +5,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra"))
-
-import ami_documents  # noqa: E402
+from infra import ami_documents
+from infra.versions import content_version
 
 DOCUMENTS = ami_documents.load_documents()
 BLOCKS = [
@@ -126,9 +123,9 @@ def test_worker_environment_sources():
 
 def test_content_version_follows_every_edit():
     text = DOCUMENTS["ramp-worker"].text
-    version = ami_documents.content_version(text)
+    version = content_version(text)
     assert re.fullmatch(r"1\.\d+\.\d+", version)
-    assert ami_documents.content_version(text) == version
+    assert content_version(text) == version
     edited = text.replace("clean --all --yes", "clean --all --quiet --yes", 1)
-    assert ami_documents.content_version(edited) != version
+    assert content_version(edited) != version
     assert DOCUMENTS["ramp-worker"].version == version

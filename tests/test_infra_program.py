@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pulumi
 import pytest
 
-INFRA_DIR = Path(__file__).resolve().parents[1] / "infra"
-sys.path.insert(0, str(INFRA_DIR))
+from infra import ami_documents, program, stack_config, tags
 
-import ami_documents  # noqa: E402
-import program  # noqa: E402
-import stack_config  # noqa: E402
+INFRA_DIR = Path(program.__file__).resolve().parent
 
 PROJECT = "ramp-runner"
 PARENT_AMI = "ami-0parent0000000001"
@@ -165,7 +161,8 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
         assert dist["region"] == "eu-west-1"
         ami = dist["amiDistributionConfiguration"]
         assert ami["name"] == "iris-ramp-worker-{{ imagebuilder:buildDate }}"
-        assert ami["amiTags"]["ramp:ami-base-name"] == "iris-ramp-worker"
+        assert ami["amiTags"][tags.TAG_AMI_BASE_NAME] == "iris-ramp-worker"
+        assert ami["amiTags"][tags.TAG_CHALLENGE] == "iris"
         assert values["amiBaseName"] == "iris-ramp-worker"
 
     return settled(outputs, check)
