@@ -30,13 +30,20 @@ def log_prefix(config: StackConfig) -> str:
 
 
 def resolve_parent_image(parent_image: str) -> tuple[str, str]:
-    """Parent AMI id and root device name, from an AMI id or an SSM parameter name."""
+    """The recipe's parent image and root device name, from an AMI id or an SSM parameter name.
+
+    A parameter is given to Image Builder as `ssm:<name>`, which it resolves when each build
+    starts (CreateImageRecipe's parentImage; terraform-provider-aws issue 44161), so a new
+    Canonical release changes no recipe. The current AMI is read only for its root device
+    name, which stays the same from one release to the next.
+    """
     if parent_image.startswith("ami-"):
-        image_id = parent_image
+        image_id, recipe_parent = parent_image, parent_image
     else:
         image_id = aws.ssm.get_parameter(name=parent_image).value
+        recipe_parent = f"ssm:{parent_image}"
     image = aws.ec2.get_ami(filters=[{"name": "image-id", "values": [image_id]}])
-    return image.id, image.root_device_name
+    return recipe_parent, image.root_device_name
 
 
 def worker_parameters(config: StackConfig, secret_names: Mapping[str, str]) -> dict[str, str]:
@@ -79,11 +86,11 @@ class AmiPipeline(pulumi.ComponentResource):
             (load_document(documents_dir / f"{stem}.yml"), values) for stem, values in specs
         ]
         self.components = [self._component(config, document, tags) for document, _ in documents]
-        parent_id, root_device = resolve_parent_image(config.parent_image)
+        parent_image, root_device = resolve_parent_image(config.parent_image)
         self.recipe_version = content_version(
             [document.version for document, _ in documents],
             [values for _, values in documents],
-            parent_id,
+            parent_image,
             root_device,
             config.volume_size,
         )
@@ -91,7 +98,7 @@ class AmiPipeline(pulumi.ComponentResource):
             f"{name}-recipe",
             name=f"{config.challenge_name}-ramp-worker",
             version=self.recipe_version,
-            parent_image=parent_id,
+            parent_image=parent_image,
             components=[
                 {
                     "component_arn": component.arn,
@@ -110,7 +117,11 @@ class AmiPipeline(pulumi.ComponentResource):
                 }
             ],
             tags=tags,
-            opts=self._child,
+            # Create the new version, move the pipeline to it, then delete the old one: the
+            # explicit name makes the provider ask for delete-before-replace, which Image
+            # Builder refuses while the pipeline uses the recipe (ResourceDependencyException,
+            # terraform-provider-aws issues 39985 and 40128). A defined `False` overrides it.
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=False),
         )
         self.role, self.instance_profile, attachments = self._build_role(config, secret_arns)
         self.infrastructure = aws.imagebuilder.InfrastructureConfiguration(

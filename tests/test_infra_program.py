@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pulumi
 import pytest
+from pulumi.runtime.mocks import MockMonitor
 
 from infra import ami_documents, program, stack_config, tags
 
@@ -33,12 +34,13 @@ BASE_CONFIG = {
 
 @dataclass
 class Recorded:
-    """One resource registered with the mocks."""
+    """One resource registered with the mocks, and the resource options the engine got."""
 
     typ: str
     name: str
     inputs: dict
     outputs: dict
+    options: object = None
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -47,6 +49,8 @@ class Mocks(pulumi.runtime.Mocks):
     def __init__(self):
         self.resources: list[Recorded] = []
         self.calls: list[tuple[str, dict]] = []
+        self.requests: dict[str, object] = {}
+        self.parent_ami = PARENT_AMI
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         outputs = dict(args.inputs)
@@ -68,16 +72,24 @@ class Mocks(pulumi.runtime.Mocks):
         else:
             service = args.typ.split(":")[1].split("/")[0]
             outputs["arn"] = f"arn:aws:{service}:eu-west-1:123456789012:{args.name}"
-        self.resources.append(Recorded(args.typ, args.name, dict(args.inputs), outputs))
+        request = self.requests.get(args.name)
+        self.resources.append(Recorded(args.typ, args.name, dict(args.inputs), outputs, request))
         return [f"{args.name}-id", outputs]
 
     def call(self, args: pulumi.runtime.MockCallArgs):
         self.calls.append((args.token, dict(args.args)))
         if args.token == "aws:ssm/getParameter:getParameter":
-            return {"name": args.args["name"], "value": PARENT_AMI, "type": "String"}
+            return {"name": args.args["name"], "value": self.parent_ami, "type": "String"}
         if args.token == "aws:ec2/getAmi:getAmi":
-            return {"id": PARENT_AMI, "rootDeviceName": "/dev/sda1", "architecture": "x86_64"}
+            [image_id] = args.args["filters"][0]["values"]
+            return {"id": image_id, "rootDeviceName": "/dev/sda1", "architecture": "x86_64"}
         raise NotImplementedError(args.token)
+
+    def urn(self, resource: Recorded) -> str:
+        """URN of a recorded resource (its parent's type qualifies it, as the engine does)."""
+        request = resource.options
+        parent_type = request.parent.split("::")[2].split("$")[-1]
+        return f"urn:pulumi:test::{PROJECT}::{parent_type}${request.type}::{request.name}"
 
     def of_type(self, suffix: str) -> list[Recorded]:
         """Resources whose type token ends with suffix, e.g. 'ImageRecipe'."""
@@ -90,12 +102,29 @@ class Mocks(pulumi.runtime.Mocks):
         return found[0]
 
 
+class OptionsMonitor(MockMonitor):
+    """The mock monitor, keeping each registration request: its resource options
+    (deleteBeforeReplace, retainOnDelete, importId, dependencies) are what the engine plans
+    replacements with, and the plain mocks never see them."""
+
+    def RegisterResource(self, request):
+        self.mocks.requests[request.name] = request
+        return super().RegisterResource(request)
+
+
+def install_mocks() -> Mocks:
+    """Fresh mocks, with the monitor that records resource options."""
+    recorder = Mocks()
+    pulumi.runtime.set_mocks(
+        recorder, project=PROJECT, stack="test", preview=False, monitor=OptionsMonitor(recorder)
+    )
+    return recorder
+
+
 @pytest.fixture
 def mocks():
     """Fresh mocks and an empty config for each test."""
-    recorder = Mocks()
-    pulumi.runtime.set_mocks(recorder, project=PROJECT, stack="test", preview=False)
-    yield recorder
+    yield install_mocks()
     pulumi.runtime.set_all_config({})
 
 
@@ -115,6 +144,30 @@ def settled(outputs: dict, check):
     return pulumi.Output.all(*outputs.values()).apply(
         lambda vals: check(dict(zip(keys, vals, strict=True)))
     )
+
+
+def deploy(config: dict, documents_dir=None, prepare=None) -> Mocks:
+    """One whole program run (one `pulumi up`) under fresh mocks; the mocks it left."""
+    recorder = install_mocks()
+    if prepare:
+        prepare(recorder)
+
+    @pulumi.runtime.test
+    def declare():
+        return settled(run_program(config, documents_dir=documents_dir), lambda _: None)
+
+    declare()
+    pulumi.runtime.set_all_config({})
+    return recorder
+
+
+def edited_documents(tmp_path: Path) -> Path:
+    """A copy of ami/ with one line of the worker document changed."""
+    edited_dir = tmp_path / "ami"
+    shutil.copytree(ami_documents.DOCUMENTS_DIR, edited_dir)
+    worker = edited_dir / "ramp-worker.yml"
+    worker.write_text(worker.read_text().replace("clean --all --yes", "clean --all --quiet --yes"))
+    return edited_dir
 
 
 @pulumi.runtime.test
@@ -149,7 +202,7 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
         assert parameters["DataSource"] == "none"
         assert all(parameters.values()), "AWSTOE rejects empty parameter values"
 
-        assert recipe.inputs["parentImage"] == PARENT_AMI
+        assert recipe.inputs["parentImage"] == f"ssm:{stack_config.UBUNTU_2204_PARAMETER}"
         [device] = recipe.inputs["blockDeviceMappings"]
         assert device["deviceName"] == "/dev/sda1"
         assert device["ebs"]["volumeSize"] == 30
@@ -294,43 +347,69 @@ def test_gpu_drivers_component_comes_first(mocks):
         names = [components[c["componentArn"]].inputs["name"] for c in recipe.inputs["components"]]
         assert names == ["iris-gpu-drivers", "iris-ramp-worker"]
         assert recipe.inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 80
+        assert recipe.inputs["parentImage"] == "ami-0given"
         assert [token for token, _ in mocks.calls] == ["aws:ec2/getAmi:getAmi"]
 
     return settled(outputs, check)
 
 
 def test_editing_one_line_gives_new_component_version_and_replaced_recipe(tmp_path):
-    def graph(documents_dir):
-        recorder = Mocks()
-        pulumi.runtime.set_mocks(recorder, project=PROJECT, stack="test", preview=False)
-
-        @pulumi.runtime.test
-        def declare():
-            return settled(run_program(BASE_CONFIG, documents_dir=documents_dir), lambda _: None)
-
-        declare()
-        return recorder
-
-    edited_dir = tmp_path / "ami"
-    shutil.copytree(ami_documents.DOCUMENTS_DIR, edited_dir)
-    worker = edited_dir / "ramp-worker.yml"
-    worker.write_text(worker.read_text().replace("clean --all --yes", "clean --all --quiet --yes"))
-
-    before, after = graph(ami_documents.DOCUMENTS_DIR), graph(edited_dir)
+    before, after = deploy(BASE_CONFIG), deploy(BASE_CONFIG, edited_documents(tmp_path))
     old, new = before.one("Component"), after.one("Component")
-    assert (old.name, old.inputs["name"]) == (new.name, new.inputs["name"])
+    assert old.inputs["name"] == new.inputs["name"]
     assert old.inputs["version"] != new.inputs["version"]
     assert old.outputs["arn"] != new.outputs["arn"]
     old_recipe, new_recipe = before.one("ImageRecipe"), after.one("ImageRecipe")
-    # Same logical resource, new immutable version: Pulumi replaces it (create, then delete),
-    # and the pipeline, updated in place, points at the new recipe.
-    assert old_recipe.name == new_recipe.name
     assert old_recipe.inputs["version"] != new_recipe.inputs["version"]
     assert new_recipe.inputs["components"][0]["componentArn"] == new.outputs["arn"]
     assert after.one("ImagePipeline").inputs["imageRecipeArn"] == new_recipe.outputs["arn"]
-    unchanged = graph(ami_documents.DOCUMENTS_DIR).one("ImageRecipe")
+    unchanged = deploy(BASE_CONFIG).one("ImageRecipe")
     assert unchanged.inputs["version"] == old_recipe.inputs["version"]
-    pulumi.runtime.set_all_config({})
+
+
+def test_second_deploy_creates_the_new_recipe_before_deleting_the_one_in_use(tmp_path):
+    """What the engine does on the second `pulumi up`, read from what the program registers.
+
+    The recipe keeps its logical name and its explicit `name` while its version (a
+    create-only property) changes: the engine plans a replacement. Because `name` is set
+    explicitly, pulumi-terraform-bridge answers Diff with DeleteBeforeReplace
+    (nameRequiresDeleteBeforeReplace), and the engine would delete the old recipe first,
+    which Image Builder refuses while the pipeline uses it (ResourceDependencyException;
+    terraform-provider-aws issues 39985, 40128). A deleteBeforeReplace option that is
+    *defined and false* overrides the provider (pulumi step_generator: "The user can override
+    the provider's decision"), so the engine creates the new version, updates the pipeline in
+    place (its imageRecipeArn depends on the recipe), and deletes the old recipe last.
+    """
+    before, after = deploy(BASE_CONFIG), deploy(BASE_CONFIG, edited_documents(tmp_path))
+    old_recipe, new_recipe = before.one("ImageRecipe"), after.one("ImageRecipe")
+    assert (old_recipe.name, old_recipe.inputs["name"]) == (
+        new_recipe.name,
+        new_recipe.inputs["name"],
+    )
+    assert old_recipe.inputs["version"] != new_recipe.inputs["version"]
+    options = new_recipe.options
+    assert options.deleteBeforeReplaceDefined, (
+        "the provider's delete-before-replace must be overridden"
+    )
+    assert options.deleteBeforeReplace is False
+    pipeline = after.one("ImagePipeline")
+    assert pipeline.name == before.one("ImagePipeline").name
+    assert pipeline.inputs["imageRecipeArn"] == new_recipe.outputs["arn"]
+    recipe_urn = after.urn(new_recipe)
+    assert recipe_urn in pipeline.options.propertyDependencies["imageRecipeArn"].urns
+
+
+def test_a_new_canonical_ami_does_not_change_the_recipe():
+    """Image Builder resolves an `ssm:` parent image itself when a build starts, so a new
+    Ubuntu release (a new value of Canonical's parameter) leaves the recipe as it is."""
+
+    def newer_ubuntu(recorder):
+        recorder.parent_ami = "ami-0newer0000000002"
+
+    first, second = deploy(BASE_CONFIG), deploy(BASE_CONFIG, prepare=newer_ubuntu)
+    old, new = first.one("ImageRecipe"), second.one("ImageRecipe")
+    assert new.inputs == old.inputs
+    assert new.inputs["parentImage"] == f"ssm:{stack_config.UBUNTU_2204_PARAMETER}"
 
 
 @pytest.mark.parametrize(
