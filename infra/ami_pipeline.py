@@ -46,6 +46,19 @@ def resolve_parent_image(parent_image: str) -> tuple[str, str]:
     return recipe_parent, image.root_device_name
 
 
+def existing_component(name: str, version: str) -> str | None:
+    """Build-version ARN of this account's component `name` at `version`, if it exists."""
+    found = aws.imagebuilder.get_components(
+        owner="Self",
+        filters=[{"name": "name", "values": [name]}, {"name": "version", "values": [version]}],
+    )
+    for arn in found.arns or []:
+        # ListComponents gives version ARNs (.../name/1.2.3); the resource ID is a build
+        # version's, and a version this stack creates has exactly one build, the first.
+        return arn if arn.count("/") == 3 else f"{arn}/1"
+    return None
+
+
 def worker_parameters(config: StackConfig, secret_names: Mapping[str, str]) -> dict[str, str]:
     """Values of the ramp-worker document's parameters (AWSTOE rejects empty values)."""
     return {
@@ -181,18 +194,29 @@ class AmiPipeline(pulumi.ComponentResource):
     def _component(
         self, config: StackConfig, document: ComponentDocument, tags: dict[str, str]
     ) -> aws.imagebuilder.Component:
-        """One component per document; the version follows the document's content."""
+        """One resource per version of a document, adopted when the account already has it.
+
+        Versions stay in the account when the stack lets go of them (images built from them
+        refer to them), and CreateComponent refuses an existing name and version: after a
+        revert (A -> B -> A) or a destroy and up, the version is imported instead. A logical
+        name per version keeps a reverted version apart from the one in the state.
+        """
+        name = f"{config.challenge_name}-{document.name}"
         return aws.imagebuilder.Component(
-            f"{self._name}-{document.name}",
-            name=f"{config.challenge_name}-{document.name}",
+            f"{self._name}-{document.name}-{document.version}",
+            name=name,
             platform="Linux",
             version=document.version,
             data=document.text,
             description=document.content.get("description"),
-            # Keep replaced versions: images built from them still refer to them.
-            skip_destroy=True,
             tags=tags,
-            opts=self._child,
+            # retain_on_delete, not the provider's skip_destroy: the engine option is not a
+            # resource input, so an import compares equal to what the API reads back.
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                retain_on_delete=True,
+                import_=existing_component(name, document.version),
+            ),
         )
 
     def _build_role(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pulumi
@@ -40,7 +40,7 @@ class Recorded:
     name: str
     inputs: dict
     outputs: dict
-    options: object = None
+    options: object = field(default=None, repr=False)
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -51,6 +51,8 @@ class Mocks(pulumi.runtime.Mocks):
         self.calls: list[tuple[str, dict]] = []
         self.requests: dict[str, object] = {}
         self.parent_ami = PARENT_AMI
+        # Component version ARNs that exist in the account (what ListComponents returns).
+        self.existing_components: set[str] = set()
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         outputs = dict(args.inputs)
@@ -83,6 +85,15 @@ class Mocks(pulumi.runtime.Mocks):
         if args.token == "aws:ec2/getAmi:getAmi":
             [image_id] = args.args["filters"][0]["values"]
             return {"id": image_id, "rootDeviceName": "/dev/sda1", "architecture": "x86_64"}
+        if args.token == "aws:imagebuilder/getComponents:getComponents":
+            assert args.args["owner"] == "Self"
+            wanted = {f["name"]: set(f["values"]) for f in args.args["filters"]}
+            arns = sorted(
+                arn
+                for arn in self.existing_components
+                if arn.split("/")[-2] in wanted["name"] and arn.split("/")[-1] in wanted["version"]
+            )
+            return {"arns": arns, "names": [arn.split("/")[-2] for arn in arns]}
         raise NotImplementedError(args.token)
 
     def urn(self, resource: Recorded) -> str:
@@ -194,7 +205,7 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
         assert component.inputs["data"] == worker.text
         assert component.inputs["version"] == worker.version
         assert component.inputs["platform"] == "Linux"
-        assert component.inputs["skipDestroy"] is True
+        assert component.options.retainOnDelete, "images built from a version refer to it"
         parameters = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
         assert set(parameters) == set(worker.parameters)
         assert parameters["ChallengeName"] == "iris"
@@ -206,9 +217,12 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
         [device] = recipe.inputs["blockDeviceMappings"]
         assert device["deviceName"] == "/dev/sda1"
         assert device["ebs"]["volumeSize"] == 30
-        tokens = [token for token, _ in mocks.calls]
-        assert tokens == ["aws:ssm/getParameter:getParameter", "aws:ec2/getAmi:getAmi"]
-        assert mocks.calls[0][1]["name"] == stack_config.UBUNTU_2204_PARAMETER
+        lookups = [(token, args) for token, args in mocks.calls if "getComponents" not in token]
+        assert [token for token, _ in lookups] == [
+            "aws:ssm/getParameter:getParameter",
+            "aws:ec2/getAmi:getAmi",
+        ]
+        assert lookups[0][1]["name"] == stack_config.UBUNTU_2204_PARAMETER
 
         [dist] = distribution.inputs["distributions"]
         assert dist["region"] == "eu-west-1"
@@ -348,7 +362,8 @@ def test_gpu_drivers_component_comes_first(mocks):
         assert names == ["iris-gpu-drivers", "iris-ramp-worker"]
         assert recipe.inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 80
         assert recipe.inputs["parentImage"] == "ami-0given"
-        assert [token for token, _ in mocks.calls] == ["aws:ec2/getAmi:getAmi"]
+        tokens = [token for token, _ in mocks.calls if "getComponents" not in token]
+        assert tokens == ["aws:ec2/getAmi:getAmi"]
 
     return settled(outputs, check)
 
@@ -410,6 +425,46 @@ def test_a_new_canonical_ami_does_not_change_the_recipe():
     old, new = first.one("ImageRecipe"), second.one("ImageRecipe")
     assert new.inputs == old.inputs
     assert new.inputs["parentImage"] == f"ssm:{stack_config.UBUNTU_2204_PARAMETER}"
+
+
+def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
+    """A -> B -> A, then `pulumi destroy` and `pulumi up` again, against one account.
+
+    Component versions are kept in the account when Pulumi lets go of them (images built
+    from them refer to them), so a version can already exist when the program wants it:
+    after a revert, or after a destroy. CreateComponent refuses an existing name and
+    version, so the program must adopt it instead (the `import` option, whose ID is the
+    build-version ARN). Each version is its own logical resource, so a reverted version is
+    not the one in the state; and an import of a resource already in the state with that ID
+    is an ordinary no-op (pulumi developer-docs/architecture/import.md), so declaring it on
+    every run is safe.
+    """
+    account: set[str] = set()
+    original, edited = ami_documents.DOCUMENTS_DIR, edited_documents(tmp_path)
+
+    def same_account(recorder):
+        recorder.existing_components = account
+
+    seen = []
+    for documents_dir in (original, edited, original, original):
+        recorder = deploy(BASE_CONFIG, documents_dir, prepare=same_account)
+        component = recorder.one("Component")
+        version_arn = component.outputs["arn"]
+        if version_arn in account:
+            assert component.options.importId == f"{version_arn}/1", "must adopt, not create"
+        else:
+            assert component.options.importId == ""
+        recipe = recorder.one("ImageRecipe")
+        assert recipe.inputs["components"][0]["componentArn"] == version_arn
+        account.add(version_arn)
+        seen.append(component)
+    assert [c.outputs["arn"] for c in seen[1:]] == [
+        seen[1].outputs["arn"],
+        seen[0].outputs["arn"],
+        seen[0].outputs["arn"],
+    ]
+    assert seen[0].outputs["arn"] != seen[1].outputs["arn"]
+    assert all(c.options.retainOnDelete for c in seen), "replaced versions stay in the account"
 
 
 @pytest.mark.parametrize(
