@@ -136,7 +136,7 @@ def parse_stack_config(
         instance_types=_instance_types(raw),
         volume_size=_volume_size(raw),
         gpu_drivers=_boolean(raw, "gpuDrivers"),
-        gpu_driver_version=raw.get("gpuDriverVersion") or "535-server",
+        gpu_driver_version=_gpu_driver_version(raw),
         ami_base_name=_ami_base_name(raw, challenge),
         ssh_cidrs=_ssh_cidrs(raw),
         public_key=_public_key(raw),
@@ -194,6 +194,16 @@ def _volume_size(raw: Mapping[str, str | None]) -> int:
     if not 8 <= size <= 16384:
         raise StackConfigError("volumeSize", f"between 8 and 16384 GiB, not {size}")
     return size
+
+
+def _gpu_driver_version(raw: Mapping[str, str | None]) -> str:
+    version = raw.get("gpuDriverVersion") or "535-server"
+    # It ends up in Ubuntu package names inside a build script.
+    if not re.fullmatch(r"[0-9]{3}(-server)?(-open)?", version):
+        raise StackConfigError(
+            "gpuDriverVersion", f"a driver branch such as 535-server or 550, not {version!r}"
+        )
+    return version
 
 
 def _ami_base_name(raw: Mapping[str, str | None], challenge: str) -> str:

@@ -129,3 +129,71 @@ def test_content_version_follows_every_edit():
     edited = text.replace("clean --all --yes", "clean --all --quiet --yes", 1)
     assert content_version(edited) != version
     assert DOCUMENTS["ramp-worker"].version == version
+
+
+def run_block(block, parameters, fakes, tmp_path):
+    """Run one ExecuteBash script with its parameters filled in and some commands faked.
+
+    Each fake is a shell body; every call of a faked command is logged as a line of argv.
+    """
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in fakes.items():
+        fake = bin_dir / name
+        fake.write_text(f'#!/bin/bash\necho "{name} $*" >> "{log}"\n{body}\n')
+        fake.chmod(0o755)
+    script = ami_documents.PARAMETER_REFERENCE.sub(lambda m: parameters[m.group(1)], block.script)
+    result = subprocess.run(
+        ["bash", "-c", script],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    calls = log.read_text().splitlines() if log.exists() else []
+    return result, calls
+
+
+def gpu_block(phase, step):
+    [block] = [
+        b for b in DOCUMENTS["gpu-drivers"].bash_blocks() if (b.phase, b.step) == (phase, step)
+    ]
+    return block
+
+
+def test_gpu_drivers_install_prebuilt_signed_modules_for_the_running_kernel(tmp_path):
+    # nvidia-headless-<v> builds its module with DKMS, which gets no kernel headers under
+    # --no-install-recommends: Ubuntu's linux-restricted-modules ship the module prebuilt
+    # and signed for each kernel flavour (linux-modules-nvidia-<v>-<flavour>).
+    result, calls = run_block(
+        gpu_block("build", "InstallNvidiaDrivers"),
+        {"DriverVersion": "535-server"},
+        {"cloud-init": "exit 0", "apt-get": "exit 0", "uname": "echo 6.8.0-1021-aws"},
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    [install] = [c.split() for c in calls if c.startswith("apt-get") and " install " in c]
+    packages = [arg for arg in install if not arg.startswith("-") and "=" not in arg]
+    assert "linux-modules-nvidia-535-server-aws" in packages
+    assert "nvidia-headless-no-dkms-535-server" in packages
+    assert "nvidia-utils-535-server" in packages
+    assert not any(p.startswith(("nvidia-headless-535", "nvidia-dkms")) for p in packages)
+
+
+@pytest.mark.parametrize(
+    ("module", "passes"),
+    [("exit 0", True), ("echo 'modinfo: ERROR: Module nvidia not found.' >&2; exit 1", False)],
+    ids=["module-present", "module-missing"],
+)
+def test_gpu_test_phase_needs_the_kernel_module_even_without_a_gpu(tmp_path, module, passes):
+    # The build and test instances may be CPU types: without a module check a broken GPU
+    # AMI passes its test phase.
+    result, calls = run_block(
+        gpu_block("test", "CheckNvidiaDrivers"),
+        {"DriverVersion": "535-server"},
+        {"dpkg-query": "exit 0", "modinfo": module, "nvidia-smi": "exit 0"},
+        tmp_path,
+    )
+    assert (result.returncode == 0) is passes, result.stdout + result.stderr
+    assert any(c.split()[:1] == ["modinfo"] and "nvidia" in c.split()[1:] for c in calls)

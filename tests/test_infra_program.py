@@ -483,6 +483,8 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
         ({"volumeSize": "big"}, "volumeSize"),
         ({"volumeSize": "4"}, "volumeSize"),
         ({"gpuDrivers": "yes"}, "gpuDrivers"),
+        ({"gpuDriverVersion": '535"; reboot; "'}, "gpuDriverVersion"),
+        ({"gpuDriverVersion": "latest"}, "gpuDriverVersion"),
         ({"instanceTypes": json.dumps([])}, "instanceTypes"),
         ({"instanceUser": "Root User"}, "instanceUser"),
         ({"amiBaseName": "x" * 101}, "amiBaseName"),
