@@ -10,18 +10,17 @@ import pulumi
 import pulumi_aws as aws
 
 from .ami_documents import DOCUMENTS_DIR, ComponentDocument, load_document
-from .stack_config import StackConfig
+from .stack_config import BUILD_DATE_SUFFIX, StackConfig
 from .tags import TAG_AMI_BASE_NAME, challenge_tags
 from .versions import content_version
 
 SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 IMAGE_BUILDER_POLICY = "arn:aws:iam::aws:policy/EC2InstanceProfileForImageBuilder"
-BUILD_DATE = "{{ imagebuilder:buildDate }}"
 
 
 def ami_name_pattern(base_name: str) -> str:
     """AMI name given by the distribution: base name + Image Builder's build date."""
-    return f"{base_name}-{BUILD_DATE}"
+    return f"{base_name}{BUILD_DATE_SUFFIX}"
 
 
 def log_prefix(config: StackConfig) -> str:

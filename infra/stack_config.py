@@ -36,6 +36,13 @@ PLAIN_KEYS = (
 )
 SECRET_KEYS = ("osfUsername", "osfPassword")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$")
+# The distribution names AMIs <amiBaseName><BUILD_DATE_SUFFIX>. Image Builder's
+# AmiNameString (its service model) allows 1-127 characters of letters, digits, -_.:{}
+# and spaces; EC2's RegisterImage refuses ':', and braces would be read as dynamic tags:
+# the base name keeps to what both accept, with room left for the suffix.
+BUILD_DATE_SUFFIX = "-{{ imagebuilder:buildDate }}"
+AMI_NAME_MAX = 127
+AMI_BASE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 PUBLIC_KEY_PATTERN = re.compile(r"^(ssh-rsa|ssh-ed25519) [A-Za-z0-9+/=]+( .*)?$")
 
 
@@ -107,6 +114,10 @@ def parse_stack_config(
         raise StackConfigError(
             "challengeName", "2-40 lower-case letters, digits or '-' (it names AWS resources)"
         )
+    if challenge.startswith("sg-"):
+        # It starts the security group's name, and EC2 refuses names starting with sg-
+        # (which the runner would take for a group id).
+        raise StackConfigError("challengeName", f"must not start with 'sg-': {challenge!r}")
     data_source = raw.get("dataSource") or "none"
     if data_source not in DATA_SOURCES:
         raise StackConfigError(
@@ -208,10 +219,13 @@ def _gpu_driver_version(raw: Mapping[str, str | None]) -> str:
 
 def _ami_base_name(raw: Mapping[str, str | None], challenge: str) -> str:
     name = raw.get("amiBaseName") or f"{challenge}-ramp-worker"
-    # The build date (about 24 characters) is appended; AMI names stop at 128.
-    if not re.fullmatch(r"[A-Za-z0-9()./_@'-]{3,100}", name):
+    longest = AMI_NAME_MAX - len(BUILD_DATE_SUFFIX)
+    if len(name) > longest or not AMI_BASE_NAME_PATTERN.match(name):
         raise StackConfigError(
-            "amiBaseName", "3-100 characters among letters, digits and ( ) . / - _ @ '"
+            "amiBaseName",
+            f"1-{longest} letters, digits, '-', '_' or '.', not starting with '.' "
+            f"(Image Builder's AMI name rules, with {BUILD_DATE_SUFFIX!r} appended), "
+            f"not {name!r}",
         )
     return name
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import pulumi
 import pytest
 from pulumi.runtime.mocks import MockMonitor
 
-from infra import ami_documents, program, stack_config, tags
+from infra import ami_documents, ami_pipeline, program, stack_config, tags
 
 INFRA_DIR = Path(program.__file__).resolve().parent
 
@@ -488,6 +489,13 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
         ({"instanceTypes": json.dumps([])}, "instanceTypes"),
         ({"instanceUser": "Root User"}, "instanceUser"),
         ({"amiBaseName": "x" * 101}, "amiBaseName"),
+        ({"amiBaseName": "x" * 99}, "amiBaseName"),
+        ({"amiBaseName": "iris(gpu)"}, "amiBaseName"),
+        ({"amiBaseName": "iris/worker"}, "amiBaseName"),
+        ({"amiBaseName": "iris@ramp"}, "amiBaseName"),
+        ({"amiBaseName": "iris:gpu"}, "amiBaseName"),
+        ({"amiBaseName": "iris {{ x }}"}, "amiBaseName"),
+        ({"challengeName": "sg-iris"}, "challengeName"),
     ],
 )
 def test_bad_config_names_the_key(changes, key):
@@ -495,6 +503,20 @@ def test_bad_config_names_the_key(changes, key):
     with pytest.raises(stack_config.StackConfigError, match=f"'{key}'") as error:
         stack_config.parse_stack_config(raw, {}, "eu-west-1")
     assert error.value.key == key
+
+
+@pytest.mark.parametrize("base_name", ["iris-ramp-worker", "Iris_GPU.v2", "x" * 98, "ab"])
+def test_accepted_ami_base_names_give_names_image_builder_accepts(base_name):
+    """The distribution's AMI name, checked against Image Builder's own service model."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("imagebuilder")
+    rules = model.shape_for("AmiNameString").metadata
+    raw = {**BASE_CONFIG, "amiBaseName": base_name}
+    config = stack_config.parse_stack_config(raw, {}, "eu-west-1")
+    name = ami_pipeline.ami_name_pattern(config.ami_base_name)
+    assert rules["min"] <= len(name) <= rules["max"]
+    assert re.fullmatch(rules["pattern"].strip("^$"), name)
 
 
 def test_missing_region_names_the_key(mocks):
