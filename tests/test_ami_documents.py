@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -197,3 +199,53 @@ def test_gpu_test_phase_needs_the_kernel_module_even_without_a_gpu(tmp_path, mod
     )
     assert (result.returncode == 0) is passes, result.stdout + result.stderr
     assert any(c.split()[:1] == ["modinfo"] and "nvidia" in c.split()[1:] for c in calls)
+
+
+def test_osf_credentials_reach_download_data_but_no_command_line(tmp_path):
+    # A command line is readable by every process on the instance (/proc/<pid>/cmdline);
+    # the kit's download_data.py still gets its --username/--password inside Python.
+    home = tmp_path / "home"
+    kit = home / "ramp-kits" / "iris"
+    kit.mkdir(parents=True)
+    seen = tmp_path / "download-argv"
+    (kit / "download_data.py").write_text(
+        f"import json, sys\nopen({str(seen)!r}, 'w').write(json.dumps(sys.argv))\n"
+    )
+    (home / "miniforge3" / "bin").mkdir(parents=True)
+    (home / "miniforge3" / "bin" / "python").symlink_to(sys.executable)
+    values = {
+        "/ramp-runner/iris/osf-username": "user-4b1d",
+        "/ramp-runner/iris/osf-password": "pa55-9f2e",
+    }
+    aws = "\n".join(
+        f'if [[ " $* " == *" {name} "* ]]; then echo {value}; fi' for name, value in values.items()
+    )
+    [fetch] = [b for b in DOCUMENTS["ramp-worker"].bash_blocks() if b.step == "FetchData"]
+    result, calls = run_block(
+        fetch,
+        {
+            "InstanceUser": "ubuntu",
+            "ChallengeName": "iris",
+            "DataSource": "osf",
+            "DataS3Uri": "none",
+            "OsfUsernameParameter": "/ramp-runner/iris/osf-username",
+            "OsfPasswordParameter": "/ramp-runner/iris/osf-password",
+            "AwsRegion": "eu-west-1",
+        },
+        {
+            "aws": aws,
+            "getent": f"echo 'ubuntu:x:1000:1000::{home}:/bin/bash'",
+            "sudo": 'shift 3; exec "$@"',
+        },
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(seen.read_text())[1:] == [
+        "--private",
+        "--username",
+        "user-4b1d",
+        "--password",
+        "pa55-9f2e",
+    ]
+    for call in calls:
+        assert "pa55-9f2e" not in call and "user-4b1d" not in call, call
