@@ -29,6 +29,7 @@ PLAIN_KEYS = (
     "amiBaseName",
     "sshCidrs",
     "allowSshFromAnywhere",
+    "allowWorkerEgress",
     "publicKey",
     "keyName",
     "instanceUser",
@@ -72,6 +73,7 @@ class StackConfig:
     gpu_driver_version: str
     ami_base_name: str
     ssh_cidrs: tuple[str, ...]
+    worker_egress: bool
     public_key: str
     key_name: str
     instance_user: str
@@ -150,6 +152,7 @@ def parse_stack_config(
         gpu_driver_version=_gpu_driver_version(raw),
         ami_base_name=_ami_base_name(raw, challenge),
         ssh_cidrs=_ssh_cidrs(raw),
+        worker_egress=_boolean(raw, "allowWorkerEgress"),
         public_key=_public_key(raw),
         key_name=raw.get("keyName") or f"{challenge}-ramp-worker",
         instance_user=instance_user,

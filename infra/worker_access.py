@@ -34,12 +34,23 @@ class WorkerAccess(pulumi.ComponentResource):
                     ipv6_cidr_blocks=ipv6 or None,
                 )
             ],
-            # Workers download packages and data only when the AMI lacks them; keep egress open.
-            egress=[
-                aws.ec2.SecurityGroupEgressArgs(
-                    protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"]
-                )
-            ],
+            # The AMI holds the private test data and a submission runs arbitrary code: by
+            # default it reaches nothing (replies to the dispatcher's SSH pass anyway, security
+            # groups being stateful; the instance metadata and DNS at the VPC resolver are not
+            # filtered by security groups). An empty list removes EC2's default allow-all rule.
+            egress=(
+                [
+                    aws.ec2.SecurityGroupEgressArgs(
+                        protocol="-1",
+                        from_port=0,
+                        to_port=0,
+                        cidr_blocks=["0.0.0.0/0"],
+                        ipv6_cidr_blocks=["::/0"],
+                    )
+                ]
+                if config.worker_egress
+                else []
+            ),
             tags=challenge_tags(config.challenge_name),
             opts=child,
         )

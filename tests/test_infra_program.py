@@ -284,6 +284,31 @@ def test_security_group_allows_ssh_from_configured_cidrs_only(mocks):
 
 
 @pulumi.runtime.test
+def test_workers_reach_nothing_unless_the_stack_opens_egress(mocks):
+    """A submission runs on an AMI holding the private test data: by default its instance
+    may answer the dispatcher's SSH (security groups are stateful) and nothing else."""
+    closed = run_program(BASE_CONFIG)
+
+    def check(_):
+        assert mocks.one("SecurityGroup").inputs["egress"] == []
+
+    return settled(closed, check)
+
+
+@pulumi.runtime.test
+def test_worker_egress_opens_when_asked(mocks):
+    outputs = run_program({**BASE_CONFIG, "allowWorkerEgress": "true"})
+
+    def check(_):
+        [rule] = mocks.one("SecurityGroup").inputs["egress"]
+        assert (rule["protocol"], rule["fromPort"], rule["toPort"]) == ("-1", 0, 0)
+        assert rule["cidrBlocks"] == ["0.0.0.0/0"]
+        assert rule["ipv6CidrBlocks"] == ["::/0"]
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
 def test_ssh_from_anywhere_only_when_asked(mocks):
     open_config = {**BASE_CONFIG, "sshCidrs": json.dumps(["0.0.0.0/0"])}
     with pytest.raises(stack_config.StackConfigError, match="sshCidrs"):
@@ -496,6 +521,7 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
         ({"amiBaseName": "iris:gpu"}, "amiBaseName"),
         ({"amiBaseName": "iris {{ x }}"}, "amiBaseName"),
         ({"challengeName": "sg-iris"}, "challengeName"),
+        ({"allowWorkerEgress": "open"}, "allowWorkerEgress"),
     ],
 )
 def test_bad_config_names_the_key(changes, key):
