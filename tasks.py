@@ -143,7 +143,7 @@ def test(c, k=None):
 
 def _conda_env(event_config, action):
     config = _load(event_config)
-    from runner.workers.conda import environment_command
+    from runner.local.conda import environment_command
 
     try:
         argv = environment_command(action, getattr(config.worker, "conda_env", None),
@@ -182,7 +182,7 @@ def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False
     """Run the AMI pipeline, follow the image and print the AMI (exit 1 if it fails)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from runner.imagebuilder import ImageBuildError, make_client, start_build, wait_for_image
+    from runner.aws.imagebuilder import ImageBuildError, make_client, start_build, wait_for_image
 
     pipeline_arn = pipeline_arn or _stack_pipeline_arn(outputs_file, stack)
     try:
@@ -217,7 +217,11 @@ def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False
             "stack": "Pulumi stack to read outputs from (default: the selected one)"})
 def aws_config(c, event_config, outputs_file=None, stack=None):
     """Write the stack outputs (AMI name, security group, key, region) into the worker section."""
-    from runner.stack_outputs import StackOutputsError, read_stack_outputs, write_worker_settings
+    from runner.aws.stack_outputs import (
+        StackOutputsError,
+        read_stack_outputs,
+        write_worker_settings,
+    )
 
     try:
         written = write_worker_settings(event_config, read_stack_outputs(outputs_file, stack=stack))
@@ -228,7 +232,7 @@ def aws_config(c, event_config, outputs_file=None, stack=None):
 
 
 def _stack_pipeline_arn(outputs_file, stack):
-    from runner.stack_outputs import StackOutputsError, pipeline_arn, read_stack_outputs
+    from runner.aws.stack_outputs import StackOutputsError, pipeline_arn, read_stack_outputs
 
     try:
         return pipeline_arn(read_stack_outputs(outputs_file, stack=stack))
@@ -240,7 +244,7 @@ def _stack_pipeline_arn(outputs_file, stack):
             "dry_run": "only list what would be released"})
 def reap(c, event_config, dry_run=False):
     """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts."""
-    from runner.workers import worker_class
+    from runner.worker import worker_class
 
     config = _load(event_config)
     _logging(False)
@@ -255,6 +259,6 @@ def reap(c, event_config, dry_run=False):
             "folder": "where the scheduler file, certificates, logs and worker files go"})
 def dask_cluster(c, workers=2, tls=False, folder=".dask-cluster"):
     """Run a Dask scheduler and workers on 127.0.0.1 until Ctrl+C; print the worker: section."""
-    from runner.dask_cluster import serve
+    from runner.dask.cluster import serve
 
     serve(folder, workers=int(workers), tls=tls)

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
 
 from runner.config import load_event_config  # noqa: E402
-from runner.dask_cluster import LoopbackCluster  # noqa: E402
+from runner.dask.cluster import LoopbackCluster  # noqa: E402
+from runner.dask.worker import DaskWorker  # noqa: E402
 from runner.dispatcher import prepare_data  # noqa: E402
-from runner.workers.conda import CondaEnvWorker  # noqa: E402
-from runner.workers.dask import DaskWorker  # noqa: E402
+from runner.local.worker import CondaEnvWorker  # noqa: E402
 from tests.events import make_event  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

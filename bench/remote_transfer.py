@@ -4,7 +4,7 @@ Starts its own sshd on 127.0.0.1 (needs openssh-server), then prints two tables:
 
 1. one SSHWorker run of the iris starting_kit: SSH connections, round trips, bytes sent
    and received (payload of commands and tar streams);
-2. upload/download throughput of runner.remote (one gzip tar stream over paramiko)
+2. upload/download throughput of runner.ssh.session (one gzip tar stream over paramiko)
    against ``tar -czf - | ssh host tar -xzf -`` (OpenSSH client) on the same loopback.
 
     python bench/remote_transfer.py [--size-mib 64] [--repeat 3]
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from runner.config import load_event_config  # noqa: E402
-from runner.remote import RemoteSession  # noqa: E402
-from runner.workers.ssh import SSHWorker  # noqa: E402
+from runner.ssh.session import RemoteSession  # noqa: E402
+from runner.ssh.worker import SSHWorker  # noqa: E402
 
 IRIS = REPO / "examples" / "iris"
 
@@ -148,7 +148,8 @@ def throughput(folder: Path, port: int, key: str, size_mib: int, repeat: int):
         subprocess.run(f"{' '.join(ssh)} 'tar -czf - -C {up} payload' | tar -xzf - -C {down}",
                        shell=True, check=True)
 
-    for name, up_fn, down_fn in (("runner.remote (paramiko, 1 connection)", ours_up, ours_down),
+    for name, up_fn, down_fn in (("runner.ssh.session (paramiko, 1 connection)", ours_up,
+                                  ours_down),
                                  ("tar | ssh (OpenSSH, 1 connection each)", tar_up, tar_down)):
         clean()
         t_up = timed(lambda: (clean(), up_fn()), repeat)  # noqa: B023 - called at once

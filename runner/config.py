@@ -17,16 +17,19 @@ from typing import Any, Literal
 
 import yaml
 
+from runner import registry
+from runner.errors import EventError
+
 DEFAULT_TIMEOUT = 7200
 DEFAULT_MAX_ATTEMPTS = 3
 LEDGER_FILENAME = "ramp-runner.sqlite3"
 # Keys the dispatcher adds to a worker's dict; accepted when such a dict is validated again.
-DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
+DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir", "scratch_dir",
                    "dispatcher_id")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
 
 
-class ConfigError(ValueError):
+class ConfigError(EventError):
     """An event configuration that cannot be used, with where and why."""
 
     def __init__(self, source: str, key_path: str, expected: str, got: str | None = None):
@@ -63,7 +66,7 @@ class RampSection:
 class WorkerSection:
     """Keys every worker type shares; the five paths are always filled in after loading."""
 
-    worker_type: str
+    worker_type: str = ""
     kit_dir: str | None = None
     data_dir: str | None = None
     submissions_dir: str | None = None
@@ -71,105 +74,30 @@ class WorkerSection:
     logs_dir: str | None = None
     timeout: float = DEFAULT_TIMEOUT
 
-    def as_worker_dict(self, **dispatcher_keys: Any) -> dict[str, Any]:
-        """Return the plain dict a worker receives (the seed's ``config`` argument)."""
+    # Keys that must be given a value (checked after the types).
+    REQUIRED: typing.ClassVar[tuple[str, ...]] = ()
+
+    def check(self, source: str, key_path: str) -> None:
+        """Refuse values that have the right type but cannot work; subclasses extend it."""
+        if self.timeout <= 0:
+            raise ConfigError(source, f"{key_path}.timeout", "a positive number of seconds",
+                              repr(self.timeout))
+
+    def as_worker_dict(self, **dispatcher_keys: Any) -> WorkerConfig:
+        """Return the dict a worker receives (the seed's ``config`` argument)."""
         values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         values.update(values.pop("extra", {}))
         values.update(dispatcher_keys)
-        return values
+        return WorkerConfig(values, section=self)
 
 
-@dataclasses.dataclass(frozen=True)
-class CondaWorkerSection(WorkerSection):
-    """``worker_type: conda``: run ramp-test in a local conda environment."""
+class WorkerConfig(dict):
+    """A worker's plain config dict that remembers the section it was validated as,
+    so that a worker built from it does not validate it again."""
 
-    conda_env: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class AWSWorkerSection(WorkerSection):
-    """``worker_type: aws``: one EC2 instance per submission."""
-
-    region_name: str = ""
-    ami_user_name: str = ""
-    instance_type: str = ""
-    key_name: str = ""
-    security_group: str = ""
-    key_path: str = ""
-    remote_ramp_kit_folder: str = ""
-    ami_image_name: str | None = None
-    ami_image_id: str | None = None
-    use_spot_instance: bool = False
-    spot_fallback_on_demand: bool = True
-    memory_profiling: bool = False
-    conda_env: str | None = None
-    access_key_id: str | None = secret(default=None)
-    secret_access_key: str | None = secret(default=None)
-    # ramp-runner additions: credentials profile, boot limits, host keys, remote PATH.
-    profile_name: str | None = None
-    ssh_ready_timeout: float = 600.0
-    self_destruct_margin: float = 1800.0
-    known_hosts_file: str | None = None
-    remote_path_prefix: str | None = None
-
-    REQUIRED = (
-        "region_name",
-        "ami_user_name",
-        "instance_type",
-        "key_name",
-        "security_group",
-        "key_path",
-        "remote_ramp_kit_folder",
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class SSHHost:
-    """One host an SSH worker may run a submission on."""
-
-    host: str
-    user: str
-    key_path: str
-    remote_ramp_kit_folder: str
-    port: int = 22
-    conda_env: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SSHWorkerSection(WorkerSection):
-    """``worker_type: ssh``: hosts the organiser already has, one submission per host."""
-
-    hosts: tuple[SSHHost, ...] = ()
-    memory_profiling: bool = False
-    known_hosts_file: str | None = None
-    strict_host_key_checking: bool = False
-    remote_path_prefix: str | None = None
-
-    REQUIRED = ("hosts",)
-
-
-@dataclasses.dataclass(frozen=True)
-class DaskSecurity:
-    """TLS settings handed to ``distributed.Security``."""
-
-    tls_ca_file: str
-    tls_client_cert: str
-    tls_client_key: str
-    require_encryption: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class DaskWorkerSection(WorkerSection):
-    """``worker_type: dask``: run on a dask.distributed cluster."""
-
-    dask_scheduler: str = ""
-    conda_env: str | None = None
-    n_workers: int | None = None
-    dask_security: DaskSecurity | None = None
-    remote_kit_dir: str | None = None
-    remote_data_dir: str | None = None
-
-    REQUIRED = ("dask_scheduler",)
+    def __init__(self, values: Mapping[str, Any], section: WorkerSection):
+        super().__init__(values)
+        self.section = section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,14 +165,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-BUILTIN_SECTIONS: dict[str, type[WorkerSection]] = {
-    "conda": CondaWorkerSection,
-    "aws": AWSWorkerSection,
-    "ssh": SSHWorkerSection,
-    "dask": DaskWorkerSection,
-}
-
-
 def load_event_config(path: str | os.PathLike[str]) -> EventConfig:
     """Read, validate and resolve an event ``config.yml``."""
     path = Path(path).expanduser().resolve()
@@ -290,71 +210,64 @@ def parse_event_config(document: Any, path: Path) -> EventConfig:
 
 
 def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> WorkerSection:
-    """Validate a worker section (or a worker's config dict) for its ``worker_type``."""
+    """Validate a worker section through the settings class of its ``worker_type``."""
     values = _mapping(values, source, key_path)
     worker_type = values.get("worker_type")
     if worker_type is None:
         raise ConfigError(source, f"{key_path}.worker_type", "one of " + _types_text())
     if not isinstance(worker_type, str):
         raise ConfigError(source, f"{key_path}.worker_type", "a string", type(worker_type).__name__)
-    section_class = BUILTIN_SECTIONS.get(worker_type)
-    if section_class is None:
-        from runner.workers import registered_worker_types
-
-        if worker_type not in registered_worker_types():
-            raise ConfigError(
-                source,
-                f"{key_path}.worker_type",
-                "one of " + _types_text() + _suggestion(worker_type, registered_worker_types()),
-                repr(worker_type),
-            )
-        common = {f.name for f in dataclasses.fields(WorkerSection)}
-        known = {k: v for k, v in values.items() if k in common}
-        extra = {k: v for k, v in values.items() if k not in common}
-        section = _build(WorkerSection, known, source, key_path)
-        return CustomWorkerSection(
-            **{f.name: getattr(section, f.name) for f in dataclasses.fields(section)},
-            extra=types.MappingProxyType(extra),
-        )
-    values = {k: v for k, v in values.items() if k not in DISPATCHER_KEYS}
-    if worker_type != "dask":
-        values.pop("n_workers", None)
-    section = _build(section_class, values, source, key_path)
-    for name in getattr(section_class, "REQUIRED", ()):
-        if getattr(section, name) in ("", (), None):
-            hint = typing.get_type_hints(section_class)[name]
-            raise ConfigError(source, f"{key_path}.{name}", _describe(hint))
-    if isinstance(section, AWSWorkerSection) and not (
-        section.ami_image_name or section.ami_image_id
-    ):
-        raise ConfigError(source, f"{key_path}.ami_image_name",
-                          "an AMI base name (or ami_image_id)")
-    if isinstance(section, AWSWorkerSection):
-        if section.ssh_ready_timeout <= 0:
-            raise ConfigError(source, f"{key_path}.ssh_ready_timeout",
-                              "a positive number of seconds", repr(section.ssh_ready_timeout))
-        if section.self_destruct_margin < 0:
-            raise ConfigError(source, f"{key_path}.self_destruct_margin",
-                              "a number of seconds >= 0", repr(section.self_destruct_margin))
-        if (section.access_key_id is None) != (section.secret_access_key is None):
-            raise ConfigError(source, f"{key_path}.access_key_id",
-                              "access_key_id and secret_access_key together, or neither")
-    if isinstance(section, SSHWorkerSection):
-        seen = [(h.host, h.port) for h in section.hosts]
-        if len(set(seen)) != len(seen):
-            raise ConfigError(source, f"{key_path}.hosts", "each host:port listed once")
-    if section.timeout <= 0:
-        raise ConfigError(source, f"{key_path}.timeout", "a positive number of seconds",
-                          repr(section.timeout))
-    return section
+    known = registry.registered_worker_types()
+    if worker_type not in known:
+        raise ConfigError(source, f"{key_path}.worker_type",
+                          "one of " + _types_text() + _suggestion(worker_type, known),
+                          repr(worker_type))
+    try:
+        worker = registry.worker_class(worker_type)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(source, f"{key_path}.worker_type",
+                          f"an importable worker ({known[worker_type]})", str(error)) from None
+    return _validate(worker.settings_class, values, source, key_path)
 
 
-def worker_settings(worker_type: str, config: Mapping[str, Any], source: str) -> WorkerSection:
-    """Validate the dict a built-in worker receives, whose five paths must be filled in."""
-    section = worker_section({"worker_type": worker_type, **config}, source, "worker")
+def worker_settings(section_class: type[WorkerSection], config: Mapping[str, Any],
+                    source: str) -> WorkerSection:
+    """Validate the dict a worker received, whose five paths must be filled in.
+
+    A dict made by ``EventConfig.worker_dict`` carries the section it was validated as,
+    and is not validated again.
+    """
     for key in PATH_KEYS:
         if not config.get(key):
             raise ConfigError(source, f"worker.{key}", "a path")
+    section = getattr(config, "section", None)
+    if isinstance(section, section_class):
+        return section
+    return _validate(section_class, config, source, "worker")
+
+
+def _validate(section_class: type[WorkerSection], values: Mapping[str, Any], source: str,
+              key_path: str) -> WorkerSection:
+    if issubclass(section_class, CustomWorkerSection):
+        # A third party's worker: the common keys are checked, its own pass through.
+        common = {f.name for f in dataclasses.fields(WorkerSection)}
+        section = _build(WorkerSection, {k: v for k, v in values.items() if k in common},
+                         source, key_path)
+        section.check(source, key_path)
+        return section_class(
+            **{f.name: getattr(section, f.name) for f in dataclasses.fields(section)},
+            extra=types.MappingProxyType({k: v for k, v in values.items() if k not in common}),
+        )
+    values = {k: v for k, v in values.items() if k not in DISPATCHER_KEYS}
+    # The seed's Dask example puts n_workers in the worker section; it is the dispatcher's.
+    if "n_workers" not in {f.name for f in dataclasses.fields(section_class)}:
+        values.pop("n_workers", None)
+    section = _build(section_class, values, source, key_path)
+    for name in section_class.REQUIRED:
+        if getattr(section, name) in ("", (), None):
+            hint = typing.get_type_hints(section_class)[name]
+            raise ConfigError(source, f"{key_path}.{name}", _describe(hint))
+    section.check(source, key_path)
     return section
 
 
@@ -424,9 +337,7 @@ def _suggestion(word: str, choices: typing.Iterable[str]) -> str:
 
 
 def _types_text() -> str:
-    from runner.workers import registered_worker_types
-
-    return ", ".join(repr(name) for name in sorted(registered_worker_types()))
+    return ", ".join(repr(name) for name in sorted(registry.registered_worker_types()))
 
 
 def _build(cls: type, values: Mapping[str, Any], source: str, key_path: str) -> Any:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from runner import ramptest, submissions
 from runner.config import EventConfig
+from runner.errors import EventError, SubmissionError
 from runner.ledger import Ledger
-from runner.workers import worker_class
-from runner.workers.base import BaseWorker
+from runner.worker import BaseWorker, WorkerStatus, worker_class
 
 logger = logging.getLogger("runner.dispatcher")
 
@@ -142,9 +142,10 @@ class Dispatcher:
             with self._slots_lock:
                 self._slots[name] = (self._slots[name][0], worker)
             self._run_worker(name, worker)
-        except Exception as error:  # a worker's bug must not take the dispatcher down
-            logger.exception("%s: unexpected error", name)
-            self._retry(name, f"{type(error).__name__}: {error}")
+        except Exception as error:
+            if worker is not None:
+                worker.kill()  # whatever failed, the run must not outlive its slot
+            self._failed(name, error)
         finally:
             if worker is not None:
                 try:
@@ -156,32 +157,37 @@ class Dispatcher:
             self._wakeups.put(name)
 
     def _run_worker(self, name: str, worker: BaseWorker) -> None:
-        try:
-            worker.setup()
-        except ValueError as error:
-            self._record(name, "checking_error", self.ledger.mark_checking_error, name,
-                         f"setup failed: {error}")
-            return
-        except Exception as error:
-            if self._stopping.is_set():  # a shutdown interrupted the setup: not an attempt
-                self._release(name)
-            else:
-                self._retry(name, f"setup failed: {type(error).__name__}: {error}")
-            return
+        worker.setup()
         if self._stopping.is_set():
             self._release(name)
             return
         self._record(name, "training", self.ledger.mark_training, name)
         worker.launch_submission()
-        while (status := worker.status) == "running":
+        while (status := worker.status) is WorkerStatus.RUNNING:
             worker.wait(max(0.0, worker.timeout - worker.elapsed) + 0.05)
-        if status == "killed":
+        if status is WorkerStatus.KILLED:
             self._release(name)
-        elif status == "retry":
+        elif status is WorkerStatus.RETRY:
             worker.kill()
-            self._retry(name, "the run was interrupted (spot reclaim, lost host or worker)")
+            self._retry(name, worker.interruption
+                        or "the run was interrupted (spot reclaim, lost host or worker)")
         else:
             self._collect(name, worker)
+
+    def _failed(self, name: str, error: Exception) -> None:
+        """Record what a failure means: who is at fault decides the state (runner.errors)."""
+        message = f"{type(error).__name__}: {error}"
+        if isinstance(error, SubmissionError):
+            self._record(name, "training_error", self.ledger.mark_training_error, name,
+                         str(error), None, None)
+        elif isinstance(error, EventError):
+            self._record(name, "checking_error", self.ledger.mark_checking_error, name,
+                         message)
+        elif self._stopping.is_set():  # a shutdown interrupted it: not an attempt
+            self._release(name)
+        else:
+            logger.warning("%s: %s", name, message, exc_info=logger.isEnabledFor(logging.DEBUG))
+            self._retry(name, message)
 
     def _collect(self, name: str, worker: BaseWorker) -> None:
         returncode, error_msg = worker.collect_results()

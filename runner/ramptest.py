@@ -28,6 +28,9 @@ INHERITED_VARIABLES = (
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 TIMEOUT_RETURNCODE = 124
+# The error message kept of a failed run without a traceback: the log's last lines.
+ERROR_TAIL_LINES = 20
+ERROR_MESSAGE_LIMIT = 4000
 
 
 def command(
@@ -77,6 +80,18 @@ def traceback_of(log: str) -> str:
     """Return the traceback part of a ramp-test log ('' when there is none)."""
     start = log.find("Traceback")
     return log[start:].strip() if start >= 0 else ""
+
+
+def error_message(log: str, returncode: int) -> str:
+    """The error message of a failed run: its traceback, else the log's last lines.
+
+    Bounded to its last ``ERROR_MESSAGE_LIMIT`` characters: that is where the exception is.
+    """
+    message = traceback_of(log) or "\n".join(log.strip().splitlines()[-ERROR_TAIL_LINES:])
+    message = message or f"ramp-test exited with {returncode}"
+    if len(message) > ERROR_MESSAGE_LIMIT:
+        message = "...\n" + message[-ERROR_MESSAGE_LIMIT:]
+    return message
 
 
 def timeout_message(timeout: float) -> str:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from runner.ramptest import traceback_of
-from runner.workers.base import BaseWorker
+from runner.worker import BaseWorker
 
 logger = logging.getLogger("seed-worker")
 

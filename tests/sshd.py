@@ -236,7 +236,7 @@ def ssh_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
 @pytest.fixture
 def instance_at_sshd(aws, sshd, monkeypatch):
     """Every launched instance answers at the local sshd; the AMI of the event exists."""
-    from runner import ec2
+    from runner.aws import ec2
 
     aws.create_security_group(GroupName="ramp-workers", Description="ramp workers")
     add_ami(AMI_BASE + "-2024-01-01", "2024-01-01T00:00:00+00:00")

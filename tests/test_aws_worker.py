@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from runner import ramptest
+from runner.aws.worker import AWSWorker
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
-from runner.workers import remote_worker
-from runner.workers.aws import AWSWorker
+from runner.ssh import remote_worker
 from tests import events
 from tests.sshd import (
     REPO,
@@ -81,7 +81,7 @@ def test_aws_event_scores_like_the_local_worker(tmp_path, sshd, remote_kit, inst
 
 def test_ssh_never_up_terminates_and_retries_then_checking_error(
         tmp_path, sshd, remote_kit, instance_at_sshd, monkeypatch):
-    from runner import ec2
+    from runner.aws import ec2
 
     monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: ("127.0.0.1", 9))
     path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, ssh_ready_timeout=3),
@@ -98,7 +98,7 @@ def test_ssh_never_up_terminates_and_retries_then_checking_error(
 
 def test_shutdown_during_a_slow_boot_terminates_the_instance_at_once(
         tmp_path, sshd, remote_kit, instance_at_sshd, monkeypatch):
-    from runner import ec2
+    from runner.aws import ec2
 
     # An instance whose SSH would take up to ten minutes to answer.
     monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: ("127.0.0.1", 9))
@@ -201,7 +201,7 @@ def test_spot_notice_retries_on_a_new_instance(tmp_path, sshd, remote_kit, insta
 
 DISPATCHER = """
 import sys
-from runner import ec2
+from runner.aws import ec2
 ec2.instance_address = lambda client, instance_id: ("127.0.0.1", int(sys.argv[2]))
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher

@@ -11,7 +11,7 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 import tasks
-from runner import imagebuilder
+from runner.aws import imagebuilder
 
 REGION = "eu-west-1"
 PIPELINE = f"arn:aws:imagebuilder:{REGION}:123456789012:image-pipeline/iris-ramp-worker"

@@ -10,7 +10,8 @@ import psutil
 import pytest
 
 from runner.config import ConfigError, load_event_config
-from runner.workers.conda import CondaEnvWorker, CondaError, conda_env_prefix
+from runner.local.conda import CondaError, conda_env_prefix
+from runner.local.worker import CondaEnvWorker
 from tests.events import ENV_DUMP_CLASSIFIER, environment_in_log, make_event
 
 

@@ -15,11 +15,12 @@ import distributed
 import pytest
 import yaml
 
-from runner import archive, dask_task
+from runner import archive
 from runner.config import ConfigError, load_event_config
-from runner.dask_cluster import LoopbackCluster, make_certificates
+from runner.dask import task as dask_task
+from runner.dask.cluster import LoopbackCluster, make_certificates
+from runner.dask.worker import DaskWorker
 from runner.dispatcher import prepare_data
-from runner.workers.dask import DaskWorker
 from tests import dask_helpers as h
 from tests.events import (
     ENV_DUMP_CLASSIFIER,
@@ -35,7 +36,7 @@ SECRET = "RR_TEST_SECRET_TOKEN"
 DISPATCHER = """
 import sys
 from runner.config import load_event_config
-from runner.workers.dask import DaskWorker
+from runner.dask.worker import DaskWorker
 config = load_event_config(sys.argv[1])
 DaskWorker(config.worker_dict(), "hanging").launch()
 """

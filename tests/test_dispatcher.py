@@ -18,7 +18,7 @@ import pytest
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher, DispatcherBusy
 from runner.ledger import Ledger
-from runner.workers.base import BaseWorker
+from runner.worker import BaseWorker
 from tests.events import EXAMPLE, make_event
 
 REPO = Path(__file__).resolve().parent.parent

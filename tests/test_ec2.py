@@ -1,4 +1,4 @@
-"""runner.ec2 against moto's EC2 server: AMI choice, launch, fallback, retries, reap."""
+"""runner.aws.ec2 against moto's EC2 server: AMI choice, launch, fallback, retries, reap."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 
-from runner import ec2
+from runner.aws import ec2
 from tests.sshd import AMI_BASE, REGION, add_ami, all_instances, aws, live_instances, moto_server
 
 __all__ = ["aws", "moto_server"]  # fixtures, imported for pytest

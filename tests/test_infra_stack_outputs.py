@@ -12,7 +12,7 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 import tasks
-from runner import stack_outputs
+from runner.aws import stack_outputs
 
 OUTPUTS = {
     "pipelineArn": "arn:aws:imagebuilder:eu-west-1:123456789012:image-pipeline/iris-ramp-worker",

@@ -1,11 +1,11 @@
-"""runner.remote against a real sshd: one connection, tar streams, host keys."""
+"""runner.ssh.session against a real sshd: one connection, tar streams, host keys."""
 
 from __future__ import annotations
 
 import paramiko
 import pytest
 
-from runner.remote import HostKeyError, RemoteSession, forget_host, known_host_name
+from runner.ssh.session import HostKeyError, RemoteSession, forget_host, known_host_name
 from tests.sshd import free_port, sshd
 
 __all__ = ["sshd"]  # fixture, imported for pytest

@@ -11,9 +11,9 @@ from runner import ramptest
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
-from runner.remote import HostKeyError
-from runner.workers import ssh as ssh_module
-from runner.workers.ssh import SSHWorker
+from runner.ssh import worker as ssh_module
+from runner.ssh.session import HostKeyError
+from runner.ssh.worker import SSHWorker
 from tests.sshd import make_event, remote_kit, session_members, ssh_worker_section, sshd
 
 __all__ = ["remote_kit", "sshd"]  # fixtures, imported for pytest
@@ -119,7 +119,7 @@ def test_strict_host_keys_refuse_an_unknown_host(tmp_path, sshd, remote_kit):
     with pytest.raises(HostKeyError):
         worker.setup()
     worker.teardown()
-    assert ssh_module._busy == set()  # the host was released
+    assert not ssh_module.host_in_use(config.worker.hosts[0])  # the host was released
 
 
 def test_reap_kills_runs_a_dead_dispatcher_left(tmp_path, sshd, remote_kit):

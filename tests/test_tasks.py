@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.workers.conda import environment_command
+from runner.local.conda import environment_command
 from tests.events import make_event
 
 REPO = Path(__file__).resolve().parent.parent

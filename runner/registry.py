@@ -1,17 +1,23 @@
-"""Worker classes by ``worker_type``: the built-in ones and those of the entry-point group."""
+"""Worker classes by ``worker_type``: the built-in ones and those of the entry-point group.
+
+Names only, imported when asked for: the config loader finds a worker type's settings class
+here without importing every backend, and without importing the dispatcher's side.
+"""
 
 from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
 
+from runner.errors import EventError
+
 ENTRY_POINT_GROUP = "ramp_runner.workers"
 
 BUILTIN_WORKERS = {
-    "conda": "runner.workers.conda:CondaEnvWorker",
-    "aws": "runner.workers.aws:AWSWorker",
-    "ssh": "runner.workers.ssh:SSHWorker",
-    "dask": "runner.workers.dask:DaskWorker",
+    "conda": "runner.local.worker:CondaEnvWorker",
+    "aws": "runner.aws.worker:AWSWorker",
+    "ssh": "runner.ssh.worker:SSHWorker",
+    "dask": "runner.dask.worker:DaskWorker",
 }
 
 
@@ -27,6 +33,6 @@ def worker_class(worker_type: str) -> type:
     target = registered_worker_types().get(worker_type)
     if target is None:
         known = ", ".join(sorted(registered_worker_types()))
-        raise ValueError(f"unknown worker_type {worker_type!r}; known: {known}")
+        raise EventError(f"unknown worker_type {worker_type!r}; known: {known}")
     module_name, _, class_name = target.partition(":")
     return getattr(importlib.import_module(module_name), class_name)

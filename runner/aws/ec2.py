@@ -19,6 +19,8 @@ import boto3
 import botocore.config
 from botocore.exceptions import ClientError
 
+from runner.errors import EventError
+
 logger = logging.getLogger("runner.ec2")
 
 # Cloud defaults, in one place.
@@ -45,7 +47,7 @@ CAPACITY_ERRORS = frozenset({
 })
 
 
-class AMINotFoundError(ValueError):
+class AMINotFoundError(EventError):
     """No available AMI of ours matches the configured base name (a configuration problem)."""
 
 

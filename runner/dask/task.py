@@ -23,17 +23,23 @@ from typing import Any
 import distributed
 
 from runner import archive, ramptest
-from runner.process import LocalRun
-from runner.workers.conda import conda_env_prefix
+from runner.local.conda import conda_env_prefix
+from runner.local.process import LocalRun
 
 CACHE_FOLDER = "ramp-runner-cache"
 # How often a running task checks that the dispatcher still wants it (a cancelled future
 # does not stop a thread: a dead dispatcher's run is stopped by this check).
 ABANDON_CHECK_SECONDS = 1.0
 
+# How long a kill is remembered, to refuse a start that arrives after it (a task and its
+# kill travel separately); bounded so a long-lived Dask worker does not grow with every run.
+KILL_MEMORY_SECONDS = 3600.0
+
+# Per Dask worker process (shared by every dispatcher using the cluster): the runs going
+# on here, and recent kills.
 _LOCK = threading.Lock()
 _RUNS: dict[str, LocalRun] = {}
-_KILLED: set[str] = set()
+_KILLED: dict[str, float] = {}
 
 
 def run_submission(job: dict[str, Any]) -> dict[str, Any]:
@@ -65,8 +71,11 @@ def kill_run(run_id: str) -> bool:
 
     Meant for ``Client.run`` (it runs on the worker's event loop, and is quick).
     """
+    now = time.monotonic()
     with _LOCK:
-        _KILLED.add(run_id)
+        for old in [r for r, at in _KILLED.items() if now - at > KILL_MEMORY_SECONDS]:
+            del _KILLED[old]
+        _KILLED[run_id] = now
         run = _RUNS.get(run_id)
     if run is None:
         return False

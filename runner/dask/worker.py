@@ -3,15 +3,17 @@
 Nothing is shared but the scheduler's address: the submission travels as tar bytes, the
 kit and data are found at ``remote_kit_dir``/``remote_data_dir`` on the Dask workers or
 shipped once per Dask worker (cached there by content hash), and the log and predictions
-come back as bytes. The task itself is ``runner.dask_task.run_submission``; stopping a run
-kills its process tree on the Dask worker (``runner.dask_task.kill_run``), not only the future.
+come back as bytes. The task itself is ``runner.dask.task.run_submission``; stopping a run
+kills its process tree on the Dask worker (``runner.dask.task.kill_run``), not only the future.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
-import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -20,9 +22,11 @@ from typing import Any
 
 import distributed
 
-from runner import archive, dask_task, ramptest
-from runner.config import ConfigError, DaskWorkerSection, worker_settings
-from runner.workers.base import BaseWorker
+from runner import archive
+from runner.config import ConfigError, WorkerSection
+from runner.dask import task as dask_task
+from runner.results import RunEnd
+from runner.worker import BaseWorker, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
 
@@ -30,17 +34,40 @@ CONNECT_TIMEOUT = "20s"
 # How long a stopped run may take to send back its log before it is given up.
 KILL_GRACE_SECONDS = 30.0
 
-_PACK_LOCK = threading.Lock()
-_PACKED: dict[str, tuple[tuple, str, bytes]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DaskSecurity:
+    """TLS settings handed to ``distributed.Security``."""
+
+    tls_ca_file: str
+    tls_client_cert: str
+    tls_client_key: str
+    require_encryption: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DaskWorkerSection(WorkerSection):
+    """``worker_type: dask``: run on a dask.distributed cluster."""
+
+    dask_scheduler: str = ""
+    conda_env: str | None = None
+    n_workers: int | None = None
+    dask_security: DaskSecurity | None = None
+    remote_kit_dir: str | None = None
+    remote_data_dir: str | None = None
+
+    REQUIRED = ("dask_scheduler",)
 
 
 class DaskWorker(BaseWorker):
     """Run a submission with ramp-test on a Dask worker, local or remote, plain or TLS."""
 
+    settings_class = DaskWorkerSection
+
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
         source = f"{type(self).__name__} config"
-        self.settings: DaskWorkerSection = worker_settings("dask", config, source)
         self._security = security_of(self.settings, config.get("event_dir"), source)
         self._run_id = f"{config.get('event_name') or 'event'}-{submission}-{uuid.uuid4().hex[:12]}"
         self._client: distributed.Client | None = None
@@ -55,9 +82,7 @@ class DaskWorker(BaseWorker):
 
     def setup(self) -> None:
         """Pack the submission, find or pack the kit and data, connect to the scheduler."""
-        folder = Path(self.config["submissions_dir"]) / self.submission
-        if not folder.is_dir():
-            raise ValueError(f"submission folder {folder} does not exist")
+        folder = self.submission_folder()
         self._job = {
             "run_id": self._run_id,
             "submission": self.submission,
@@ -73,8 +98,7 @@ class DaskWorker(BaseWorker):
 
     def launch_submission(self) -> None:
         """Submit the run as one task; its end wakes ``wait`` (no polling)."""
-        if self._status != "setup":
-            super().launch_submission()  # raises the contract's error
+        self._check_launch_allowed()
         self._submit(self._job)
         super().launch_submission()
 
@@ -112,36 +136,28 @@ class DaskWorker(BaseWorker):
     def collect_results(self) -> tuple[int, str]:
         """Write the log and, on success, the predictions sent back by the Dask worker."""
         super().collect_results()
-        timed_out = self._status == "timeout"
-        if timed_out:
-            # The task answers a remote kill with the log so far: wait a little for it.
-            self._kill_remote(cancel=False)
-            self._done.wait(KILL_GRACE_SECONDS)
-        outcome = self._result() if self._future.done() else {}
-        log_path = Path(self.config["logs_dir"]) / self.submission / "log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = outcome.get("log", b"").decode(errors="replace")
-        self.peak_memory_mb = outcome.get("peak_memory_mb")
-        if timed_out or outcome.get("status") == "timeout":
-            returncode = ramptest.TIMEOUT_RETURNCODE
-            error_msg = ramptest.timeout_message(self.timeout)
-            log += f"\n{error_msg}\n"
-        elif outcome.get("status") == "ended":
-            returncode = outcome["returncode"]
-            error_msg = "" if returncode == 0 else (
-                ramptest.traceback_of(log) or _tail(log) or f"ramp-test exited with {returncode}")
-        else:
-            why = outcome.get("status", "no answer from the cluster")
-            returncode, error_msg = 1, f"the run was stopped on the Dask worker ({why})"
-        log_path.write_text(log)
-        if returncode == 0:
-            target = Path(self.config["predictions_dir"]) / self.submission
-            if target.exists():
-                shutil.rmtree(target)
-            archive.unpack(outcome["output"], target)
-        self.status = "collected"
-        logger.info("%r collected: returncode %s", self, returncode)
-        return returncode, error_msg
+        with self._collecting():
+            timed_out = self._status is WorkerStatus.TIMEOUT
+            if timed_out:
+                # The task answers a remote kill with the log so far: wait a little for it.
+                self._kill_remote(cancel=False)
+                self._done.wait(KILL_GRACE_SECONDS)
+            outcome = self._result() if self._future.done() else {}
+            self.peak_memory_mb = outcome.get("peak_memory_mb")
+            log_file = self.scratch / "log"
+            log_file.write_bytes(outcome.get("log", b""))
+            output = None
+            if timed_out or outcome.get("status") == "timeout":
+                end = RunEnd(None, timed_out=True)
+            elif outcome.get("status") == "ended":
+                end = RunEnd(outcome["returncode"])
+                if outcome.get("output") is not None:
+                    output = self.scratch / "training_output"
+                    archive.unpack(outcome["output"], output)
+            else:
+                why = outcome.get("status", "no answer from the cluster")
+                end = RunEnd(None, stopped=f"the run was stopped on the Dask worker ({why})")
+            return self._install(end, log_file, output)
 
     def kill(self) -> None:
         """Mark the run killed, then cancel the task and kill its process tree on whichever
@@ -154,7 +170,8 @@ class DaskWorker(BaseWorker):
         self._done.set()
 
     def teardown(self) -> None:
-        """Release the task's futures and the shipped bytes, and close the connection."""
+        """Release the task's futures and the shipped bytes, and close the connection,
+        whatever happened before."""
         self._check_teardown_allowed()
         if self._client is not None:
             futures = [f for f in (self._future, *self._shipped) if f is not None]
@@ -171,8 +188,14 @@ class DaskWorker(BaseWorker):
         """How the task finds the kit or data: a path on the Dask worker, or a content hash."""
         if remote_path:
             return {"path": remote_path}
-        sha, _ = packed_folder(self.config[local_key])
+        sha, _ = packed_folder(self.config[local_key], self._pack_cache)
         return {"sha": sha, "tar": None}
+
+    @property
+    def _pack_cache(self) -> Path:
+        # Beside the scratch folders, so that the dispatcher's start-up reaping bounds it too.
+        parent = self.config.get("scratch_dir") or tempfile.gettempdir()
+        return Path(parent) / "dask-packs"
 
     def _submit(self, job: dict[str, Any]) -> None:
         self._submits += 1
@@ -189,7 +212,7 @@ class DaskWorker(BaseWorker):
         job = dict(self._job)
         address = outcome["worker"]
         for name in outcome["missing"]:
-            _, tar = packed_folder(self.config[f"{name}_dir"])
+            _, tar = packed_folder(self.config[f"{name}_dir"], self._pack_cache)
             logger.info("%r: shipping %s (%d kB) to %s", self, name, len(tar) // 1024, address)
             shipped = self._client.scatter(tar, workers=[address], hash=False)
             self._shipped.append(shipped)
@@ -241,17 +264,31 @@ def connect(settings: DaskWorkerSection,
                               timeout=CONNECT_TIMEOUT, set_as_default=False)
 
 
-def packed_folder(folder: str | os.PathLike[str]) -> tuple[str, bytes]:
-    """``(content hash, gzip tar)`` of ``folder``, packed again only when its files change."""
-    key = str(Path(folder).resolve())
-    with _PACK_LOCK:
-        stamp = archive.fingerprint(key)
-        cached = _PACKED.get(key)
-        if cached is None or cached[0] != stamp:
-            plain = archive.pack(key)
-            cached = _PACKED[key] = (stamp, archive.digest(plain), archive.compress(plain))
-        return cached[1], cached[2]
+def packed_folder(folder: str | os.PathLike[str], cache: Path) -> tuple[str, bytes]:
+    """``(content hash, gzip tar)`` of ``folder``, packed again only when its files change.
+
+    Packs are kept in ``cache`` (one per folder), not in memory: a data set can be large,
+    and nothing outlives the dispatcher that made it.
+    """
+    folder = Path(folder).resolve()
+    name = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    stamp = hashlib.sha256(repr(archive.fingerprint(folder)).encode()).hexdigest()[:16]
+    packed, sha_file = cache / f"{name}-{stamp}.tar.gz", cache / f"{name}-{stamp}.sha"
+    if not packed.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        for old in cache.glob(f"{name}-*"):
+            if not old.name.startswith(f"{name}-{stamp}"):
+                old.unlink(missing_ok=True)
+        plain = archive.pack(folder)
+        # Each file written aside, then renamed, the hash first: a concurrent slot that
+        # sees the pack also sees its hash.
+        _replace_bytes(sha_file, archive.digest(plain).encode())
+        _replace_bytes(packed, archive.compress(plain))
+    return sha_file.read_text(), packed.read_bytes()
 
 
-def _tail(text: str, lines: int = 20) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+def _replace_bytes(path: Path, data: bytes) -> None:
+    handle, partial = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(handle, "wb") as file:
+        file.write(data)
+    os.replace(partial, path)

@@ -21,6 +21,8 @@ from pathlib import Path
 import fabric
 import paramiko
 
+from runner.errors import EventError
+
 logger = logging.getLogger("runner.remote")
 
 CONNECT_TIMEOUT = 10.0
@@ -39,7 +41,7 @@ class RemoteError(RuntimeError):
     """A remote step failed: the command, its exit status and its stderr."""
 
 
-class HostKeyError(ValueError):
+class HostKeyError(EventError):
     """A host key was refused (changed, or unknown under strict checking)."""
 
 

@@ -8,6 +8,7 @@ self_destruct_margin`` seconds after boot, so a dead dispatcher leaks nothing fo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -15,12 +16,64 @@ from typing import Any
 
 import psutil
 
-from runner import ec2
-from runner.config import AWSWorkerSection, worker_settings
-from runner.remote import RemoteSession, forget_host
-from runner.workers.remote_worker import RemoteWorker, known_hosts_path
+from runner.aws import ec2
+from runner.config import ConfigError, secret
+from runner.ssh.remote_worker import RemoteWorker, RemoteWorkerSection, known_hosts_path
+from runner.ssh.session import RemoteSession, forget_host
 
 logger = logging.getLogger("runner.worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class AWSWorkerSection(RemoteWorkerSection):
+    """``worker_type: aws``: one EC2 instance per submission."""
+
+    region_name: str = ""
+    ami_user_name: str = ""
+    instance_type: str = ""
+    key_name: str = ""
+    security_group: str = ""
+    key_path: str = ""
+    remote_ramp_kit_folder: str = ""
+    ami_image_name: str | None = None
+    ami_image_id: str | None = None
+    use_spot_instance: bool = False
+    spot_fallback_on_demand: bool = True
+    conda_env: str | None = None
+    access_key_id: str | None = secret(default=None)
+    secret_access_key: str | None = secret(default=None)
+    # ramp-runner additions: credentials profile, boot limits.
+    profile_name: str | None = None
+    ssh_ready_timeout: float = 600.0
+    self_destruct_margin: float = 1800.0
+
+    REQUIRED = (
+        "region_name",
+        "ami_user_name",
+        "instance_type",
+        "key_name",
+        "security_group",
+        "key_path",
+        "remote_ramp_kit_folder",
+    )
+
+    def check(self, source: str, key_path: str) -> None:
+        """Refuse an AMI-less section, impossible limits and half a key pair."""
+        super().check(source, key_path)
+        if not (self.ami_image_name or self.ami_image_id):
+            raise ConfigError(source, f"{key_path}.ami_image_name",
+                              "an AMI base name (or ami_image_id)")
+        if self.ssh_ready_timeout <= 0:
+            raise ConfigError(source, f"{key_path}.ssh_ready_timeout",
+                              "a positive number of seconds", repr(self.ssh_ready_timeout))
+        if self.self_destruct_margin < 0:
+            raise ConfigError(source, f"{key_path}.self_destruct_margin",
+                              "a number of seconds >= 0", repr(self.self_destruct_margin))
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ConfigError(source, f"{key_path}.access_key_id",
+                              "access_key_id and secret_access_key together, or neither")
+
+
 
 
 def owner_token() -> str:
@@ -43,10 +96,6 @@ def owner_alive(token: str | None) -> bool:
         return False
 
 
-def _section(config: dict[str, Any]) -> AWSWorkerSection:
-    return worker_settings("aws", config, "AWSWorker config")
-
-
 def _client(section: AWSWorkerSection) -> Any:
     return ec2.client(section.region_name, section.profile_name, section.access_key_id,
                       section.secret_access_key)
@@ -55,6 +104,8 @@ def _client(section: AWSWorkerSection) -> Any:
 class AWSWorker(RemoteWorker):
     """Run a submission on its own EC2 instance, from the newest AMI of the event."""
 
+    settings_class = AWSWorkerSection
+
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
         self.instance: ec2.Instance | None = None
@@ -62,7 +113,7 @@ class AWSWorker(RemoteWorker):
 
     def setup(self) -> None:
         """Find the AMI, launch, wait for SSH, upload; terminate the instance on any failure."""
-        section = _section(self.config)
+        section = self.settings
         self.remote_kit = section.remote_ramp_kit_folder.rstrip("/")
         self.conda_env, self.path_prefix = section.conda_env, section.remote_path_prefix
         self._ec2 = _client(section)
@@ -112,7 +163,7 @@ class AWSWorker(RemoteWorker):
             self.instance = None
 
     def teardown(self) -> None:
-        """Terminate the instance, whatever happened before (results, if any, collected)."""
+        """Terminate the instance, whatever happened before (after a failed collect too)."""
         self._check_teardown_allowed()
         self._terminate()
         super().teardown()
@@ -120,7 +171,7 @@ class AWSWorker(RemoteWorker):
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
         """Terminate this event's instances whose launching process is gone."""
-        section = _section(config)
+        section = cls.settings_of(config)
         event = config.get("event_name") or ""
         orphans = ec2.reap(_client(section), event,
                            lambda tags: owner_alive(tags.get(ec2.TAG_OWNER)), dry_run=dry_run)

@@ -10,17 +10,18 @@ The run is started detached (``setsid nohup``): a dropped connection does not en
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from runner import ramptest, supervise
-from runner.remote import CONNECTION_ERRORS, RemoteSession
-from runner.workers.base import BaseWorker
+from runner.config import WorkerSection
+from runner.results import RunEnd
+from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
+from runner.worker import BaseWorker, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
 
@@ -36,6 +37,15 @@ KILL_SESSION = (
 )
 # Conda installs an AMI may have when conda is not on the login PATH.
 CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteWorkerSection(WorkerSection):
+    """Keys every worker that runs ramp-test on a host over SSH shares."""
+
+    memory_profiling: bool = False
+    known_hosts_file: str | None = None
+    remote_path_prefix: str | None = None
 
 
 def known_hosts_path(config: dict[str, Any]) -> Path:
@@ -77,9 +87,7 @@ class RemoteWorker(BaseWorker):
     def _upload(self) -> None:
         """Send the submission (without earlier outputs) and the memory probe, in one stream,
         replacing what an earlier run of the same submission left on the host."""
-        local = Path(self.config["submissions_dir"]) / self.submission
-        if not local.is_dir():
-            raise ValueError(f"{self!r}: no submission folder {local}")
+        local = self.submission_folder()
         files = [(local, f"submissions/{self.submission}")]
         for path in sorted(local.rglob("*")):
             relative = path.relative_to(local)
@@ -146,8 +154,7 @@ class RemoteWorker(BaseWorker):
 
     def launch_submission(self) -> None:
         """Start ramp-test detached on the host (one round trip), then mark it running."""
-        if self._status != "setup":
-            super().launch_submission()  # raises the contract's error
+        self._check_launch_allowed()
         run = shlex.quote(self.run_dir)
         # "cd || exit" and not "&&": "a && b &" would background a subshell, and $! would
         # name it instead of the session leader.
@@ -202,6 +209,9 @@ class RemoteWorker(BaseWorker):
         """Mark the run killed, then kill the remote process tree (best effort: the host
         may be gone)."""
         super().kill()
+        self._stop_remote_run()
+
+    def _stop_remote_run(self) -> None:
         if self.session is not None and self.session.is_connected and self._started_at:
             try:
                 self.session.run(self._kill_script(), 30)
@@ -211,36 +221,22 @@ class RemoteWorker(BaseWorker):
     def collect_results(self) -> tuple[int, str]:
         """Kill what is left of the run, fetch log and outputs in one stream, report."""
         super().collect_results()
-        timed_out = self._status == "timeout"
-        logs = Path(self.config["logs_dir"]) / self.submission
-        logs.mkdir(parents=True, exist_ok=True)
-        output = f"submissions/{self.submission}/training_output"
-        names = (f"set -- {RUN_FOLDER}/{self.submission}/log; "
-                 f"for f in {RUN_FOLDER}/{self.submission}/peak_rss {output}; do "
-                 '[ -e "$f" ] && set -- "$@" "$f"; done; true')
-        with tempfile.TemporaryDirectory(dir=logs, prefix=".incoming-") as incoming:
-            self.session.download(self.remote_kit, names, incoming, before=self._kill_script())
-            incoming = Path(incoming)
-            log = incoming / RUN_FOLDER / self.submission / "log"
-            shutil.copyfile(log, logs / "log")
-            peak = incoming / RUN_FOLDER / self.submission / "peak_rss"
-            if peak.exists():
-                self.peak_memory_mb = float(peak.read_text())
-            text = log.read_text(errors="replace")
-            if timed_out:
-                returncode, error_msg = ramptest.TIMEOUT_RETURNCODE, ramptest.timeout_message(
-                    self.timeout)
-            else:
-                returncode = self._exit_code if self._exit_code is not None else 1
-                error_msg = "" if returncode == 0 else (
-                    ramptest.traceback_of(text) or text.strip()[-2000:])
-            if returncode == 0:
-                predictions = Path(self.config["predictions_dir"]) / self.submission
-                shutil.rmtree(predictions, ignore_errors=True)
-                predictions.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(incoming / output, predictions)
-        self.status = "collected"
-        return returncode, error_msg
+        with self._collecting():
+            timed_out = self._status is WorkerStatus.TIMEOUT
+            output = f"submissions/{self.submission}/training_output"
+            names = (f"set -- {RUN_FOLDER}/{self.submission}/log; "
+                     f"for f in {RUN_FOLDER}/{self.submission}/peak_rss {output}; do "
+                     '[ -e "$f" ] && set -- "$@" "$f"; done; true')
+            incoming = self.scratch / "incoming"
+            incoming.mkdir()
+            self.session.download(self.remote_kit, names, str(incoming),
+                                  before=self._kill_script())
+            run_files = incoming / RUN_FOLDER / self.submission
+            if (run_files / "peak_rss").exists():
+                self.peak_memory_mb = float((run_files / "peak_rss").read_text())
+            exit_code = self._exit_code if self._exit_code is not None else 1
+            end = RunEnd(None if timed_out else exit_code, timed_out=timed_out)
+            return self._install(end, run_files / "log", incoming / output)
 
     def _close_session(self) -> None:
         if self.session is not None:

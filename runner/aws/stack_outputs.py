@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-INFRA_DIR = Path(__file__).resolve().parents[1] / "infra"
+INFRA_DIR = Path(__file__).resolve().parents[2] / "infra"
 # Stack output -> key of the event's worker section (seed names). The first four are required.
 WORKER_KEYS = {
     "amiBaseName": "ami_image_name",

@@ -233,7 +233,7 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
 def serve(folder: str | os.PathLike[str], workers: int = 2, tls: bool = False) -> None:
     """Run a loopback cluster until Ctrl+C (or SIGTERM), printing the ``worker:`` snippet."""
     # The workers run the task code of this very checkout, installed or not.
-    source = str(Path(__file__).resolve().parent.parent)
+    source = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
     cluster = LoopbackCluster(folder, workers=workers, tls=tls, dashboard=True,
                               env={"PYTHONPATH": path})

@@ -1,0 +1,1 @@
+"""Runs on EC2: instance lifecycle, the AWS worker, AMI builds, Pulumi stack outputs."""

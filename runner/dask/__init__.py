@@ -1,0 +1,1 @@
+"""Runs on a dask.distributed cluster: the Dask worker, the task it submits, a loopback cluster."""

@@ -1,0 +1,1 @@
+"""Runs on this machine: the conda worker, the supervised process tree, conda environments."""

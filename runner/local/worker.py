@@ -1,0 +1,103 @@
+"""CondaEnvWorker (``worker_type: conda``): ramp-test in a local conda environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from runner import ramptest
+from runner.config import WorkerSection
+from runner.local.conda import CondaError, conda_env_prefix
+from runner.local.process import LocalRun
+from runner.results import RunEnd
+from runner.worker import BaseWorker, WorkerStatus
+
+logger = logging.getLogger("runner.worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class CondaWorkerSection(WorkerSection):
+    """``worker_type: conda``: run ramp-test in a local conda environment."""
+
+    conda_env: str | None = None
+
+
+class CondaEnvWorker(BaseWorker):
+    """Run a submission with ramp-test in a conda environment on this machine.
+
+    The submission is copied to the worker's scratch folder so that a half-finished run
+    never touches ``submissions_dir``; ``teardown`` removes the scratch.
+    """
+
+    settings_class = CondaWorkerSection
+
+    def __init__(self, config: dict[str, Any], submission: str):
+        super().__init__(config, submission)
+        self.settings  # noqa: B018 - a config error is the caller's, raised here
+        self._run: LocalRun | None = None
+        self._bin: Path | None = None
+
+    @property
+    def _submissions_copy(self) -> Path:
+        return self.scratch / "submissions"
+
+    def setup(self) -> None:
+        """Find the environment's ramp-test and copy the submission to a scratch folder."""
+        prefix = conda_env_prefix(self.settings.conda_env)
+        self._bin = prefix / "bin"
+        if not (self._bin / "ramp-test").exists():
+            raise CondaError(f"no ramp-test in {self._bin}: install ramp-workflow in the "
+                             f"environment {self.settings.conda_env or 'base'!r}")
+        shutil.copytree(self.submission_folder(), self._submissions_copy / self.submission,
+                        ignore=shutil.ignore_patterns("training_output"))
+        super().setup()
+
+    def launch_submission(self) -> None:
+        """Start ramp-test in its own process group, its output going to the log."""
+        self._check_launch_allowed()
+        argv = ramptest.command(
+            self.submission,
+            kit_dir=self.config["kit_dir"],
+            data_dir=self.config["data_dir"],
+            submissions_dir=str(self._submissions_copy),
+            ramp_test=str(self._bin / "ramp-test"),
+        )
+        env = ramptest.child_environment(self.config.get("n_threads"), extra_path=str(self._bin))
+        self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch)
+        super().launch_submission()
+
+    def _is_submission_finished(self) -> bool:
+        return self._run.returncode is not None
+
+    def wait(self, timeout: float) -> None:
+        """Block on the process itself: its end is noticed at once, without polling."""
+        if self._run is not None:
+            self._run.wait(max(0.0, timeout))
+
+    def collect_results(self) -> tuple[int, str]:
+        """Stop what is left of the run, keep its log and, on success, its predictions."""
+        super().collect_results()
+        with self._collecting():
+            timed_out = self._status is WorkerStatus.TIMEOUT
+            self._run.stop()
+            self.peak_memory_mb = self._run.peak_memory_mb
+            end = RunEnd(None if timed_out else self._run.returncode, timed_out=timed_out)
+            output = self._submissions_copy / self.submission / "training_output"
+            return self._install(end, self.scratch / "log", output)
+
+    def kill(self) -> None:
+        """Kill the run's whole process tree."""
+        super().kill()
+        if self._run is not None:
+            self._run.stop()
+
+    def teardown(self) -> None:
+        """Make sure nothing of the run is left, and remove the scratch folder."""
+        self._check_teardown_allowed()
+        if self._run is not None:
+            self._run.stop()
+            self._run.cleanup()
+        super().teardown()

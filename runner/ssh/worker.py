@@ -1,0 +1,177 @@
+"""SSHWorker (``worker_type: ssh``): run submissions on hosts the organiser already has.
+
+Each host runs one submission at a time: a worker waits in ``setup`` until one of the
+configured hosts is free. Unknown host keys are trusted on first use and recorded in
+the event's known_hosts file (``strict_host_key_checking: true`` refuses them); a
+changed key is always refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import shlex
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from runner.config import ConfigError
+from runner.ssh.remote_worker import (
+    KILL_SESSION,
+    RUN_FOLDER,
+    RemoteWorker,
+    RemoteWorkerSection,
+    known_hosts_path,
+)
+from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
+
+logger = logging.getLogger("runner.worker")
+
+# Where hosts are locked while a run uses them: shared by every dispatcher of this user on
+# this machine, and released by the kernel when the process holding a lock dies.
+HOST_LOCKS_DIR = Path(tempfile.gettempdir()) / f"ramp-runner-hosts-{os.getuid()}"
+HOST_WAIT_SECONDS = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SSHHost:
+    """One host an SSH worker may run a submission on."""
+
+    host: str
+    user: str
+    key_path: str
+    remote_ramp_kit_folder: str
+    port: int = 22
+    conda_env: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SSHWorkerSection(RemoteWorkerSection):
+    """``worker_type: ssh``: hosts the organiser already has, one submission per host."""
+
+    hosts: tuple[SSHHost, ...] = ()
+    strict_host_key_checking: bool = False
+
+    REQUIRED = ("hosts",)
+
+    def check(self, source: str, key_path: str) -> None:
+        """Refuse a host listed twice: it would run two submissions at once."""
+        super().check(source, key_path)
+        seen = [(h.host, h.port) for h in self.hosts]
+        if len(set(seen)) != len(seen):
+            raise ConfigError(source, f"{key_path}.hosts", "each host:port listed once")
+
+
+def lock_host(host: SSHHost) -> IO[str] | None:
+    """Take ``host`` for one run: the open lock file, or None when another run has it."""
+    HOST_LOCKS_DIR.mkdir(mode=0o700, exist_ok=True)
+    handle = open(HOST_LOCKS_DIR / f"{host.user}@{host.host}:{host.port}", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def host_in_use(host: SSHHost) -> bool:
+    """Whether a run (of any dispatcher here) holds ``host``."""
+    handle = lock_host(host)
+    if handle is not None:
+        handle.close()
+    return handle is None
+
+
+def _session(host: SSHHost, section: SSHWorkerSection, config: dict[str, Any]) -> RemoteSession:
+    return RemoteSession(host.host, host.user, host.key_path, host.port,
+                         known_hosts=known_hosts_path(config),
+                         strict_host_keys=section.strict_host_key_checking)
+
+
+class SSHWorker(RemoteWorker):
+    """Run a submission on the first free host of ``hosts``."""
+
+    settings_class = SSHWorkerSection
+
+    def __init__(self, config: dict[str, Any], submission: str):
+        super().__init__(config, submission)
+        self.host: SSHHost | None = None
+        self._host_lock: IO[str] | None = None
+
+    def _claim_host(self) -> None:
+        while True:
+            for host in self.settings.hosts:
+                self._host_lock = lock_host(host)
+                if self._host_lock is not None:
+                    self.host = host
+                    return
+            if self._wakeup.wait(HOST_WAIT_SECONDS):
+                raise RuntimeError(f"{self!r}: killed while waiting for a free host")
+
+    def _release_host(self) -> None:
+        if self._host_lock is not None:
+            self._host_lock.close()
+            self._host_lock = None
+
+    def setup(self) -> None:
+        """Claim a free host, connect, upload; release the host on any failure."""
+        self._claim_host()
+        self.remote_kit = self.host.remote_ramp_kit_folder.rstrip("/")
+        self.conda_env, self.path_prefix = self.host.conda_env, self.settings.remote_path_prefix
+        try:
+            self.session = _session(self.host, self.settings, self.config)
+            self.session.connect()
+            self._upload()
+        except BaseException:
+            self._close_session()
+            self._release_host()
+            raise
+        super().setup()
+
+    def teardown(self) -> None:
+        """Stop the run if it still goes, remove its files from the host, close the
+        connection and free the host, whatever happened before."""
+        self._check_teardown_allowed()
+        try:
+            self._stop_remote_run()
+            if self.session is not None and self.session.is_connected:
+                stale = " ".join(shlex.quote(path) for path in (
+                    f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
+                self.session.run(f"rm -rf {stale}", 60)
+        except CONNECTION_ERRORS as error:
+            logger.warning("%r: could not clean the host: %s", self, error)
+        finally:
+            self._close_session()
+            self._release_host()
+        super().teardown()
+
+    @classmethod
+    def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
+        """Kill and remove runs a dead dispatcher left on the hosts (not those in use)."""
+        section = cls.settings_of(config)
+        found = []
+        for host in section.hosts:
+            lock = lock_host(host)
+            if lock is None:
+                continue
+            kit = shlex.quote(host.remote_ramp_kit_folder.rstrip("/"))
+            act = "" if dry_run else (
+                f'pid=$(cat "$d/pid" 2>/dev/null); {KILL_SESSION}'
+                'rm -rf "$d" "../submissions/${d%/}"; ')
+            script = (f"cd {kit}/{RUN_FOLDER} 2>/dev/null || exit 0; "
+                      f'for d in */; do [ -d "$d" ] || continue; echo "${{d%/}}"; {act}done')
+            session = _session(host, section, config)
+            try:
+                session.connect()
+                _, out, _ = session.run(script, 60)
+            except CONNECTION_ERRORS as error:
+                logger.warning("reap: %s@%s:%d unreachable: %s", host.user, host.host,
+                               host.port, error)
+                continue
+            finally:
+                session.close()
+                lock.close()
+            found += [f"{host.host}:{host.port}:{name}" for name in out.split()]
+        return found

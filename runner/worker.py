@@ -1,0 +1,344 @@
+"""BaseWorker: the worker contract of RAMP's documentation, which custom workers subclass.
+
+A subclass does its work in ``setup``, ``launch_submission``, ``collect_results`` and
+``teardown`` and calls ``super()`` as the seed shows; the base keeps ``status`` and checks
+every change of it against one table (``TRANSITIONS``). ``wait`` and ``kill`` are this
+project's additions: the dispatcher uses them so that a finished local run is noticed at
+once and a shutdown stops every run; their defaults work for any seed-style worker.
+
+Custom workers import ``BaseWorker`` from here (``runner.worker``): that path is stable.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from runner.config import DEFAULT_TIMEOUT, CustomWorkerSection, WorkerSection, worker_settings
+from runner.errors import EventError
+from runner.registry import worker_class
+from runner.results import RunEnd, install_run
+
+__all__ = ["BaseWorker", "ContractError", "WorkerStatus", "worker_class"]
+
+logger = logging.getLogger("runner.worker")
+
+
+class WorkerStatus(enum.StrEnum):
+    """Where a worker is in its contract; compares equal to RAMP's status strings."""
+
+    INITIALIZED = "initialized"
+    SETUP = "setup"
+    RUNNING = "running"
+    FINISHED = "finished"
+    TIMEOUT = "timeout"
+    RETRY = "retry"
+    COLLECTED = "collected"
+    ERROR = "error"
+    KILLED = "killed"
+
+
+S = WorkerStatus
+TRANSITIONS: dict[WorkerStatus, frozenset[WorkerStatus]] = {
+    S.INITIALIZED: frozenset({S.SETUP, S.ERROR, S.KILLED}),
+    S.SETUP: frozenset({S.SETUP, S.RUNNING, S.ERROR, S.KILLED}),
+    S.RUNNING: frozenset({S.FINISHED, S.TIMEOUT, S.RETRY, S.ERROR, S.KILLED}),
+    S.FINISHED: frozenset({S.COLLECTED, S.ERROR, S.KILLED}),
+    S.TIMEOUT: frozenset({S.COLLECTED, S.ERROR, S.KILLED}),
+    S.RETRY: frozenset({S.ERROR, S.KILLED}),
+    S.COLLECTED: frozenset({S.KILLED}),
+    S.ERROR: frozenset({S.KILLED}),
+    S.KILLED: frozenset({S.KILLED}),
+}
+# A run whose results were not collected yet: tearing it down would lose them.
+UNCOLLECTED = frozenset({S.RUNNING, S.FINISHED, S.TIMEOUT})
+
+
+class ContractError(ValueError):
+    """The worker's methods were called out of order (RAMP raises ValueError too)."""
+
+
+class BaseWorker:
+    """Run one submission: ``setup -> launch_submission -> collect_results -> teardown``.
+
+    Parameters
+    ----------
+    config : dict
+        The event's ``worker`` section, with ``kit_dir``, ``data_dir``,
+        ``submissions_dir``, ``logs_dir`` and ``predictions_dir`` filled in.
+    submission : str
+        The name of the submission folder in ``submissions_dir``.
+    """
+
+    # The dataclass that validates this worker type's section (see runner.config);
+    # third-party workers keep this one, which lets their own keys through.
+    settings_class: type[WorkerSection] = CustomWorkerSection
+
+    def __init__(self, config: dict[str, Any], submission: str):
+        self.config = config
+        self.submission = submission
+        self._status = S.INITIALIZED
+        self._started_at: float | None = None
+        self._wakeup = threading.Event()
+        self._status_lock = threading.Lock()
+        self._scratch: Path | None = None
+        self.peak_memory_mb: float | None = None
+        # Why a check of the run failed (the status is then ``retry``).
+        self.interruption: str | None = None
+
+    @classmethod
+    def settings_of(cls, config: dict[str, Any]) -> WorkerSection:
+        """The validated settings of a worker dict (see ``runner.config.worker_settings``)."""
+        return worker_settings(cls.settings_class, config, f"{cls.__name__} config")
+
+    @functools.cached_property
+    def settings(self) -> WorkerSection:
+        """This worker's settings (see ``settings_of``)."""
+        return self.settings_of(self.config)
+
+    # -- status ---------------------------------------------------------------------------
+
+    @property
+    def status(self) -> WorkerStatus:
+        """The worker's state; while running, reading it checks for the end of the run.
+
+        A check that fails (a poll that raises) is the infrastructure's fault: the status
+        becomes ``retry`` and ``interruption`` says why.
+        """
+        if self._status is S.RUNNING:
+            try:
+                if self._is_submission_interrupted():
+                    self._advance(S.RUNNING, S.RETRY)
+                elif self._is_submission_finished():
+                    self._advance(S.RUNNING, S.FINISHED)
+                else:
+                    self.check_timeout()
+            except Exception as error:  # noqa: BLE001 - any failed check is a lost run
+                logger.warning("%r: checking the run failed: %s", self, error)
+                self.interruption = f"checking the run failed: {type(error).__name__}: {error}"
+                self._advance(S.RUNNING, S.RETRY)
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        try:
+            target = WorkerStatus(value)
+        except ValueError:
+            raise ValueError(f"unknown worker status {value!r}; one of "
+                             f"{', '.join(WorkerStatus)}") from None
+        with self._status_lock:
+            self._move(target)
+
+    def _move(self, target: WorkerStatus) -> None:
+        """Change the status, refusing what the table does not allow (lock held)."""
+        if target not in TRANSITIONS[self._status]:
+            raise ContractError(f"{self!r}: cannot go from {self._status} to {target}")
+        self._status = target
+
+    def _advance(self, expected: WorkerStatus, target: WorkerStatus) -> bool:
+        """Move from ``expected`` to ``target`` unless another thread moved first (kill)."""
+        with self._status_lock:
+            if self._status is not expected:
+                return False
+            self._move(target)
+            return True
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a run may take before it is stopped."""
+        return float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since ``launch_submission`` (0 before it)."""
+        return 0.0 if self._started_at is None else time.monotonic() - self._started_at
+
+    def check_timeout(self) -> bool:
+        """Return True (and set status ``timeout``) once the run is past ``timeout``."""
+        if self._status is S.TIMEOUT:
+            return True
+        if self.elapsed > self.timeout and self._advance(S.RUNNING, S.TIMEOUT):
+            logger.info("%r ran past its timeout of %g s", self, self.timeout)
+            return True
+        return False
+
+    def _is_submission_finished(self) -> bool:
+        """Whether the launched run has ended (subclasses must say how to tell)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _is_submission_finished")
+
+    def _is_submission_interrupted(self) -> bool:
+        """Whether the run was lost through no fault of the submission (spot, SSH, Dask)."""
+        return False
+
+    def submission_folder(self) -> Path:
+        """The submission's folder in ``submissions_dir``; EventError when it is not there."""
+        folder = Path(self.config["submissions_dir"]) / self.submission
+        if not folder.is_dir():
+            raise EventError(f"submission folder {folder} does not exist")
+        return folder
+
+    @property
+    def scratch(self) -> Path:
+        """A private folder on this machine for the run's files, removed by ``teardown``.
+
+        It lives under the worker key ``scratch_dir`` (the dispatcher's, reaped at its
+        start), else under the system's temporary folder.
+        """
+        if self._scratch is None:
+            parent = self.config.get("scratch_dir")
+            if parent:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            self._scratch = Path(tempfile.mkdtemp(prefix=f"ramp-{self.submission}-",
+                                                  dir=parent))
+        return self._scratch
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Prepare the worker; subclasses do their work first, then call ``super().setup()``."""
+        if self._status not in (S.INITIALIZED, S.SETUP):
+            raise ContractError(f"{self!r}: setup() called in status {self._status!r}")
+        self.status = S.SETUP
+        logger.debug("%r set up", self)
+
+    def launch_submission(self) -> None:
+        """Start the run; subclasses start it, then call ``super().launch_submission()``."""
+        self._check_launch_allowed()
+        self._started_at = time.monotonic()
+        self.status = S.RUNNING
+        logger.debug("%r launched", self)
+
+    def _check_launch_allowed(self) -> None:
+        """Raise ContractError unless set up and not yet launched (subclasses call it first)."""
+        if self._status in (*UNCOLLECTED, S.COLLECTED):
+            raise ContractError(
+                f"{self!r}: the submission was already launched; collect its results first"
+            )
+        if self._status is not S.SETUP:
+            raise ContractError(f"{self!r}: call setup() before launch_submission()")
+
+    def collect_results(self) -> tuple[int, str]:
+        """Check that there is something to collect; subclasses then write log and predictions.
+
+        Subclasses return ``(returncode, error_msg)`` and set ``self.status = 'collected'``.
+        """
+        if self._status is S.INITIALIZED:
+            raise ContractError(
+                f"{self!r}: nothing to collect; call setup() and launch_submission() first"
+            )
+        if self._status is S.SETUP:
+            raise ContractError(f"{self!r}: nothing to collect; call launch_submission() first")
+        if self._status in (S.COLLECTED, S.KILLED):
+            raise ContractError(f"{self!r}: results were already collected")
+        # As in RAMP, collecting a run that is still going waits for its end or timeout.
+        self._wait_until_done()
+        return 0, ""
+
+    @contextmanager
+    def _collecting(self) -> Iterator[None]:
+        """Wrap a built-in worker's collection: if it fails, the worker is in ``error``,
+        from which ``teardown`` releases everything."""
+        try:
+            yield
+        except BaseException:
+            with self._status_lock:
+                if self._status in UNCOLLECTED:
+                    self._move(S.ERROR)
+            raise
+
+    def _install(self, end: RunEnd, log_file: Path, output_dir: Path | None) -> tuple[int, str]:
+        """Install the run's log and predictions (``runner.results``), then be ``collected``."""
+        result = install_run(self.config, self.submission, self.timeout, end, log_file,
+                             output_dir)
+        self.status = S.COLLECTED
+        logger.debug("%r collected: returncode %s", self, result[0])
+        return result
+
+    def teardown(self) -> None:
+        """Release what the worker holds; subclasses clean up, then call ``super().teardown()``.
+
+        Refused (before anything is touched) while results wait to be collected; in every
+        other status, including after a failed ``collect_results``, it releases.
+        """
+        self._check_teardown_allowed()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        self.status = S.KILLED
+        logger.debug("%r torn down", self)
+
+    def _check_teardown_allowed(self) -> None:
+        """Raise ContractError while a run's results wait to be collected.
+
+        Subclasses that release something call it first, so that misuse loses nothing.
+        """
+        if self._status in UNCOLLECTED:
+            raise ContractError(f"{self!r}: collect_results() before teardown()")
+
+    def launch(self) -> tuple[int, str]:
+        """Run the whole contract in a row, for use without a dispatcher."""
+        self.setup()
+        try:
+            self.launch_submission()
+            self._wait_until_done()
+            if self._status is S.RETRY:
+                return 1, self.interruption or "the run was interrupted"
+            return self.collect_results()
+        finally:
+            self.kill()
+            self.teardown()
+
+    # -- dispatcher hooks -----------------------------------------------------------------
+
+    def wait(self, timeout: float) -> None:
+        """Block until the run may have ended, ``kill`` is called, or ``timeout`` passes.
+
+        The default checks ``_is_submission_finished`` every ``time_between_collection``
+        seconds; workers that can be told of the end (a process, a future) override it.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        interval = float(self.config.get("time_between_collection") or 1.0)
+        while self.status is S.RUNNING and not self._wakeup.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.wait(min(interval, remaining))
+
+    def _wait_until_done(self) -> None:
+        while self.status is S.RUNNING and not self._wakeup.is_set():
+            self.wait(self.timeout - self.elapsed + 0.1)
+
+    def kill(self) -> None:
+        """Mark a launched run stopped; subclasses call ``super().kill()`` first, then stop
+        the run, so that its end is never taken for a normal finish.
+
+        Safe from another thread and in any status; the worker can then be torn down.
+        """
+        with self._status_lock:
+            if self._status in (*UNCOLLECTED, S.RETRY):
+                self._move(S.KILLED)
+                logger.debug("%r killed", self)
+        self._wakeup.set()
+
+    @classmethod
+    def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
+        """Release what runs of this event left behind (a dead dispatcher's instances).
+
+        Called by the dispatcher on start and by ``reap``; returns what was (or, with
+        ``dry_run``, would be) released. Workers holding nothing outside a run keep this.
+        """
+        return []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.submission}): status={self._status.value!r}"
+
+    __str__ = __repr__
+
