@@ -73,6 +73,15 @@ class WorkerSection:
     predictions_dir: str | None = None
     logs_dir: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    # Isolation of the participant's code (runner.sandbox): auto uses bubblewrap where it
+    # works and says loudly where it does not; required refuses to run without it.
+    sandbox: Literal["auto", "required", "off"] = "auto"
+    network: bool = False
+    # Limits of one run; passing one ends the run as the submission's training_error.
+    memory_limit_mb: int = 8192
+    output_limit_mb: int = 1024
+    log_limit_mb: int = 20
+    max_processes: int = 1024
 
     # Keys that must be given a value (checked after the types).
     REQUIRED: typing.ClassVar[tuple[str, ...]] = ()
@@ -82,6 +91,10 @@ class WorkerSection:
         if self.timeout <= 0:
             raise ConfigError(source, f"{key_path}.timeout", "a positive number of seconds",
                               repr(self.timeout))
+        for key in ("memory_limit_mb", "output_limit_mb", "log_limit_mb", "max_processes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(source, f"{key_path}.{key}", "a positive integer",
+                                  repr(getattr(self, key)))
 
     def as_worker_dict(self, **dispatcher_keys: Any) -> WorkerConfig:
         """Return the dict a worker receives (the seed's ``config`` argument)."""
@@ -137,10 +150,14 @@ class EventConfig:
 
     @property
     def ledger_path(self) -> Path:
-        """Where the ledger lives: ``dispatcher.ledger`` or beside the config file."""
+        """Where the ledger lives: ``dispatcher.ledger``, else beside the config file, named
+        after it, so that two configs in one folder never share a ledger by accident
+        (``config.yml`` keeps the plain ``ramp-runner.sqlite3``)."""
         if self.dispatcher.ledger:
             return Path(self.dispatcher.ledger)
-        return self.path.parent / LEDGER_FILENAME
+        if self.path.stem == "config":
+            return self.path.parent / LEDGER_FILENAME
+        return self.path.parent / f"ramp-runner-{self.path.stem}.sqlite3"
 
     def worker_dict(self, **more: Any) -> dict[str, Any]:
         """The dict handed to ``Worker(config, submission)``: the worker section plus

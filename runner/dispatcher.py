@@ -94,6 +94,14 @@ class Dispatcher:
             finally:
                 self._shutdown()
 
+    def running(self) -> list[tuple[str, str, float, float]]:
+        """``(submission, worker status, elapsed s, timeout s)`` of every busy slot."""
+        with self._slots_lock:
+            workers = [(name, worker) for name, (_, worker) in self._slots.items()]
+        return [(name, "starting", 0.0, 0.0) if worker is None else
+                (name, worker.known_status.value, worker.elapsed, worker.timeout)
+                for name, worker in workers]
+
     def stop(self) -> None:
         """Ask the dispatcher to stop claiming and tear every running worker down."""
         self._stopping.set()

@@ -128,6 +128,11 @@ class BaseWorker:
                 self._advance(S.RUNNING, S.RETRY)
         return self._status
 
+    @property
+    def known_status(self) -> WorkerStatus:
+        """The status as last seen, without checking the run (cheap, for displays)."""
+        return self._status
+
     @status.setter
     def status(self, value: str) -> None:
         try:
@@ -327,6 +332,13 @@ class BaseWorker:
                 self._move(S.KILLED)
                 logger.debug("%r killed", self)
         self._wakeup.set()
+
+    @classmethod
+    def preflight(cls, config: dict[str, Any]) -> None:
+        """Check, before any submission runs, what this worker type needs of the machine
+        and the event (a scheduler that answers, a key file only its owner reads); raise
+        EventError naming the key and what was expected. Workers with nothing to check
+        keep this default."""
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

@@ -24,7 +24,8 @@ def test_seed_conda_config_loads_with_its_values():
     assert config.dispatcher.hunger_policy == "sleep"
     assert (config.dispatcher.slots, config.dispatcher.n_threads) == (2, 2)
     assert config.ramp.event_title == "Iris classification challenge"
-    assert config.ledger_path == SEEDS / "ramp-runner.sqlite3"
+    # Named after its config file: the three seed configs share a folder, not a ledger.
+    assert config.ledger_path == SEEDS / "ramp-runner-conda.sqlite3"
 
 
 def test_seed_aws_config_loads_and_hides_its_secrets():
