@@ -24,8 +24,8 @@ DEFAULT_TIMEOUT = 7200
 DEFAULT_MAX_ATTEMPTS = 3
 LEDGER_FILENAME = "ramp-runner.sqlite3"
 # Keys the dispatcher adds to a worker's dict; accepted when such a dict is validated again.
-DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir", "scratch_dir",
-                   "dispatcher_id")
+DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
+                   "scratch_dir", "dispatcher_id")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
 
 
@@ -127,7 +127,8 @@ class DispatcherSection:
     hunger_policy: Literal["sleep", "exit"] | None = None
     n_workers: int = 1
     n_threads: int | None = None
-    time_between_collection: float = 1.0
+    # None: the worker type's own default (1 s; remote workers poll over SSH, less often).
+    time_between_collection: float | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     ledger: str | None = None
 
@@ -300,7 +301,7 @@ def _check_dispatcher(dispatcher: DispatcherSection, source: str) -> None:
     if dispatcher.n_threads is not None and dispatcher.n_threads < 1:
         raise ConfigError(source, "dispatcher.n_threads", "a positive integer",
                           repr(dispatcher.n_threads))
-    if dispatcher.time_between_collection < 0:
+    if dispatcher.time_between_collection is not None and dispatcher.time_between_collection < 0:
         raise ConfigError(source, "dispatcher.time_between_collection",
                           "a number of seconds >= 0", repr(dispatcher.time_between_collection))
     if dispatcher.max_attempts < 1:

@@ -82,6 +82,8 @@ class BaseWorker:
     # The dataclass that validates this worker type's section (see runner.config);
     # third-party workers keep this one, which lets their own keys through.
     settings_class: type[WorkerSection] = CustomWorkerSection
+    # Seconds between two checks of a run when the event sets no time_between_collection.
+    default_poll_seconds = 1.0
 
     def __init__(self, config: dict[str, Any], submission: str):
         self.config = config
@@ -161,6 +163,12 @@ class BaseWorker:
     def timeout(self) -> float:
         """Seconds a run may take before it is stopped."""
         return float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+
+    @property
+    def poll_seconds(self) -> float:
+        """The most often the run is checked: ``time_between_collection`` or the default."""
+        configured = self.config.get("time_between_collection")
+        return self.default_poll_seconds if configured is None else float(configured)
 
     @property
     def elapsed(self) -> float:
@@ -310,7 +318,7 @@ class BaseWorker:
         seconds; workers that can be told of the end (a process, a future) override it.
         """
         deadline = time.monotonic() + max(0.0, timeout)
-        interval = float(self.config.get("time_between_collection") or 1.0)
+        interval = self.poll_seconds
         while self.status is S.RUNNING and not self._wakeup.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:

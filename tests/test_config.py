@@ -48,7 +48,8 @@ def test_seed_dask_config_loads_with_defaults():
     assert config.worker.dask_scheduler == "tcp://127.0.0.1:8786"
     assert config.dispatcher.slots == 4  # the seed sets n_workers in the worker section
     assert config.dispatcher.hunger_policy is None
-    assert config.dispatcher.time_between_collection == 1
+    # Unset: each worker type polls at its own default (the seed's 1 s for Dask).
+    assert config.dispatcher.time_between_collection is None
     assert config.worker.timeout == 7200
 
 

@@ -167,7 +167,7 @@ class RemoteWorker(BaseWorker):
 
     def _poll(self) -> tuple[str, int | None, bool]:
         """(state, exit code, spot notice), at most once per ``time_between_collection``."""
-        interval = float(self.config.get("time_between_collection") or 1.0)
+        interval = self.poll_seconds
         if time.monotonic() - self._poll_at < interval:
             return self._poll_state
         self._poll_at = time.monotonic()
