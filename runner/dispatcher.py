@@ -7,7 +7,6 @@ and sleeps on a queue that slots, signals and timers wake: it never spins.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import queue
@@ -21,10 +20,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runner import ramptest, submissions
+from runner import ramptest
 from runner.config import EventConfig
 from runner.errors import EventError, SubmissionError
-from runner.ledger import Ledger
+from runner.source import DispatcherBusy, FolderSource, SubmissionSource
 from runner.worker import BaseWorker, WorkerStatus, worker_class
 
 logger = logging.getLogger("runner.dispatcher")
@@ -37,8 +36,7 @@ SLEEP_POLICY_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 120.0
 
 
-class DispatcherBusy(RuntimeError):
-    """Another dispatcher already runs this event."""
+__all__ = ["Dispatcher", "DispatcherBusy", "prepare_data"]
 
 
 def prepare_data(data_dir: str | Path) -> bool:
@@ -62,10 +60,14 @@ class Dispatcher:
     """Run the event's submissions with its worker type until the hunger policy says stop.
 
     ``on_change(name, state)`` is called after each recorded state change (for displays).
+    ``source`` is where submissions come from: the event's ledger and submissions folder
+    unless another is given (a RAMP board's database).
     """
 
-    def __init__(self, config: EventConfig, on_change: Callable[[str, str], None] | None = None):
+    def __init__(self, config: EventConfig, on_change: Callable[[str, str], None] | None = None,
+                 source: SubmissionSource | None = None):
         self.config = config
+        self.source: SubmissionSource = source or FolderSource(config)
         self.worker_class: type[BaseWorker] = worker_class(config.worker.worker_type)
         self.dispatcher_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._on_change = on_change or (lambda name, state: None)
@@ -73,17 +75,14 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._slots: dict[str, tuple[threading.Thread, BaseWorker | None]] = {}
         self._slots_lock = threading.Lock()
-        self.ledger: Ledger | None = None
 
     # -- public -------------------------------------------------------------------------
 
     def run(self) -> None:
         """Dispatch until the hunger policy ends it or SIGINT/SIGTERM arrives."""
-        with _exclusive(self.config.ledger_path), Ledger(self.config.ledger_path) as ledger, \
-                self._signals_handled():
-            self.ledger = ledger
+        with self.source.opened(), self._signals_handled():
             prepare_data(self.config.worker.data_dir)
-            recovered = ledger.recover_abandoned()
+            recovered = self.source.recover_abandoned()
             if recovered:
                 logger.warning("back to new after a dead dispatcher: %s", ", ".join(recovered))
             reaped = self.worker_class.reap_leftovers(self._worker_dict())
@@ -112,10 +111,10 @@ class Dispatcher:
     def _loop(self) -> None:
         policy = self.config.dispatcher.hunger_policy
         while not self._stopping.is_set():
-            self.ledger.add(submissions.discover(self.config.worker.submissions_dir))
+            self.source.intake()
             self._fill_slots()
             busy = self._busy_slots()
-            if not busy and self.ledger.count_new() == 0:
+            if not busy and self.source.count_new() == 0:
                 if policy == "exit":
                     logger.info("no submission left to run: exiting (hunger_policy: exit)")
                     return
@@ -133,7 +132,7 @@ class Dispatcher:
 
     def _fill_slots(self) -> None:
         free = self.config.dispatcher.slots - self._busy_slots()
-        for name in self.ledger.claim(free, worker=self.dispatcher_id):
+        for name in self.source.claim(free, worker=self.dispatcher_id):
             self._changed(name, "sent_to_training")
             thread = threading.Thread(target=self._run_slot, args=(name,), name=f"slot-{name}",
                                       daemon=True)
@@ -169,10 +168,17 @@ class Dispatcher:
         if self._stopping.is_set():
             self._release(name)
             return
-        self._record(name, "training", self.ledger.mark_training, name)
+        self._record(name, "training", self.source.mark_training, name)
         worker.launch_submission()
         while (status := worker.status) is WorkerStatus.RUNNING:
-            worker.wait(max(0.0, worker.timeout - worker.elapsed) + 0.05)
+            # Wakes at the run's end (event-driven workers) or after one poll interval, to
+            # notice a submission someone else stopped or re-queued meanwhile.
+            worker.wait(min(worker.poll_seconds, max(0.0, worker.timeout - worker.elapsed))
+                        + 0.05)
+            if not self.source.still_claimed(name, self.dispatcher_id):
+                worker.kill()
+                logger.warning("%s: its state was changed by someone else: run stopped", name)
+                return
         if status is WorkerStatus.KILLED:
             self._release(name)
         elif status is WorkerStatus.RETRY:
@@ -186,10 +192,10 @@ class Dispatcher:
         """Record what a failure means: who is at fault decides the state (runner.errors)."""
         message = f"{type(error).__name__}: {error}"
         if isinstance(error, SubmissionError):
-            self._record(name, "training_error", self.ledger.mark_training_error, name,
+            self._record(name, "training_error", self.source.mark_training_error, name,
                          str(error), None, None)
         elif isinstance(error, EventError):
-            self._record(name, "checking_error", self.ledger.mark_checking_error, name,
+            self._record(name, "checking_error", self.source.mark_checking_error, name,
                          message)
         elif self._stopping.is_set():  # a shutdown interrupted it: not an attempt
             self._release(name)
@@ -202,22 +208,22 @@ class Dispatcher:
         run_time = worker.elapsed
         peak = getattr(worker, "peak_memory_mb", None)
         if returncode != 0:
-            self._record(name, "training_error", self.ledger.mark_training_error, name,
+            self._record(name, "training_error", self.source.mark_training_error, name,
                          error_msg or f"ramp-test exited with {returncode}", run_time, peak)
             return
-        self._record(name, "tested", self.ledger.mark_tested, name, run_time, peak)
+        self._record(name, "tested", self.source.mark_tested, name, run_time, peak)
         output = Path(self.config.worker.predictions_dir) / name
         try:
             results = ramptest.read_results(output)
-        except ValueError as error:
-            self._record(name, "checking_error", self.ledger.mark_checking_error, name,
-                         f"could not read the results: {error}")
+        except (SubmissionError, ValueError) as error:
+            # What ramp-test left was written where the submission's code ran: unreadable
+            # results are the submission's fault, not a reason to run it again.
+            self._record(name, "training_error", self.source.mark_training_error, name,
+                         f"unusable results: {error}", run_time, peak)
             return
-        times = {"train": results.train_time, "valid": results.valid_time,
-                 "test": results.test_time}
-        self._record(name, "scored", self.ledger.mark_scored, name, results.bagged_scores, times)
+        self._record(name, "scored", self.source.record_scores, name, results, output)
 
-    # -- ledger helpers -----------------------------------------------------------------
+    # -- source helpers -----------------------------------------------------------------
 
     def _record(self, name: str, state: str, transition: Callable[..., object],
                 *arguments: object) -> None:
@@ -225,12 +231,12 @@ class Dispatcher:
         self._changed(name, state)
 
     def _retry(self, name: str, reason: str) -> None:
-        state = self.ledger.retry(name, reason, self.config.dispatcher.max_attempts)
+        state = self.source.retry(name, reason, self.config.dispatcher.max_attempts)
         logger.warning("%s: %s -> %s", name, reason, state)
         self._changed(name, state)
 
     def _release(self, name: str) -> None:
-        self._record(name, "new", self.ledger.release, name, "dispatcher shut down")
+        self._record(name, "new", self.source.release, name, "dispatcher shut down")
 
     def _changed(self, name: str, state: str) -> None:
         logger.info("%s: %s", name, state)
@@ -269,18 +275,3 @@ class Dispatcher:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-
-
-@contextmanager
-def _exclusive(ledger_path: Path) -> Iterator[None]:
-    """Hold the event's lock: two dispatchers on one ledger would steal each other's runs."""
-    lock_path = Path(str(ledger_path) + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DispatcherBusy(
-                f"another dispatcher is running this event (lock {lock_path})"
-            ) from None
-        yield

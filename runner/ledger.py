@@ -153,6 +153,13 @@ class Ledger:
         with self._lock:
             return {row[0] for row in self._connection.execute("SELECT name FROM submissions")}
 
+    def still_claimed(self, name: str, worker: str) -> bool:
+        """Whether ``name`` still runs under ``worker`` (nobody re-queued or stopped it)."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT state, worker FROM submissions WHERE name = ?", (name,)).fetchone()
+        return row is not None and row[0] in RUNNING_STATES and row[1] == worker
+
     def count_new(self) -> int:
         """Return how many submissions wait to be run."""
         with self._lock:
@@ -225,9 +232,9 @@ class Ledger:
 
     def mark_training_error(self, name: str, error_msg: str, run_time: float | None,
                             peak_memory_mb: float | None) -> None:
-        """The submission failed or ran past its timeout; ``error_msg`` says how."""
+        """The submission failed, ran past its timeout or left unusable results."""
         with self._transaction() as db:
-            _move(db, name, ("training",), "training_error", error_msg=error_msg,
+            _move(db, name, ("training", "tested"), "training_error", error_msg=error_msg,
                   run_time=run_time, peak_memory_mb=peak_memory_mb)
 
     def mark_checking_error(self, name: str, error_msg: str) -> None:

@@ -186,6 +186,31 @@ def test_second_dispatcher_on_the_same_event_is_refused(tmp_path):
     assert not thread.is_alive()
 
 
+def test_a_run_stopped_from_outside_is_killed_and_not_written_over(tmp_path):
+    config = load_event_config(make_event(
+        tmp_path, ("hanging",), worker={"timeout": 600},
+        dispatcher={"time_between_collection": 0.5, "hunger_policy": "exit"}))
+    dispatcher = Dispatcher(config)
+    thread = threading.Thread(target=dispatcher.run)
+    thread.start()
+    try:
+        _wait_for_state(config.ledger_path, "training")
+        time.sleep(1)  # the hanging run and its forked child are going
+        assert _processes_under(tmp_path)
+        with Ledger(config.ledger_path) as organiser:
+            organiser.mark_checking_error("hanging", "stopped by the organiser")
+        # Stopped within a poll interval or two, then nothing is left to run: it exits.
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        dispatcher.stop()
+        thread.join(60)
+    with Ledger(config.ledger_path) as ledger:
+        hanging = ledger.get("hanging")
+    assert (hanging.state, hanging.error_msg) == ("checking_error", "stopped by the organiser")
+    assert _processes_under(tmp_path) == []
+
+
 class ScriptedWorker(BaseWorker):
     """A worker whose outcome per submission and attempt is set by the test."""
 
