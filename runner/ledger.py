@@ -234,7 +234,7 @@ class Ledger:
                             peak_memory_mb: float | None) -> None:
         """The submission failed, ran past its timeout or left unusable results."""
         with self._transaction() as db:
-            _move(db, name, ("training", "tested"), "training_error", error_msg=error_msg,
+            _move(db, name, RUNNING_STATES, "training_error", error_msg=error_msg,
                   run_time=run_time, peak_memory_mb=peak_memory_mb)
 
     def mark_checking_error(self, name: str, error_msg: str) -> None:
