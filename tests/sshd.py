@@ -123,8 +123,9 @@ def aws(moto_server, monkeypatch):
     return boto3.client("ec2", region_name=REGION)
 
 
-def add_ami(name: str, created: str, owner: str | None = None, state: str = "available") -> str:
-    """Put an AMI with a chosen creation date (and owner) straight into moto's backend."""
+def add_ami(name: str, created: str, owner: str | None = None, state: str = "available",
+            tags: dict[str, str] | None = None) -> str:
+    """Put an AMI with a chosen creation date (owner, tags) straight into moto's backend."""
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.ec2.models import ec2_backends
     from moto.ec2.models.amis import Ami
@@ -134,6 +135,8 @@ def add_ami(name: str, created: str, owner: str | None = None, state: str = "ava
     ami_id = random_ami_id()
     backend.amis[ami_id] = Ami(backend, ami_id, name=name, owner_id=owner, state=state,
                                creation_date=datetime.datetime.fromisoformat(created))
+    if tags:
+        backend.create_tags([ami_id], tags)
     return ami_id
 
 
@@ -239,7 +242,8 @@ def instance_at_sshd(aws, sshd, monkeypatch):
     from runner.aws import ec2
 
     aws.create_security_group(GroupName="ramp-workers", Description="ramp workers")
-    add_ami(AMI_BASE + "-2024-01-01", "2024-01-01T00:00:00+00:00")
+    add_ami(AMI_BASE + "-2024-01-01", "2024-01-01T00:00:00+00:00",
+            tags={"ramp-runner:ami-base-name": AMI_BASE})
     monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: (sshd.host,
                                                                               sshd.port))
     return aws

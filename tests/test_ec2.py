@@ -9,6 +9,7 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 
 from runner.aws import ec2
+from runner.errors import InfrastructureError
 from tests.sshd import AMI_BASE, REGION, add_ami, all_instances, aws, live_instances, moto_server
 
 __all__ = ["aws", "moto_server"]  # fixtures, imported for pytest
@@ -51,24 +52,52 @@ def _describe(client, instance_id):
     return client.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
 
 
+TAG = {"ramp-runner:ami-base-name": AMI_BASE}  # the key infra's distribution writes
+
+
 def test_newest_ami_is_ours_with_greatest_creation_date(client):
-    add_ami(f"{AMI_BASE}-b-older", "2024-03-01T00:00:00+00:00")
-    newest = add_ami(f"{AMI_BASE}-a-newest", "2024-06-01T00:00:00+00:00")
-    add_ami(f"{AMI_BASE}-c-failed", "2024-07-01T00:00:00+00:00", state="failed")
-    add_ami(f"other-{AMI_BASE}", "2024-08-01T00:00:00+00:00")
-    # A stranger's public image with our base name, newer than ours: RAMP would take it.
-    foreign = add_ami(f"{AMI_BASE}-evil", "2025-01-01T00:00:00+00:00", owner="999999999999")
+    add_ami(f"{AMI_BASE}-b-older", "2024-03-01T00:00:00+00:00", tags=TAG)
+    newest = add_ami(f"{AMI_BASE}-a-newest", "2024-06-01T00:00:00+00:00", tags=TAG)
+    add_ami(f"{AMI_BASE}-c-failed", "2024-07-01T00:00:00+00:00", state="failed", tags=TAG)
+    # A stranger's public image with our base name and tag, newer than ours: RAMP would take it.
+    foreign = add_ami(f"{AMI_BASE}-evil", "2025-01-01T00:00:00+00:00", owner="999999999999",
+                      tags=TAG)
     visible = {image["ImageId"] for image in client.describe_images(
         Filters=[{"Name": "name", "Values": [f"{AMI_BASE}*"]}])["Images"]}
     assert foreign in visible  # the trap is armed
     assert ec2.newest_ami(client, AMI_BASE) == newest
 
 
-def test_no_matching_ami_names_base_name_and_region(client):
+def test_newest_ami_is_found_by_its_base_name_tag_not_its_name(client):
+    ours = add_ami(f"{AMI_BASE}-2024-06-01", "2024-06-01T00:00:00+00:00", tags=TAG)
+    # Another event's GPU image: its name starts with ours, and it is newer.
+    add_ami(f"{AMI_BASE}-gpu-2024-09-01", "2024-09-01T00:00:00+00:00",
+            tags={"ramp-runner:ami-base-name": f"{AMI_BASE}-gpu"})
+    # Named like ours but not written by our distribution (no tag): not ours either.
+    add_ami(f"{AMI_BASE}-2024-10-01", "2024-10-01T00:00:00+00:00")
+    assert ec2.newest_ami(client, AMI_BASE) == ours
+    assert ec2.newest_ami(client, f"{AMI_BASE}-gpu") != ours
+
+
+def test_newest_ami_accepts_the_tag_of_amis_built_before(client):
+    # infra wrote "ramp:ami-base-name" until issue 12; those AMIs stay usable.
+    older = add_ami(f"{AMI_BASE}-2024-01-01", "2024-01-01T00:00:00+00:00",
+                    tags={"ramp:ami-base-name": AMI_BASE})
+    assert ec2.newest_ami(client, AMI_BASE) == older
+    newer = add_ami(f"{AMI_BASE}-2024-02-01", "2024-02-01T00:00:00+00:00", tags=TAG)
+    assert ec2.newest_ami(client, AMI_BASE) == newer
+    add_ami(f"{AMI_BASE}-gpu-2024-03-01", "2024-03-01T00:00:00+00:00",
+            tags={"ramp:ami-base-name": f"{AMI_BASE}-gpu"})
+    assert ec2.newest_ami(client, AMI_BASE) == newer
+
+
+def test_no_matching_ami_names_base_name_tag_and_region(client):
     add_ami("something-else", "2024-01-01T00:00:00+00:00")
+    add_ami(f"{AMI_BASE}-untagged", "2024-01-01T00:00:00+00:00")
     with pytest.raises(ec2.AMINotFoundError) as caught:
         ec2.newest_ami(client, AMI_BASE)
-    assert AMI_BASE in str(caught.value) and REGION in str(caught.value)
+    message = str(caught.value)
+    assert AMI_BASE in message and REGION in message and ec2.TAG_AMI_BASE_NAME in message
     assert isinstance(caught.value, ValueError)  # a configuration problem for the dispatcher
 
 
@@ -104,21 +133,26 @@ def test_spot_launch(client):
     assert _describe(client, instance.instance_id)["InstanceLifecycle"] == "spot"
 
 
-@pytest.mark.parametrize("code", ["InsufficientInstanceCapacity", "SpotMaxPriceTooLow",
-                                  "MaxSpotInstanceCountExceeded"])
-def test_spot_capacity_error_falls_back_to_on_demand(client, code):
+@pytest.mark.parametrize(("code", "status"), [
+    # EC2 answers a capacity shortage with a server error (5xx), which botocore's
+    # standard mode would retry seven times before the fallback got its turn.
+    ("InsufficientInstanceCapacity", 500), ("InsufficientCapacity", 500),
+    ("UnfulfillableCapacity", 400), ("SpotMaxPriceTooLow", 400),
+    ("MaxSpotInstanceCountExceeded", 400)])
+def test_spot_capacity_error_falls_back_to_on_demand_at_once(client, code, status, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)  # botocore's backoff, if any
     image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
     spot_requests = []
 
     def no_spot(request, **_):
         if "InstanceMarketOptions" in _body(request):
             spot_requests.append(request)
-            return _error(code, 400)
+            return _error(code, status)
         return None
 
     client.meta.events.register("before-send.ec2.RunInstances", no_spot)
     instance = _launch(client, image, spot=True)
-    assert spot_requests and not instance.spot
+    assert len(spot_requests) == 1 and not instance.spot
     assert "InstanceLifecycle" not in _describe(client, instance.instance_id)
     assert len(live_instances(client)) == 1
 
@@ -131,6 +165,38 @@ def test_spot_capacity_error_without_fallback_raises(client):
     with pytest.raises(ClientError, match="InsufficientInstanceCapacity"):
         _launch(client, image, spot=True, spot_fallback_on_demand=False)
     assert all_instances(client) == []
+
+
+def test_spot_attempt_still_retries_throttling(client, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    failures = []
+
+    def throttled(request, **_):
+        if len(failures) < 2:
+            failures.append(request)
+            return _error("RequestLimitExceeded", 503)
+        return None
+
+    client.meta.events.register("before-send.ec2.RunInstances", throttled)
+    instance = _launch(client, image, spot=True)
+    assert len(failures) == 2 and instance.spot
+
+
+def test_on_demand_capacity_errors_keep_botocore_retries(client, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    failures = []
+
+    def short(request, **_):
+        if len(failures) < 2:
+            failures.append(request)
+            return _error("InsufficientInstanceCapacity", 500)
+        return None
+
+    client.meta.events.register("before-send.ec2.RunInstances", short)
+    assert not _launch(client, image).spot
+    assert len(failures) == 2
 
 
 def test_other_launch_errors_do_not_fall_back(client):
@@ -199,3 +265,71 @@ def test_explicit_keys_are_used_and_hidden(aws, caplog):
     assert client._request_signer._credentials.access_key == "AKIAEXPLICIT"
     client.describe_images(Owners=["self"])
     assert secret not in caplog.text and secret not in repr(client)
+
+
+def _not_found_first(client, operation, times):
+    """Answer the first ``times`` calls of ``operation`` with InvalidInstanceID.NotFound, as
+    EC2 may right after RunInstances (eventual consistency); return the list of calls."""
+    calls = []
+
+    def answer(request, **_):
+        calls.append(request)
+        if len(calls) <= times:
+            return _error("InvalidInstanceID.NotFound", 400)
+        return None
+
+    client.meta.events.register(f"before-send.ec2.{operation}", answer)
+    return calls
+
+
+@pytest.fixture
+def quick_polls(monkeypatch):
+    monkeypatch.setattr(ec2, "RUNNING_POLL_SECONDS", 0.05)
+
+
+def test_not_found_right_after_launch_is_pending_not_terminated(client, quick_polls):
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    instance = _launch(client, image)
+    calls = _not_found_first(client, "DescribeInstances", 3)
+    ec2.wait_until_running(client, instance.instance_id, timeout=30)
+    assert len(calls) == 4
+    assert ec2.instance_state(client, instance.instance_id) == "running"
+
+
+def test_not_found_for_the_whole_wait_is_a_timeout(client, quick_polls):
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    instance = _launch(client, image)
+    _not_found_first(client, "DescribeInstances", 10**6)
+    with pytest.raises(TimeoutError, match=instance.instance_id):
+        ec2.wait_until_running(client, instance.instance_id, timeout=1)
+    assert ec2.instance_state(client, instance.instance_id) is None  # EC2 does not know it yet
+
+
+def test_not_found_from_terminate_is_not_proof_of_termination(client, quick_polls):
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    instance = _launch(client, image)
+    calls = _not_found_first(client, "TerminateInstances", 2)
+    ec2.terminate(client, [instance.instance_id])
+    assert len(calls) == 3
+    assert live_instances(client) == []
+
+
+def test_termination_is_confirmed_by_describing_it(client, quick_polls):
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    instance = _launch(client, image)
+    # Terminate answers NotFound and Describe does too for a while: keep at it.
+    terminates = _not_found_first(client, "TerminateInstances", 1)
+    describes = _not_found_first(client, "DescribeInstances", 2)
+    ec2.terminate(client, [instance.instance_id])
+    assert len(terminates) >= 2 and len(describes) >= 3
+    assert live_instances(client) == []
+
+
+def test_termination_that_cannot_be_confirmed_raises(client, quick_polls, monkeypatch):
+    monkeypatch.setattr(ec2, "CONSISTENCY_TIMEOUT", 1.0)
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    instance = _launch(client, image)
+    _not_found_first(client, "TerminateInstances", 10**6)
+    _not_found_first(client, "DescribeInstances", 10**6)
+    with pytest.raises(InfrastructureError, match=instance.instance_id):
+        ec2.terminate(client, [instance.instance_id])

@@ -2,7 +2,16 @@
 
 Instances carry tags naming the event, the submission and the dispatcher that launched
 them, so that a dispatcher that died can have its instances found and terminated later.
-Throttling and 5xx answers are retried by botocore's ``standard`` retry mode.
+Throttling and 5xx answers are retried by botocore's ``standard`` retry mode, except a
+spot launch's capacity errors, which fall back to on-demand at once.
+
+The EC2 API is eventually consistent: right after RunInstances, DescribeInstances and
+TerminateInstances may answer ``InvalidInstanceID.NotFound`` for an instance that exists
+and runs ("Eventual consistency in the Amazon EC2 API",
+https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html). So NotFound
+is "not yet", never "gone": the wait for ``running`` applies the acceptors of botocore's
+own ``instance_running`` waiter (which retries on NotFound), and a termination counts
+only once DescribeInstances shows it.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import boto3
 import botocore.config
 from botocore.exceptions import ClientError
 
-from runner.errors import EventError
+from runner.errors import EventError, InfrastructureError
 
 logger = logging.getLogger("runner.ec2")
 
@@ -27,12 +36,21 @@ logger = logging.getLogger("runner.ec2")
 API_MAX_ATTEMPTS = 8  # botocore standard mode: exponential backoff with jitter, capped at 20 s
 RUNNING_POLL_SECONDS = 2.0
 RUNNING_TIMEOUT = 600.0
+# How long an instance we launched may stay unknown to TerminateInstances/DescribeInstances;
+# AWS advises backing off "up to a few minutes".
+CONSISTENCY_TIMEOUT = 300.0
 SSH_PORT = 22
 TAG_EVENT = "ramp-runner:event"
 TAG_SUBMISSION = "ramp-runner:submission"
 TAG_DISPATCHER = "ramp-runner:dispatcher"
 TAG_OWNER = "ramp-runner:owner"
+# Written on each AMI by the stack's distribution (infra/tags.py carries the same literal).
+TAG_AMI_BASE_NAME = "ramp-runner:ami-base-name"
+# The key infra wrote before issue 12: AMIs built then are still found.
+TAG_AMI_BASE_NAME_BEFORE = "ramp:ami-base-name"
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
+ENDED_STATES = ("shutting-down", "terminated")
+NOT_FOUND = "InvalidInstanceID.NotFound"
 
 # Answers that mean "no spot capacity for you now", not "your request is wrong".
 CAPACITY_ERRORS = frozenset({
@@ -43,6 +61,7 @@ CAPACITY_ERRORS = frozenset({
     "SpotMaxPriceTooLow",
     "MaxSpotInstanceCountExceeded",
     "InsufficientFreeAddressesInSubnet",
+    "UnfulfillableCapacity",
     "Unsupported",
 })
 
@@ -69,27 +88,50 @@ def client(region_name: str, profile_name: str | None = None,
         aws_secret_access_key=secret_access_key,
         region_name=region_name,
     )
-    retries = {"mode": "standard", "max_attempts": API_MAX_ATTEMPTS}
-    return session.client("ec2", config=botocore.config.Config(retries=retries))
+    retries = {"mode": "standard", "total_max_attempts": API_MAX_ATTEMPTS}
+    ec2 = session.client("ec2", config=botocore.config.Config(retries=retries))
+    # Registered first, on the operation's own event: botocore asks the more specific
+    # handlers first, and takes the first answer that is not None (False: no retry).
+    ec2.meta.events.register_first("needs-retry.ec2.RunInstances", _no_retry_without_capacity)
+    return ec2
+
+
+def _no_retry_without_capacity(response: Any = None, request_dict: Any = None,
+                                **_: Any) -> bool | None:
+    """Veto botocore's retries of a spot launch that found no capacity: EC2 answers
+    InsufficientInstanceCapacity with HTTP 500, which standard mode retries with backoff
+    (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html lists it
+    among server errors); the on-demand fallback is the better next attempt."""
+    if response is None or "InstanceMarketOptions.MarketType" not in (
+            (request_dict or {}).get("body") or {}):
+        return None
+    code = response[1].get("Error", {}).get("Code")
+    return False if code in CAPACITY_ERRORS else None
 
 
 def newest_ami(ec2: Any, base_name: str) -> str:
-    """Return the id of the newest available AMI owned by this account named ``base_name*``."""
-    pages = ec2.get_paginator("describe_images").paginate(
-        Owners=["self"],
-        Filters=[
-            {"Name": "name", "Values": [f"{base_name}*"]},
+    """Return the id of the newest available AMI owned by this account whose base-name
+    tag (``TAG_AMI_BASE_NAME``, or the older ``TAG_AMI_BASE_NAME_BEFORE``) is ``base_name``.
+
+    A tag, not a name prefix: ``iris-ramp-worker-gpu-...`` is not an ``iris-ramp-worker``.
+    """
+    paginator = ec2.get_paginator("describe_images")
+    images = {
+        image["ImageId"]: image
+        for key in (TAG_AMI_BASE_NAME, TAG_AMI_BASE_NAME_BEFORE)
+        for page in paginator.paginate(Owners=["self"], Filters=[
+            {"Name": f"tag:{key}", "Values": [base_name]},
             {"Name": "state", "Values": ["available"]},
-        ],
-    )
-    images = [image for page in pages for image in page["Images"]
-              if image.get("Name", "").startswith(base_name)]
+        ])
+        for image in page["Images"]
+    }
     if not images:
         raise AMINotFoundError(
-            f"no available AMI owned by this account whose name starts with {base_name!r} "
-            f"in region {ec2.meta.region_name!r}"
+            f"no available AMI owned by this account tagged {TAG_AMI_BASE_NAME}={base_name} "
+            f"in region {ec2.meta.region_name!r} (build one with `invoke build-ami`, or set "
+            "ami_image_id)"
         )
-    newest = max(images, key=lambda image: image["CreationDate"])
+    newest = max(images.values(), key=lambda image: image["CreationDate"])
     logger.info("newest AMI for %r: %s (%s, %s)", base_name, newest["ImageId"],
                 newest["Name"], newest["CreationDate"])
     return newest["ImageId"]
@@ -171,30 +213,51 @@ def _run_one(ec2: Any, request: dict[str, Any]) -> str:
 def wait_until_running(ec2: Any, instance_id: str, timeout: float = RUNNING_TIMEOUT,
                        stop: threading.Event | None = None) -> None:
     """Block until the instance is ``running``; raise if it ends, ``timeout`` passes, or
-    ``stop`` is set (InterruptedError)."""
+    ``stop`` is set (InterruptedError).
+
+    Each answer is judged by the acceptors of botocore's ``instance_running`` waiter
+    (success: running; failure: shutting-down, terminated, stopping; retry:
+    InvalidInstanceID.NotFound); the waiter itself is not called because its sleep
+    cannot be cut short by ``stop``.
+    """
     stop = stop or threading.Event()
+    acceptors = ec2.get_waiter("instance_running").config.acceptors
     deadline = time.monotonic() + timeout
     while True:
-        state = instance_state(ec2, instance_id)
-        if state == "running":
+        try:
+            response = ec2.describe_instances(InstanceIds=[instance_id])
+        except ClientError as error:
+            response = error.response
+        verdict = next((a.state for a in acceptors if a.matcher_func(response)), None)
+        if verdict == "success":
             return
-        if state in ("shutting-down", "terminated", "stopping", "stopped"):
+        state = _state_in(response)
+        if verdict == "failure":
             raise RuntimeError(f"instance {instance_id} is {state} before it ran")
+        if verdict is None and "Error" in response:
+            raise ClientError(response, "DescribeInstances")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"instance {instance_id} still {state} after {timeout:g} s")
+            raise TimeoutError(f"instance {instance_id} still {state or 'unknown to EC2'} "
+                               f"after {timeout:g} s")
         if stop.wait(RUNNING_POLL_SECONDS):
             raise InterruptedError(f"stopped while instance {instance_id} was {state}")
 
 
-def instance_state(ec2: Any, instance_id: str) -> str:
-    """Return the state name of an instance (``terminated`` once it is gone)."""
+def _state_in(response: dict[str, Any]) -> str | None:
+    reservations = response.get("Reservations") or [{}]
+    instances = reservations[0].get("Instances") or [{}]
+    return instances[0].get("State", {}).get("Name")
+
+
+def instance_state(ec2: Any, instance_id: str) -> str | None:
+    """Return the state name of an instance, or None while EC2 does not know the id
+    (just launched, eventual consistency: not a proof that it is gone)."""
     try:
-        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        return _state_in(ec2.describe_instances(InstanceIds=[instance_id]))
     except ClientError as error:
-        if error.response["Error"]["Code"] == "InvalidInstanceID.NotFound":
-            return "terminated"
+        if error.response["Error"]["Code"] == NOT_FOUND:
+            return None
         raise
-    return reservations[0]["Instances"][0]["State"]["Name"]
 
 
 def instance_address(ec2: Any, instance_id: str) -> tuple[str, int]:
@@ -208,16 +271,37 @@ def instance_address(ec2: Any, instance_id: str) -> tuple[str, int]:
 
 
 def terminate(ec2: Any, instance_ids: Iterable[str]) -> None:
-    """Terminate instances (already-gone ones are not an error)."""
-    instance_ids = list(instance_ids)
-    if not instance_ids:
-        return
-    try:
-        ec2.terminate_instances(InstanceIds=instance_ids)
-    except ClientError as error:
-        if error.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
-            raise
-    logger.info("terminated %s", ", ".join(instance_ids))
+    """Terminate instances and see DescribeInstances confirm it (already-ended ones are
+    fine); raise InfrastructureError for one still unconfirmed after CONSISTENCY_TIMEOUT."""
+    for instance_id in instance_ids:
+        _terminate_one(ec2, instance_id)
+
+
+def _terminate_one(ec2: Any, instance_id: str) -> None:
+    # NotFound from TerminateInstances "does not mean the instance was or will be
+    # terminated": the AWS guide asks for DescribeInstances, with backoff, to confirm.
+    deadline = time.monotonic() + CONSISTENCY_TIMEOUT
+    delay = RUNNING_POLL_SECONDS
+    while True:
+        try:
+            ec2.terminate_instances(InstanceIds=[instance_id])
+        except ClientError as error:
+            if error.response["Error"]["Code"] != NOT_FOUND:
+                raise
+        state = instance_state(ec2, instance_id)
+        if state in ENDED_STATES:
+            logger.info("terminated %s", instance_id)
+            return
+        if time.monotonic() + delay > deadline:
+            raise InfrastructureError(
+                f"could not confirm the termination of instance {instance_id} within "
+                f"{CONSISTENCY_TIMEOUT:g} s (last seen {state or 'unknown to EC2'}); "
+                "`invoke reap` terminates it later, its self-destruct timer at the latest"
+            )
+        logger.info("instance %s is %s after TerminateInstances: asking again in %g s",
+                    instance_id, state or "unknown to EC2", delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
 
 
 def event_instances(ec2: Any, event_name: str) -> list[dict[str, Any]]:
