@@ -18,10 +18,18 @@ import psutil
 
 from runner.aws import ec2
 from runner.config import ConfigError, secret
-from runner.ssh.remote_worker import RemoteWorker, RemoteWorkerSection, known_hosts_path
+from runner.ssh.remote_worker import (
+    RemoteWorker,
+    RemoteWorkerSection,
+    check_private_key,
+    known_hosts_path,
+)
 from runner.ssh.session import RemoteSession, forget_host
 
 logger = logging.getLogger("runner.worker")
+
+# The self-destruct timer counts from boot: the margin covers boot, upload and collection.
+MIN_SELF_DESTRUCT_MARGIN = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +74,14 @@ class AWSWorkerSection(RemoteWorkerSection):
         if self.ssh_ready_timeout <= 0:
             raise ConfigError(source, f"{key_path}.ssh_ready_timeout",
                               "a positive number of seconds", repr(self.ssh_ready_timeout))
-        if self.self_destruct_margin < 0:
+        if self.self_destruct_margin < MIN_SELF_DESTRUCT_MARGIN:
             raise ConfigError(source, f"{key_path}.self_destruct_margin",
-                              "a number of seconds >= 0", repr(self.self_destruct_margin))
+                              f"a number of seconds >= {MIN_SELF_DESTRUCT_MARGIN:g} (boot, "
+                              "upload and collection must fit before the instance halts "
+                              "itself)", repr(self.self_destruct_margin))
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ConfigError(source, f"{key_path}.access_key_id",
                               "access_key_id and secret_access_key together, or neither")
-
-
 
 
 def owner_token() -> str:
@@ -167,6 +175,12 @@ class AWSWorker(RemoteWorker):
         self._check_teardown_allowed()
         self._terminate()
         super().teardown()
+
+    @classmethod
+    def preflight(cls, config: dict[str, Any]) -> None:
+        """Refuse a missing private key file, or one others may read."""
+        check_private_key(cls.settings_of(config).key_path, f"{cls.__name__} config",
+                          "worker.key_path")
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

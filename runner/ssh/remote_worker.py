@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shlex
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 from runner import ramptest, supervise
-from runner.config import WorkerSection
+from runner.config import ConfigError, WorkerSection
 from runner.results import RunEnd
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
 from runner.worker import BaseWorker, WorkerStatus
@@ -46,6 +48,21 @@ class RemoteWorkerSection(WorkerSection):
     memory_profiling: bool = False
     known_hosts_file: str | None = None
     remote_path_prefix: str | None = None
+
+
+def check_private_key(path: str, source: str, key_path: str) -> None:
+    """Raise ConfigError unless ``path`` is a file this user reads and nobody else may read
+    or write: OpenSSH refuses such a key too ("UNPROTECTED PRIVATE KEY FILE")."""
+    expected = "a private key file readable by its owner only"
+    try:
+        mode = os.stat(Path(path).expanduser()).st_mode
+    except OSError as error:
+        raise ConfigError(source, key_path, expected, f"{path}: {error.strerror}") from None
+    if not stat.S_ISREG(mode) or not os.access(Path(path).expanduser(), os.R_OK):
+        raise ConfigError(source, key_path, expected, f"{path}: not a readable file")
+    if mode & 0o077:
+        raise ConfigError(source, key_path, f"{expected} (chmod 600 {path})",
+                          f"mode {stat.S_IMODE(mode):o}")
 
 
 def known_hosts_path(config: dict[str, Any]) -> Path:

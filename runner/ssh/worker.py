@@ -23,6 +23,7 @@ from runner.ssh.remote_worker import (
     RUN_FOLDER,
     RemoteWorker,
     RemoteWorkerSection,
+    check_private_key,
     known_hosts_path,
 )
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
@@ -146,6 +147,13 @@ class SSHWorker(RemoteWorker):
             self._close_session()
             self._release_host()
         super().teardown()
+
+    @classmethod
+    def preflight(cls, config: dict[str, Any]) -> None:
+        """Refuse a host whose private key file is missing or readable by others."""
+        for index, host in enumerate(cls.settings_of(config).hosts):
+            check_private_key(host.key_path, f"{cls.__name__} config",
+                              f"worker.hosts[{index}].key_path")
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
