@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import math
 import os
 import types
 import typing
@@ -27,6 +29,12 @@ LEDGER_FILENAME = "ramp-runner.sqlite3"
 DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
                    "scratch_dir", "dispatcher_id")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
+# A config is a few dozen values: these bounds refuse alias bombs and runaway nesting long
+# before they cost time or memory, and keep every walk of the document far from Python's
+# recursion limit.
+MAX_DEPTH = 32
+MAX_VALUES = 10_000
+HIDDEN = "<hidden>"
 
 
 class ConfigError(EventError):
@@ -112,6 +120,16 @@ class WorkerConfig(dict):
         super().__init__(values)
         self.section = section
 
+    def public(self) -> dict[str, Any]:
+        """The dict with every secret shown as ``<hidden>``: what may be printed."""
+        names = _secret_names(type(self.section))
+        return {k: HIDDEN if k in names and v is not None else v for k, v in self.items()}
+
+    def __repr__(self) -> str:
+        return f"WorkerConfig({self.public()!r})"
+
+    __str__ = __repr__
+
 
 @dataclasses.dataclass(frozen=True)
 class CustomWorkerSection(WorkerSection):
@@ -160,6 +178,22 @@ class EventConfig:
             return self.path.parent / LEDGER_FILENAME
         return self.path.parent / f"ramp-runner-{self.path.stem}.sqlite3"
 
+    def public_items(self) -> list[tuple[str, Any]]:
+        """``(dotted key, value)`` of every key of the config, secrets shown as
+        ``<hidden>``: what ``check-config`` may print."""
+        items = [(f"ramp.{f.name}", getattr(self.ramp, f.name))
+                 for f in dataclasses.fields(self.ramp)]
+        items += [(f"worker.{k}", v) for k, v in self.worker_dict().public().items()]
+        items += [(f"dispatcher.{f.name}", getattr(self.dispatcher, f.name))
+                  for f in dataclasses.fields(self.dispatcher)]
+        return items
+
+    def secret_values(self) -> set[str]:
+        """The values of the config's secrets (to redact them wherever text goes out)."""
+        names = _secret_names(type(self.worker))
+        return {str(getattr(self.worker, name)) for name in names
+                if getattr(self.worker, name) not in (None, "")}
+
     def worker_dict(self, **more: Any) -> dict[str, Any]:
         """The dict handed to ``Worker(config, submission)``: the worker section plus
         what the dispatcher knows (``DISPATCHER_KEYS``)."""
@@ -170,6 +204,52 @@ class EventConfig:
             event_dir=str(self.path.parent),
             **more,
         )
+
+
+def _secret_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("secret")}
+
+
+class RedactSecrets(logging.Filter):
+    """A logging filter that replaces the given secret values by ``<hidden>`` in every
+    record's message and traceback (botocore's debug output carries the access key id).
+
+    Install it on each handler (``install_redaction``): filters on a logger do not see the
+    records its children propagate.
+    """
+
+    def __init__(self, secrets: typing.Iterable[str]):
+        super().__init__()
+        # Longest first, so that a secret containing another is hidden whole.
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret replaced by ``<hidden>``."""
+        for value in self.secrets:
+            text = text.replace(value, HIDDEN)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        record.msg, record.args = self.redact(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        # The traceback is now text; handlers must not format the raw exception again.
+        record.exc_info = None
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+def install_redaction(config: EventConfig, logger: logging.Logger | None = None) -> None:
+    """Hide the config's secrets in everything the handlers of ``logger`` (the root logger
+    by default) write, whatever the level. Call it after the handlers are set up."""
+    redactor = RedactSecrets(config.secret_values())
+    for handler in (logger or logging.getLogger()).handlers:
+        handler.addFilter(redactor)
 
 
 def _plain(value: Any) -> Any:
@@ -188,16 +268,109 @@ def load_event_config(path: str | os.PathLike[str]) -> EventConfig:
     path = Path(path).expanduser().resolve()
     source = str(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as error:
         raise ConfigError(source, "<file>", "a readable file", error.strerror) from None
+    return parse_event_config(load_yaml(data, source), path)
+
+
+def load_yaml(data: bytes, source: str) -> Any:
+    """Parse a YAML document strictly: UTF-8, no key given twice, at most ``MAX_DEPTH``
+    levels and ``MAX_VALUES`` values once aliases are expanded (ConfigError otherwise)."""
     try:
-        document = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(source, "<file>", "UTF-8 text",
+                          f"byte 0x{data[error.start]:02x} at offset {error.start}") from None
+    try:
+        _check_depth(text, source)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _NodeCheck(source).walk(node, "", 0)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        got = f"invalid YAML at line {where.line + 1}" if where else "invalid YAML"
-        raise ConfigError(source, "<file>", "a YAML mapping", got) from None
-    return parse_event_config(document, path)
+        raise ConfigError(source, "<file>", "a YAML mapping", _yaml_problem(error)) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "reason", None)
+    got = f"invalid YAML ({problem})" if problem else "invalid YAML"
+    if mark is not None:
+        got += f" at line {mark.line + 1}"
+    elif hasattr(error, "position"):
+        got += f" at character {error.position}"
+    return got
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH`` from the parser's events, before PyYAML's
+    composer (which recurses once per level: 5,000 brackets exhaust the stack) and its
+    scanner (slow on deep flow nesting) see the document; libyaml's parser when present."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    depth = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(source, "<file>", f"at most {MAX_DEPTH} levels of nesting",
+                                  f"deeper at line {event.start_mark.line + 1}")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+class _NodeCheck:
+    """One walk of the composed document, before anything is built from it: duplicate
+    keys, and the size and depth the document has once its aliases are expanded."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.sizes: dict[int, int] = {}
+        self.open: set[int] = set()
+
+    def walk(self, node: yaml.Node, key_path: str, depth: int) -> int:
+        """Return how many values ``node`` stands for, aliases expanded."""
+        where = key_path or "<top level>"
+        if depth > MAX_DEPTH:
+            raise ConfigError(self.source, where, f"at most {MAX_DEPTH} levels of nesting "
+                              "(aliases expanded)", f"deeper at line {node.start_mark.line + 1}")
+        if id(node) in self.open:
+            raise ConfigError(self.source, where, "no alias inside its own anchor",
+                              f"one at line {node.start_mark.line + 1}")
+        if id(node) in self.sizes:
+            return self.sizes[id(node)]
+        self.open.add(id(node))
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                size += self.walk(item, f"{key_path}[{i}]", depth + 1)
+                self._bound(size, where, item)
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "<key>"
+                child = f"{key_path}.{name}" if key_path else name
+                if name in seen and name != "<<":
+                    raise ConfigError(self.source, child, "each key once",
+                                      f"it again at line {key.start_mark.line + 1} "
+                                      f"(first at line {seen[name]})")
+                seen[name] = key.start_mark.line + 1
+                size += self.walk(key, child, depth + 1) + self.walk(value, child, depth + 1)
+                self._bound(size, where, value)
+        self.open.discard(id(node))
+        self.sizes[id(node)] = size
+        return size
+
+    def _bound(self, size: int, where: str, node: yaml.Node) -> None:
+        if size > MAX_VALUES:
+            raise ConfigError(self.source, where,
+                              f"at most {MAX_VALUES} values once aliases are expanded",
+                              f"more by line {node.start_mark.line + 1}")
 
 
 def parse_event_config(document: Any, path: Path) -> EventConfig:
@@ -298,6 +471,13 @@ def _default_ramp(path: Path) -> dict[str, Any]:
 def _check_dispatcher(dispatcher: DispatcherSection, source: str) -> None:
     if dispatcher.n_workers == 0:
         raise ConfigError(source, "dispatcher.n_workers", "a non-zero integer", "0")
+    cpus = os.cpu_count() or 1
+    if dispatcher.n_workers < -cpus:
+        # Negative counts back from this machine's cpu_count: below it no slot is left.
+        raise ConfigError(source, "dispatcher.n_workers",
+                          f"a positive integer, or from -{cpus} to -1 (cpu_count + 1 + "
+                          f"n_workers slots on this {cpus}-CPU machine)",
+                          repr(dispatcher.n_workers))
     if dispatcher.n_threads is not None and dispatcher.n_threads < 1:
         raise ConfigError(source, "dispatcher.n_threads", "a positive integer",
                           repr(dispatcher.n_threads))
@@ -387,6 +567,10 @@ def _convert(value: Any, hint: Any, source: str, where: str, is_secret: bool) ->
         if value == "None" and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        choices = typing.get_args(inner[0])
+        if typing.get_origin(inner[0]) is Literal and value not in choices:
+            expected = _describe(hint) + _suggestion(str(value), map(str, choices))
+            raise ConfigError(source, where, expected, shown)
         return _convert(value, inner[0], source, where, is_secret)
     if origin is Literal:
         if value not in args:
@@ -413,6 +597,8 @@ def _convert(value: Any, hint: Any, source: str, where: str, is_secret: bool) ->
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(source, where, "a number", shown)
+        if not math.isfinite(value):
+            raise ConfigError(source, where, "a finite number", shown)
         return value
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -425,9 +611,11 @@ def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
+        if type(None) in args and typing.get_origin(inner[0]) is Literal:
+            return _describe(inner[0]) + " or None"
         return _describe(inner[0])
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args) + " or None"
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
         return f"a non-empty list of {_describe(args[0])}"
     if dataclasses.is_dataclass(hint):
