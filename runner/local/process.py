@@ -1,7 +1,8 @@
-"""One local ramp-test run: its own process group, its log, its peak memory, its end."""
+"""One local ramp-test run: its own process group, its sandbox and limits, its log, its end."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import psutil
 
 from runner import supervise
+from runner.sandbox import Confinement
 
 KILL_GRACE_SECONDS = 5.0
 
@@ -22,18 +24,23 @@ class LocalRun:
     Everything the command forks stays in its process group, so ``stop`` ends the whole
     tree (and any descendant that left the group is found through its parent links). The
     group also dies with the process that created this object, even by SIGKILL: the
-    supervisor leading it watches that process.
+    supervisor leading it watches that process. With a ``confinement``, the supervisor
+    also runs the command in the sandbox and ends it at its limits (``stop_reason``).
     """
 
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path,
-                 cwd: str | os.PathLike[str] | None = None):
+                 cwd: str | os.PathLike[str] | None = None,
+                 confinement: Confinement | None = None):
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._memory_path = self.log_path.with_name(self.log_path.name + ".peak_rss")
+        self._reason_path = self.log_path.with_name(self.log_path.name + ".reason")
+        options = confinement.options() if confinement is not None else []
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, supervise.__file__, "--watch", str(os.getpid()),
-                 "--peak-rss", str(self._memory_path), "--", *argv],
+                 "--peak-rss", str(self._memory_path), "--reason", str(self._reason_path),
+                 *options, "--", *argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -83,15 +90,26 @@ class LocalRun:
 
     @property
     def peak_memory_mb(self) -> float | None:
-        """Peak RSS in MiB of the largest process of the run, once it ended normally."""
+        """Peak memory in MiB of the run's whole tree, once it ended normally."""
         try:
             return float(self._memory_path.read_text())
         except (OSError, ValueError):
             return None
 
+    @property
+    def stop_reason(self) -> dict[str, str] | None:
+        """Why the supervisor ended the run, once it did: ``{"fault": "submission" (a limit)
+        or "event" (the sandbox could not start), "message": ...}``; else None."""
+        try:
+            reason = json.loads(self._reason_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return reason if isinstance(reason, dict) else None
+
     def cleanup(self) -> None:
-        """Remove the memory file the wrapper left beside the log."""
+        """Remove the files the supervisor left beside the log."""
         self._memory_path.unlink(missing_ok=True)
+        self._reason_path.unlink(missing_ok=True)
 
 
 def _alive(process: psutil.Process) -> bool:

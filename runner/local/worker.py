@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from runner import ramptest
+from runner import ramptest, sandbox
 from runner.config import WorkerSection
+from runner.errors import EventError
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.local.process import LocalRun
 from runner.results import RunEnd
@@ -29,7 +30,9 @@ class CondaEnvWorker(BaseWorker):
     """Run a submission with ramp-test in a conda environment on this machine.
 
     The submission is copied to the worker's scratch folder so that a half-finished run
-    never touches ``submissions_dir``; ``teardown`` removes the scratch.
+    never touches ``submissions_dir``; ``teardown`` removes the scratch. The run is
+    confined (``runner.sandbox``): it sees the kit and data read-only, writes only its copy
+    and a private /tmp, and is stopped at the worker's limits.
     """
 
     settings_class = CondaWorkerSection
@@ -39,6 +42,12 @@ class CondaEnvWorker(BaseWorker):
         self.settings  # noqa: B018 - a config error is the caller's, raised here
         self._run: LocalRun | None = None
         self._bin: Path | None = None
+        self._confinement: sandbox.Confinement | None = None
+
+    @classmethod
+    def preflight(cls, config: dict[str, Any]) -> None:
+        """``sandbox: required`` without a working sandbox is refused; ``auto`` warns."""
+        sandbox.use_sandbox(cls.settings_of(config).sandbox, cls.__name__)
 
     @property
     def _submissions_copy(self) -> Path:
@@ -51,8 +60,15 @@ class CondaEnvWorker(BaseWorker):
         if not (self._bin / "ramp-test").exists():
             raise CondaError(f"no ramp-test in {self._bin}: install ramp-workflow in the "
                              f"environment {self.settings.conda_env or 'base'!r}")
-        shutil.copytree(self.submission_folder(), self._submissions_copy / self.submission,
+        copy = self._submissions_copy / self.submission
+        # Links are copied as links: a link in a submission must not make the dispatcher
+        # copy what it points to (/etc/shadow) where the run can read it.
+        shutil.copytree(self.submission_folder(), copy, symlinks=True,
                         ignore=shutil.ignore_patterns("training_output"))
+        self._confinement = sandbox.confinement(
+            self.config, type(self).__name__,
+            read_only=[self.config["kit_dir"], self.config["data_dir"]],
+            writable=[copy], tmp=self.scratch / "tmp")
         super().setup()
 
     def launch_submission(self) -> None:
@@ -66,7 +82,8 @@ class CondaEnvWorker(BaseWorker):
             ramp_test=str(self._bin / "ramp-test"),
         )
         env = ramptest.child_environment(self.config.get("n_threads"), extra_path=str(self._bin))
-        self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch)
+        self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch,
+                             confinement=self._confinement)
         super().launch_submission()
 
     def _is_submission_finished(self) -> bool:
@@ -84,7 +101,13 @@ class CondaEnvWorker(BaseWorker):
             timed_out = self._status is WorkerStatus.TIMEOUT
             self._run.stop()
             self.peak_memory_mb = self._run.peak_memory_mb
-            end = RunEnd(None if timed_out else self._run.returncode, timed_out=timed_out)
+            reason = self._run.stop_reason
+            if reason is not None and reason.get("fault") == "event":
+                raise EventError(str(reason.get("message")))
+            if reason is not None and not timed_out:
+                end = RunEnd(None, stopped=str(reason.get("message")))
+            else:
+                end = RunEnd(None if timed_out else self._run.returncode, timed_out=timed_out)
             output = self._submissions_copy / self.submission / "training_output"
             return self._install(end, self.scratch / "log", output)
 

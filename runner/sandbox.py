@@ -1,0 +1,112 @@
+"""Whether and how a run is confined: the worker keys ``sandbox``, ``network`` and limits.
+
+The confinement itself is ``runner/supervise.py``'s (bubblewrap and the limits), so that
+every host that runs the supervisor confines the same way; this module decides, on the
+machine that starts a run, what to ask of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner import supervise
+from runner.errors import EventError
+
+logger = logging.getLogger("runner.sandbox")
+
+# The worker keys this module reads, with the defaults of runner.config.WorkerSection.
+DEFAULTS: dict[str, Any] = {"sandbox": "auto", "network": False, "memory_limit_mb": 8192,
+                            "output_limit_mb": 1024, "log_limit_mb": 20,
+                            "max_processes": 1024}
+LIMITS = ("memory_limit_mb", "output_limit_mb", "log_limit_mb", "max_processes")
+
+
+@functools.cache
+def probe() -> tuple[bool, str]:
+    """(works, why not): whether the sandbox works on this machine (asked once)."""
+    completed = subprocess.run(
+        [sys.executable, supervise.__file__, "--check-sandbox"], capture_output=True,
+        text=True, check=False, stdin=subprocess.DEVNULL)
+    if completed.returncode == 0:
+        return True, ""
+    return False, (completed.stdout + completed.stderr).strip().removeprefix(
+        "sandbox: does not work: ")
+
+
+def available() -> bool:
+    """Whether submissions can run in the sandbox here (for check-config and preflight)."""
+    return probe()[0]
+
+
+@functools.cache
+def _warn_once(owner: str, why: str) -> None:
+    logger.warning("%s: submissions are NOT isolated: the sandbox does not work on this "
+                   "machine (%s); they run with the dispatcher's rights and can read and "
+                   "change the event's files. Install bubblewrap or set worker.sandbox: off "
+                   "to silence this.", owner, why)
+
+
+def use_sandbox(mode: str, owner: str) -> bool:
+    """Whether to sandbox a run under worker key ``sandbox`` = ``mode`` (auto|required|off).
+
+    ``auto`` without a working sandbox warns once per ``owner``; ``required`` raises
+    EventError (the event's fault: checking_error).
+    """
+    if mode == "off":
+        return False
+    works, why = probe()
+    if works:
+        return True
+    if mode == "required":
+        raise EventError(f"worker.sandbox: required, but the sandbox does not work on this "
+                         f"machine: {why}")
+    _warn_once(owner, why)
+    return False
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """What the supervisor is asked for one run: sandbox, visible folders, limits."""
+
+    sandbox: bool
+    network: bool
+    read_only: tuple[str, ...]
+    writable: tuple[str, ...]
+    tmp: str
+    limits: Mapping[str, int]
+
+    def options(self) -> list[str]:
+        """The ``supervise.py`` options (before ``--``) for this confinement."""
+        options = ["--tmp", self.tmp]
+        for name in LIMITS:
+            options += [f"--{name.replace('_', '-')}", str(int(self.limits[name]))]
+        if self.sandbox:
+            options.append("--sandbox")
+            if self.network:
+                options.append("--network")
+            for path in self.read_only:
+                options += ["--ro", path]
+            for path in self.writable:
+                options += ["--rw", path]
+        return options
+
+
+def confinement(settings: Mapping[str, Any], owner: str, read_only: Sequence[str | Path],
+                writable: Sequence[str | Path], tmp: str | Path) -> Confinement:
+    """The confinement of a run from a worker's keys (``settings``: its config dict)."""
+    values = {key: settings.get(key, default) for key, default in DEFAULTS.items()}
+    return Confinement(
+        sandbox=use_sandbox(values["sandbox"], owner),
+        network=bool(values["network"]),
+        read_only=tuple(map(str, read_only)),
+        writable=tuple(map(str, writable)),
+        tmp=str(tmp),
+        limits={name: values[name] for name in LIMITS},
+    )
