@@ -7,6 +7,7 @@ cannot start its real part fails the test; nothing here skips.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import getpass
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -60,6 +62,7 @@ class SSHServer:
     user: str
     key_path: str
     host_public_key: str
+    pid: int = 0  # the listening sshd; each connection is served by a child of it
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +94,7 @@ def sshd(tmp_path_factory) -> SSHServer:
         log.close()
         pytest.fail(f"sshd did not start: {(folder / 'sshd.log').read_text()[-2000:]}")
     yield SSHServer("127.0.0.1", port, getpass.getuser(), str(folder / "user_key"),
-                    (folder / "host_key.pub").read_text().strip())
+                    (folder / "host_key.pub").read_text().strip(), process.pid)
     process.terminate()
     process.wait(10)
     log.close()
@@ -138,6 +141,28 @@ def add_ami(name: str, created: str, owner: str | None = None, state: str = "ava
     if tags:
         backend.create_tags([ami_id], tags)
     return ami_id
+
+
+@contextlib.contextmanager
+def frozen(sshd: SSHServer, local_port: int) -> Iterator[list[psutil.Process]]:
+    """Stop (SIGSTOP) the sshd processes serving the connection from ``local_port``: a host
+    that froze, or a half-open TCP connection (the kernel still acknowledges, nobody answers).
+    They are continued on exit."""
+    serving = []
+    for child in psutil.Process(sshd.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # other tests' sessions come and go
+            if any(c.raddr and c.raddr.port == local_port
+                   for c in child.net_connections(kind="tcp")):
+                serving.append(child)
+    assert serving, f"no sshd process serves the connection from port {local_port}"
+    for process in serving:
+        process.suspend()
+    try:
+        yield serving
+    finally:
+        for process in serving:
+            with contextlib.suppress(psutil.Error):
+                process.resume()
 
 
 def live_instances(client) -> list[dict]:

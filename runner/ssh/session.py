@@ -4,6 +4,16 @@ Everything a run needs goes through a single SSH connection: each step is one ch
 on it (one round trip), and files move as one compressed tar stream per direction.
 Host keys are checked against a known_hosts file of the event; a host not in it is
 trusted on first use (and recorded, with its fingerprint logged), unless ``strict``.
+
+Every step has a deadline of its own. Connecting is bounded by paramiko's connect,
+banner and auth timeouts; on an established connection paramiko bounds nothing that
+matters: ``Transport.open_session`` waits ``channel_timeout`` (3600 s by default) and
+``Channel.exec_command``/``recv_exit_status`` wait without a timeout (paramiko API docs,
+https://docs.paramiko.org/en/stable/api/transport.html and .../api/channel.html). A host
+that froze, or a half-open TCP connection (the kernel acknowledges, nobody answers),
+would hold a step for an hour. So a step past its deadline closes the connection, which
+wakes every one of those waits, and raises TimeoutError (an OSError: callers treat it as
+a lost connection and reconnect).
 """
 
 from __future__ import annotations
@@ -15,7 +25,8 @@ import shlex
 import tarfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fabric
@@ -28,7 +39,8 @@ logger = logging.getLogger("runner.remote")
 CONNECT_TIMEOUT = 10.0
 RETRY_SECONDS = 2.0
 KEEPALIVE_SECONDS = 15
-STREAM_TIMEOUT = 600.0
+STEP_TIMEOUT = 60.0  # a command, unless its caller gives another deadline
+STREAM_TIMEOUT = 600.0  # a whole upload or download
 CHUNK = 1 << 16
 
 # Errors that mean "the connection is gone or never came", as opposed to a refused key.
@@ -230,14 +242,45 @@ class RemoteSession:
     # -- steps ----------------------------------------------------------------------------
 
     def run(self, command: str, timeout: float | None = None) -> tuple[int, str, str]:
-        """Run ``command`` (one round trip); return (exit status, stdout, stderr)."""
+        """Run ``command`` (one round trip) within ``timeout`` seconds (``STEP_TIMEOUT``);
+        return (exit status, stdout, stderr)."""
+        with self._deadline(timeout or STEP_TIMEOUT, command) as connection:
+            result = connection.run(command, hide=True, warn=True, in_stream=False)
+        self.bytes_received += len(result.stdout) + len(result.stderr)
+        return result.exited, result.stdout, result.stderr
+
+    @contextmanager
+    def _deadline(self, seconds: float, step: str) -> Iterator[fabric.Connection]:
+        """Give one step (one round trip) on the connection ``seconds``; past them the
+        connection is closed and the step raises TimeoutError."""
         if not self.is_connected:
             raise ConnectionError(f"{self!r} is not connected")
         self.round_trips += 1
-        result = self._connection.run(command, hide=True, warn=True, in_stream=False,
-                                      timeout=timeout)
-        self.bytes_received += len(result.stdout) + len(result.stderr)
-        return result.exited, result.stdout, result.stderr
+        connection = self._connection
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            connection.client.close()
+
+        timer = threading.Timer(seconds, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield connection
+        except Exception as error:
+            if expired.is_set():
+                raise self._timed_out(seconds, step) from error
+            raise
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            raise self._timed_out(seconds, step)
+
+    def _timed_out(self, seconds: float, step: str) -> TimeoutError:
+        self.close()
+        return TimeoutError(f"{self!r}: {step!r} did not complete within {seconds:g} s; "
+                            "connection closed")
 
     def upload(self, files: Iterable[tuple[str | os.PathLike[str], str]], remote_dir: str,
                before: str = "") -> None:
@@ -245,9 +288,9 @@ class RemoteSession:
         in ``remote_dir``; ``before`` runs first in the same round trip."""
         target = shlex.quote(remote_dir)
         command = f"{before}mkdir -p {target} && tar -xzf - -C {target}"
-        channel = self._channel(command)
-        writer = _CountingWriter(channel)
-        with channel:
+        with self._deadline(STREAM_TIMEOUT, f"upload to {remote_dir}") as connection, \
+                self._channel(connection, command) as channel:
+            writer = _CountingWriter(channel)
             with tarfile.open(fileobj=writer, mode="w|gz") as archive:
                 for local, name in files:
                     archive.add(str(local), arcname=name, recursive=False)
@@ -261,9 +304,9 @@ class RemoteSession:
         shell snippet ``names_script`` sets with ``set --``; unpack them in ``local_dir``."""
         command = (f"{before}cd {shlex.quote(remote_dir)} && {names_script} && "
                    f"tar -czf - -- \"$@\"")
-        channel = self._channel(command)
-        reader = _CountingReader(channel)
-        with channel:
+        with self._deadline(STREAM_TIMEOUT, f"download from {remote_dir}") as connection, \
+                self._channel(connection, command) as channel:
+            reader = _CountingReader(channel)
             try:
                 with tarfile.open(fileobj=reader, mode="r|gz") as archive:
                     archive.extractall(local_dir, filter="data")
@@ -276,12 +319,9 @@ class RemoteSession:
             self.bytes_received += reader.count
             self._finish(channel, command)
 
-    def _channel(self, command: str) -> paramiko.Channel:
-        if not self.is_connected:
-            raise ConnectionError(f"{self!r} is not connected")
-        self.round_trips += 1
-        channel = self._connection.transport.open_session()
-        channel.settimeout(STREAM_TIMEOUT)
+    @staticmethod
+    def _channel(connection: fabric.Connection, command: str) -> paramiko.Channel:
+        channel = connection.transport.open_session()
         channel.exec_command(command)
         return channel
 
