@@ -93,8 +93,11 @@ def board_engine(database: Mapping[str, Any]) -> Engine:
     Connections are checked before use (``pool_pre_ping``); SQLite transactions start with
     ``BEGIN IMMEDIATE``, so a transition's read and write see the same state.
     """
-    url = URL.create(**{k: v for k, v in database.items() if v is not None})
-    engine = create_engine(url, pool_pre_ping=True)
+    values = {k: v for k, v in database.items() if v is not None}
+    if values.get("drivername") == "postgresql":
+        # ramp-database installs psycopg2; SQLAlchemy 2.1 would pick psycopg 3 instead.
+        values["drivername"] = "postgresql+psycopg2"
+    engine = create_engine(URL.create(**values), pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         # pysqlite delays BEGIN to the first write; take the write lock at the start
         # instead (SQLAlchemy's documented recipe for SQLite transactions).

@@ -12,6 +12,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +24,9 @@ from ramp_database.tools.event import add_event, add_problem
 from ramp_database.tools.submission import add_submission
 from ramp_database.tools.team import sign_up_team
 from ramp_database.tools.user import add_user, approve_user
-from ramp_database.utils import session_scope, setup_db
+from sqlalchemy.orm import Session
 
+from runner.rampdb import board_engine
 from tests.events import EXAMPLE
 
 PROBLEM = "iris"
@@ -53,6 +56,19 @@ class Board:
         return self.event_dir(event) / "config.yml"
 
 
+@contextmanager
+def board_session(database: dict) -> Iterator[Session]:
+    """A session on the board, committed at the end (ramp-database's ``session_scope``,
+    over the engine ramp-runner uses: it picks psycopg2 for ``postgresql``)."""
+    engine = board_engine(database)
+    try:
+        with Session(engine) as session:
+            yield session
+            session.commit()
+    finally:
+        engine.dispose()
+
+
 def sqlite_database(root: Path) -> dict:
     """A ``sqlalchemy:`` section for an SQLite file (read_config wants every key)."""
     return {"drivername": "sqlite", "username": None, "password": None, "host": None,
@@ -73,11 +89,11 @@ def make_board(root: Path, database: dict) -> Board:
                    capture_output=True)
     ramp_config = root / "config.yml"
     ramp_config.write_text(yaml.safe_dump({"sqlalchemy": database}))
-    engine, _ = setup_db(database)
+    engine = board_engine(database)
     Model.metadata.drop_all(engine)
     Model.metadata.create_all(engine)
     engine.dispose()
-    with session_scope(database) as session:
+    with board_session(database) as session:
         setup_files_extension_type(session)
         add_problem(session, PROBLEM, str(root / "ramp-kits" / PROBLEM), str(data))
         for user in ("alice", "bob"):
@@ -102,7 +118,7 @@ def add_board_event(board: Board, event: str = EVENT, worker: dict | None = None
                        **(dispatcher or {})},
     }
     board.event_config(event).write_text(yaml.safe_dump(config))
-    with session_scope(board.database) as session:
+    with board_session(board.database) as session:
         add_event(session, PROBLEM, event, config["ramp"]["event_title"], "starting_kit",
                   str(event_dir / "submissions"), is_public=True)
         for team in ("alice", "bob"):
@@ -113,7 +129,7 @@ def add_board_event(board: Board, event: str = EVENT, worker: dict | None = None
 
 def submit(board: Board, event: str, submissions=SUBMISSIONS) -> None:
     """Add submissions as the website does on a participant's upload."""
-    with session_scope(board.database) as session:
+    with board_session(board.database) as session:
         event_row = session.query(Event).filter_by(name=event).one()
         # The website refuses a second upload within min_duration_between_submissions.
         event_row.min_duration_between_submissions = 0
