@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Mapping
+import stat
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+from runner.errors import EventError, SubmissionError
 
 # Variables a child may inherit. Everything else (AWS_*, tokens, passwords, the
 # dispatcher's own settings) stays with the dispatcher: submissions are untrusted code.
@@ -88,7 +94,11 @@ def error_message(log: str, returncode: int) -> str:
     Bounded to its last ``ERROR_MESSAGE_LIMIT`` characters: that is where the exception is.
     """
     message = traceback_of(log) or "\n".join(log.strip().splitlines()[-ERROR_TAIL_LINES:])
-    message = message or f"ramp-test exited with {returncode}"
+    return bounded(message or f"ramp-test exited with {returncode}")
+
+
+def bounded(message: str) -> str:
+    """``message`` cut to its last ``ERROR_MESSAGE_LIMIT`` characters (an error's end)."""
     if len(message) > ERROR_MESSAGE_LIMIT:
         message = "...\n" + message[-ERROR_MESSAGE_LIMIT:]
     return message
@@ -115,6 +125,11 @@ BAGGED_SCORES_FILE = "bagged_scores.csv"
 FOLD_SCORES_FILE = "scores.csv"
 STEPS = ("train", "valid", "test")
 BAGGED_STEPS = ("valid", "test")
+# A scores file holds a few rows of a few numbers: anything bigger is not ramp-test's, and
+# bounding the size bounds the time spent parsing it.
+MAX_SCORES_BYTES = 256 * 1024
+# Scores recomputed from the predictions and those ramp-test wrote agree to this.
+SCORE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -141,13 +156,10 @@ class RunResults:
 
 def score_types(kit_dir: str | os.PathLike[str]) -> tuple[ScoreType, ...]:
     """Return the score types of the kit's problem.py, in its order (the first ranks)."""
-    # Imported here: rampwf pulls in scikit-learn, which only this function needs.
-    from rampwf.utils import assert_read_problem
-
     problem_file = Path(kit_dir) / "problem.py"
     if not problem_file.is_file():
         raise ValueError(f"{problem_file}: no problem.py in the kit")
-    problem = assert_read_problem(str(kit_dir))
+    problem = _problem(str(kit_dir))
     found = getattr(problem, "score_types", None)
     if not found:
         raise ValueError(f"{problem_file}: defines no score_types")
@@ -157,20 +169,31 @@ def score_types(kit_dir: str | os.PathLike[str]) -> tuple[ScoreType, ...]:
     )
 
 
-def read_results(output_dir: str | os.PathLike[str]) -> RunResults:
+def _problem(kit_dir: str) -> Any:
+    # Imported here: rampwf pulls in scikit-learn, which only the kit's problem needs.
+    from rampwf.utils import assert_read_problem
+
+    return assert_read_problem(kit_dir)
+
+
+def read_results(output_dir: str | os.PathLike[str],
+                 types: Sequence[ScoreType] | None = None) -> RunResults:
     """Parse a training_output tree into scores and times.
 
-    Raises ValueError naming the file when a file is missing or malformed (which is also
-    what a failed run looks like: its fold holds error.txt instead of scores).
+    With the kit's score ``types``, every one of them must be there, and only they are
+    kept. Raises ValueError naming the file when a file is missing or malformed (which is
+    also what a failed run looks like: its fold holds error.txt instead of scores): not a
+    regular file, bigger than ``MAX_SCORES_BYTES``, a score that is not a finite number.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise ValueError(f"{output_dir}: no such training_output folder")
+    names = None if types is None else [t.name for t in types]
     fold_dirs = _fold_dirs(output_dir)
     fold_scores = []
     times = {"train": 0.0, "valid": 0.0, "test": 0.0}
     for fold_dir in fold_dirs:
-        scores = _read_fold_scores(fold_dir)
+        scores = _read_fold_scores(fold_dir, names)
         fold_scores.append(scores)
         for step in times:
             # A problem without test data writes no test_time: that step then took 0 s.
@@ -178,7 +201,7 @@ def read_results(output_dir: str | os.PathLike[str]) -> RunResults:
             times[step] += _read_time(fold_dir / f"{step}_time", required)
     return RunResults(
         fold_scores=tuple(fold_scores),
-        bagged_scores=_read_bagged_scores(output_dir / BAGGED_SCORES_FILE),
+        bagged_scores=_read_bagged_scores(output_dir / BAGGED_SCORES_FILE, names),
         train_time=times["train"],
         valid_time=times["valid"],
         test_time=times["test"],
@@ -200,8 +223,17 @@ def _fold_dirs(output_dir: Path) -> list[Path]:
     return [numbered[i] for i in sorted(numbered)]
 
 
-def _read_csv(path: Path, index_col: str | list[str]) -> pd.DataFrame:
-    if not path.is_file():
+def _read_csv(path: Path, index_col: str | list[str] | None) -> pd.DataFrame:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        info = None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: malformed, not a regular file")
+    if info is not None and info.st_size > MAX_SCORES_BYTES:
+        raise ValueError(f"{path}: malformed, {info.st_size} bytes (a scores file holds at "
+                         f"most {MAX_SCORES_BYTES})")
+    if info is None:
         hint = ""
         error = path.parent / "error.txt"
         if error.is_file():
@@ -218,16 +250,32 @@ def _read_csv(path: Path, index_col: str | list[str]) -> pd.DataFrame:
 
 def _numeric(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     try:
-        return frame.apply(pd.to_numeric, errors="raise").astype(float)
+        numbers = frame.apply(pd.to_numeric, errors="raise").astype(float)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: malformed, a score is not a number ({error})") from None
+    for name in numbers.columns:
+        if not numbers[name].map(math.isfinite).all():
+            raise ValueError(f"{path}: malformed, score {str(name)[:40]!r} is not a finite "
+                             "number")
+    return numbers
 
 
-def _read_fold_scores(fold_dir: Path) -> dict[str, dict[str, float]]:
+def _score_columns(frame: pd.DataFrame, names: list[str] | None, path: Path) -> pd.DataFrame:
+    """The kit's score columns of ``frame`` (all of them must be there), else all."""
+    if names is None:
+        return frame
+    missing = [name for name in names if name not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: malformed, no column for score {missing[0]!r} of the kit")
+    return frame[names]
+
+
+def _read_fold_scores(fold_dir: Path, names: list[str] | None) -> dict[str, dict[str, float]]:
     path = fold_dir / FOLD_SCORES_FILE
     frame = _read_csv(path, index_col="step")
     # "time" is per step, not a score; the *_time files give the same numbers.
-    frame = _numeric(frame.drop(columns=["time"], errors="ignore"), path)
+    frame = _score_columns(frame.drop(columns=["time"], errors="ignore"), names, path)
+    frame = _numeric(frame, path)
     if frame.columns.empty:
         raise ValueError(f"{path}: malformed, no score columns")
     for step in ("train", "valid"):
@@ -240,12 +288,12 @@ def _read_fold_scores(fold_dir: Path) -> dict[str, dict[str, float]]:
     }
 
 
-def _read_bagged_scores(path: Path) -> dict[str, dict[str, float]]:
+def _read_bagged_scores(path: Path, names: list[str] | None) -> dict[str, dict[str, float]]:
     frame = _read_csv(path, index_col=None)
     for column in ("step", "n_bag"):
         if column not in frame.columns:
             raise ValueError(f"{path}: malformed, no '{column}' column")
-    scores = _numeric(frame.drop(columns=["step", "n_bag"]), path)
+    scores = _numeric(_score_columns(frame.drop(columns=["step", "n_bag"]), names, path), path)
     if scores.columns.empty:
         raise ValueError(f"{path}: malformed, no score columns")
     n_bag = _numeric(frame[["n_bag"]], path)["n_bag"]
@@ -267,7 +315,8 @@ def _read_time(path: Path, required: bool) -> float:
         if required:
             raise ValueError(f"{path}: missing")
         return 0.0
-    text = path.read_text().strip()
+    with open(path, errors="replace") as handle:
+        text = handle.read(100).strip()
     try:
         seconds = float(text)
     except ValueError:
@@ -275,3 +324,118 @@ def _read_time(path: Path, required: bool) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{path}: malformed, not a duration: {text[:40]!r}")
     return seconds
+
+
+# --- Checking what a run claims ---------------------------------------------------------
+#
+# The submission's code runs in the same process as ramp-test, so an atexit hook (or a
+# thread) can rewrite bagged_scores.csv after ramp-test wrote it: no file mode or sandbox
+# can make a file unwritable to the very process that wrote it. The honest check is the
+# other one: the bagged scores are recomputed here, outside the sandbox, with the kit's own
+# score types, folds and ground truth, from the predictions the run saved, and a run whose
+# scores differ is refused. (The predictions themselves are the run's to make: ramp-test
+# hands the test data to the submission's process, as RAMP does.)
+
+
+def verify_results(output_dir: str | os.PathLike[str], kit_dir: str | os.PathLike[str],
+                   data_dir: str | os.PathLike[str], max_prediction_bytes: int) -> RunResults:
+    """Read a run's results strictly and check its bagged scores against its predictions.
+
+    Raises SubmissionError (the run's fault) for unusable or forged results, EventError
+    when the kit or its data cannot be read.
+    """
+    try:
+        types = score_types(kit_dir)
+        problem, y_train, y_test, folds = _ground_truth(str(kit_dir), str(data_dir))
+    except Exception as error:  # noqa: BLE001 - whatever the kit raises is the event's
+        raise EventError(f"cannot check the scores: the kit {kit_dir} or its data failed: "
+                         f"{type(error).__name__}: {error}") from None
+    try:
+        results = read_results(output_dir, types)
+    except ValueError as error:
+        raise SubmissionError(bounded(f"unusable results: {error}")) from None
+    claimed = results.bagged_scores
+    if (y_test is None) != ("test" not in claimed) or len(folds) != len(results.fold_scores):
+        raise SubmissionError(f"unusable results: {len(results.fold_scores)} folds and steps "
+                              f"{sorted(claimed)}, expected {len(folds)} folds of the kit")
+    recomputed = _bagged_from_predictions(Path(output_dir), str(data_dir), problem, y_train,
+                                          y_test, folds, max_prediction_bytes)
+    for step, scores in recomputed.items():
+        for name, value in scores.items():
+            said = claimed[step][name]
+            if not math.isclose(said, value, rel_tol=SCORE_TOLERANCE, abs_tol=SCORE_TOLERANCE):
+                raise SubmissionError(
+                    f"forged scores refused: {BAGGED_SCORES_FILE} says {step} {name} = "
+                    f"{said:.6g}, but the saved predictions score {value:.6g}")
+    return results
+
+
+@functools.lru_cache(maxsize=4)
+def _ground_truth(kit_dir: str, data_dir: str) -> tuple[Any, Any, Any, list]:
+    """The kit's problem, its targets and folds, as ramp-test computes them."""
+    problem = _problem(kit_dir)
+    X_train, y_train = problem.get_train_data(path=data_dir)
+    try:
+        _, y_test = problem.get_test_data(path=data_dir)
+    except (FileNotFoundError, OSError):
+        y_test = None
+    return problem, y_train, y_test, list(problem.get_cv(X_train, y_train))
+
+
+def _bagged_from_predictions(output_dir: Path, data_dir: str, problem: Any, y_train: Any,
+                             y_test: Any, folds: list,
+                             max_bytes: int) -> dict[str, dict[str, float]]:
+    from rampwf.utils.combine import get_score_cv_bags
+    from rampwf.utils.io import load_y_pred
+
+    steps = {"valid": ([], y_train, [valid for _, valid in folds])}
+    if y_test is not None:
+        steps["test"] = ([], y_test, None)
+    for i, (_, valid_is) in enumerate(folds):
+        fold_dir = output_dir / f"{FOLD_PREFIX}{i}"
+        for step, suffix in (("valid", "train"), ("test", "test")):
+            if step not in steps:
+                continue
+            _check_npz(fold_dir / f"y_pred_{suffix}.npz", max_bytes)
+            try:
+                y_pred = load_y_pred(problem, data_path=data_dir, input_path=str(fold_dir),
+                                     suffix=suffix)
+                fold_is = valid_is if step == "valid" else None
+                steps[step][0].append(problem.Predictions(y_pred=y_pred, fold_is=fold_is))
+            except Exception as error:  # noqa: BLE001 - a prediction file is the run's
+                raise SubmissionError(bounded(
+                    f"unusable results: {fold_dir.name}/y_pred_{suffix}: "
+                    f"{type(error).__name__}: {error}")) from None
+    recomputed = {}
+    for step, (predictions, y_true, test_is) in steps.items():
+        truth = problem.Predictions(y_true=y_true)
+        recomputed[step] = {}
+        for score_type in problem.score_types:
+            try:
+                _, scores = get_score_cv_bags(score_type, predictions, truth,
+                                              test_is_list=test_is)
+            except Exception as error:  # noqa: BLE001 - predictions of the wrong shape
+                raise SubmissionError(bounded(
+                    f"unusable results: the saved {step} predictions cannot be scored: "
+                    f"{type(error).__name__}: {error}")) from None
+            recomputed[step][str(score_type.name)] = float(scores[-1])
+    return recomputed
+
+
+def _check_npz(path: Path, max_bytes: int) -> None:
+    """Refuse a prediction archive that is a link or unpacks to more than ``max_bytes``."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return  # a kit with its own load_y_pred may store predictions otherwise
+    if not stat.S_ISREG(info.st_mode):
+        raise SubmissionError(f"unusable results: {path.name} is not a regular file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as error:
+        raise SubmissionError(f"unusable results: {path.parent.name}/{path.name}: {error}") \
+            from None
+    if unpacked > max_bytes:
+        raise SubmissionError(f"unusable results: {path.parent.name}/{path.name} unpacks to "
+                              f"{unpacked} bytes, more than output_limit_mb")

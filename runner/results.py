@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import ramptest
+from runner import ramptest, supervise
 from runner.errors import SubmissionError
+
+MIB = 1024 * 1024
+# Defaults of the worker keys (runner.config.WorkerSection) for a config dict without them.
+DEFAULT_OUTPUT_LIMIT_MB = 1024
+DEFAULT_LOG_LIMIT_MB = 20
+# ramp-test leaves a few files per fold; more entries than this is not a result.
+MAX_OUTPUT_ENTRIES = 10_000
+COPY_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -32,15 +42,18 @@ def install_run(config: dict[str, Any], submission: str, timeout: float, end: Ru
                 log_file: Path, output_dir: Path | None) -> tuple[int, str]:
     """Install the run's log and, when it succeeded, its ``training_output`` as predictions.
 
-    ``log_file`` and ``output_dir`` are the worker's local copies. Returns
-    ``(returncode, error_msg)``; raises SubmissionError (after installing the log) when
-    ramp-test exited 0 without leaving a ``training_output`` folder.
+    ``log_file`` and ``output_dir`` are the worker's local copies, written by the untrusted
+    run. Returns ``(returncode, error_msg)``, the message bounded; raises SubmissionError
+    (after installing the log) when ramp-test exited 0 but left no usable results: no
+    ``training_output`` folder, links or special files in it, more than
+    ``output_limit_mb``, or scores that are malformed or do not match the predictions.
     """
-    log = log_file.read_text(errors="replace") if log_file.is_file() else ""
+    log = _read_log(log_file, int(config.get("log_limit_mb") or DEFAULT_LOG_LIMIT_MB))
     if end.timed_out:
         returncode, error_msg = ramptest.TIMEOUT_RETURNCODE, ramptest.timeout_message(timeout)
     elif end.returncode is None:
-        returncode, error_msg = 1, end.stopped or "the run was stopped before its end"
+        returncode = 1
+        error_msg = ramptest.bounded(end.stopped or "the run was stopped before its end")
     else:
         returncode = end.returncode
         error_msg = "" if returncode == 0 else ramptest.error_message(log, returncode)
@@ -48,24 +61,139 @@ def install_run(config: dict[str, Any], submission: str, timeout: float, end: Ru
         log += f"\n{error_msg}\n"
     _replace_file(Path(config["logs_dir"]) / submission / "log", log)
     if returncode == 0:
-        if output_dir is None or not output_dir.is_dir():
+        if output_dir is None or not stat.S_ISDIR(_lstat_mode(output_dir)):
             raise SubmissionError("ramp-test exited with 0 but left no training_output folder "
                                   "(did the submission remove it?)")
-        install_predictions(output_dir, Path(config["predictions_dir"]) / submission)
+        limit_mb = int(config.get("output_limit_mb") or DEFAULT_OUTPUT_LIMIT_MB)
+        install_predictions(output_dir, Path(config["predictions_dir"]) / submission,
+                            limit_mb * MIB,
+                            check=lambda tree: ramptest.verify_results(
+                                tree, config["kit_dir"], config["data_dir"], limit_mb * MIB))
     return returncode, error_msg
 
 
-def install_predictions(source: Path, target: Path) -> None:
-    """Replace ``target`` with a copy of ``source``; a failed copy leaves no half folder."""
+def install_predictions(source: Path, target: Path, limit_bytes: int,
+                        check: Callable[[Path], object] | None = None) -> None:
+    """Replace ``target`` with a copy of ``source`` that ``check`` accepted.
+
+    The copy follows no link and takes only folders and regular files, at most
+    ``limit_bytes`` of them in all (their apparent size: a sparse file counts whole);
+    anything else is the submission's SubmissionError, and a failed copy leaves no half
+    folder.
+    """
+    _measure(source, limit_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
     incoming = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming-", dir=target.parent))
     try:
-        shutil.copytree(source, incoming / "tree")
+        _copy_tree(source, incoming / "tree", [limit_bytes])
+        if check is not None:
+            check(incoming / "tree")
         if target.exists():
             shutil.rmtree(target)
         os.replace(incoming / "tree", target)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
+
+
+def _refuse(path: Path, what: str) -> SubmissionError:
+    return SubmissionError(f"training_output: {path.name} is {what}; only folders and regular "
+                           "files are collected (links and special files are refused)")
+
+
+def _measure(source: Path, limit_bytes: int) -> None:
+    """Refuse a tree with links, special files, too many entries or too many bytes."""
+    total, entries, stack = 0, 0, [source]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as found:
+            for entry in found:
+                entries += 1
+                if entries > MAX_OUTPUT_ENTRIES:
+                    raise SubmissionError(f"training_output holds more than "
+                                          f"{MAX_OUTPUT_ENTRIES} files and folders")
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    stack.append(Path(entry.path))
+                elif stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+                else:
+                    raise _refuse(Path(entry.path), _kind(info.st_mode))
+                if total > limit_bytes:
+                    raise SubmissionError(
+                        f"training_output holds more than output_limit_mb="
+                        f"{limit_bytes // MIB} MB (a sparse file counts at its full size)")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _copy_tree(source: Path, target: Path, budget: list[int]) -> None:
+    """Copy without following links; ``budget`` (bytes left) bounds what is written."""
+    target.mkdir()
+    with os.scandir(source) as found:
+        entries = list(found)
+    for entry in entries:
+        path = Path(entry.path)
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if stat.S_ISDIR(mode):
+            _copy_tree(path, target / entry.name, budget)
+        elif stat.S_ISREG(mode):
+            _copy_file(path, target / entry.name, budget)
+        else:
+            raise _refuse(path, _kind(mode))
+
+
+def _copy_file(source: Path, target: Path, budget: list[int]) -> None:
+    # O_NOFOLLOW and O_NONBLOCK: a link or a FIFO put in place since the scan is refused,
+    # never followed or waited on; the budget holds even for a file that grew.
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        raise _refuse(source, f"unreadable ({error.strerror})") from None
+    with os.fdopen(fd, "rb") as reader:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _refuse(source, _kind(os.fstat(fd).st_mode))
+        with open(target, "wb") as writer:
+            while chunk := reader.read(COPY_CHUNK):
+                budget[0] -= len(chunk)
+                if budget[0] < 0:
+                    raise SubmissionError("training_output holds more than output_limit_mb")
+                writer.write(chunk)
+
+
+def _read_log(path: Path, limit_mb: int) -> str:
+    """The log as text, at most ``limit_mb``: its head and tail around a marker."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            limit = limit_mb * MIB
+            if size <= limit:
+                data = handle.read(limit)
+            else:
+                head = handle.read(limit // 2)
+                handle.seek(size - limit // 2)
+                tail = handle.read(limit // 2)
+                data = head + supervise.cut_marker(size - len(head) - len(tail),
+                                                   limit_mb).encode() + tail
+    except OSError:
+        return ""
+    return data.decode(errors="replace")
 
 
 def _replace_file(path: Path, text: str) -> None:
