@@ -81,7 +81,7 @@ def install_predictions(source: Path, target: Path, limit_bytes: int,
     anything else is the submission's SubmissionError, and a failed copy leaves no half
     folder.
     """
-    _measure(source, limit_bytes)
+    check_tree(source, limit_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
     incoming = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming-", dir=target.parent))
     try:
@@ -107,8 +107,9 @@ def _refuse(path: Path, what: str) -> SubmissionError:
                            "files are collected (links and special files are refused)")
 
 
-def _measure(source: Path, limit_bytes: int) -> None:
-    """Refuse a tree with links, special files, too many entries or too many bytes."""
+def check_tree(source: Path, limit_bytes: int) -> None:
+    """Raise SubmissionError for a tree with links, special files, more than
+    ``MAX_OUTPUT_ENTRIES`` entries or more than ``limit_bytes`` (apparent size)."""
     total, entries, stack = 0, 0, [source]
     while stack:
         folder = stack.pop()

@@ -22,7 +22,8 @@ from typing import Any
 
 import distributed
 
-from runner import archive, ramptest
+from runner import archive, ramptest, results, sandbox
+from runner.errors import EventError, SubmissionError
 from runner.local.conda import conda_env_prefix
 from runner.local.process import LocalRun
 
@@ -47,7 +48,9 @@ def run_submission(job: dict[str, Any]) -> dict[str, Any]:
 
     ``job`` keys: ``run_id``, ``submission``, ``submission_tar`` (bytes), ``kit`` and
     ``data`` (``{"path": ...}`` or ``{"sha": ..., "tar": bytes | None}``), ``conda_env``,
-    ``n_threads``, ``timeout``. The result's ``status`` is ``ended``, ``timeout``,
+    ``n_threads``, ``timeout``, and ``confinement``: the worker keys ``sandbox``,
+    ``network`` and the limits (``runner.sandbox.DEFAULTS`` for those left out). The
+    result's ``status`` is ``ended``, ``timeout``,
     ``killed``, ``missing`` (send the named folders' bytes, then submit again here) or
     ``lost`` (this run already started on a Dask worker that died).
     """
@@ -140,20 +143,39 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
                             ramp_test=str(ramp_test))
     env = ramptest.child_environment(job.get("n_threads"), extra_path=str(bin_dir))
     log_path = scratch / "log"
+    confinement = sandbox.confinement(
+        job.get("confinement") or {}, f"Dask worker {worker.address}", read_only=[kit, data],
+        writable=[submissions / submission], tmp=scratch / "tmp")
     with _LOCK:
         if run_id in _KILLED:
             return {"status": "killed", "worker": worker.address, "log": b""}
-        run = LocalRun(argv, env, log_path, cwd=scratch)
+        run = LocalRun(argv, env, log_path, cwd=scratch, confinement=confinement)
         _RUNS[run_id] = run
     try:
         status = _wait(run, float(job["timeout"]), worker)
         run.stop()
         if status == "ended" and run_id in _KILLED:
             status = "killed"
+        reason = run.stop_reason if status == "ended" else None
+        if reason is not None and reason.get("fault") == "event":
+            raise EventError(f"on Dask worker {worker.address}: {reason.get('message')}")
+        stopped = reason.get("message") if reason is not None else None
         output = submissions / submission / "training_output"
-        ok = status == "ended" and run.returncode == 0 and output.is_dir()
+        ok = status == "ended" and run.returncode == 0 and stopped is None \
+            and output.is_dir() and not output.is_symlink()
+        if ok:
+            # Packing follows links: a link or a FIFO must be refused before, here.
+            limit = int((job.get("confinement") or {}).get(
+                "output_limit_mb", sandbox.DEFAULTS["output_limit_mb"]))
+            try:
+                results.check_tree(output, limit * results.MIB)
+            except SubmissionError as error:
+                ok, stopped = False, str(error)
         return {
             "status": status,
+            # Why the run is the submission's error though ramp-test may have exited 0:
+            # a limit the supervisor enforced, or an unusable training_output.
+            "stopped": stopped,
             "returncode": run.returncode,
             "log": log_path.read_bytes(),
             "output": archive.compress(archive.pack(output)) if ok else None,
