@@ -98,6 +98,8 @@ def board_engine(database: Mapping[str, Any]) -> Engine:
         # ramp-database installs psycopg2; SQLAlchemy 2.1 would pick psycopg 3 instead.
         values["drivername"] = "postgresql+psycopg2"
     engine = create_engine(URL.create(**values), pool_pre_ping=True)
+    if engine.dialect.driver == "psycopg2":
+        _adapt_numpy_for_psycopg2()
     if engine.dialect.name == "sqlite":
         # pysqlite delays BEGIN to the first write; take the write lock at the start
         # instead (SQLAlchemy's documented recipe for SQLite transactions).
@@ -109,6 +111,17 @@ def board_engine(database: Mapping[str, Any]) -> Engine:
         def _begin_immediate(connection: Any) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
     return engine
+
+
+def _adapt_numpy_for_psycopg2() -> None:
+    """ramp-database's ``set_scores`` hands psycopg2 numpy scalars, which it writes as
+    their repr: ``np.float64(0.9)`` since numpy 2, a syntax error on PostgreSQL. Write
+    them as the Python numbers they hold."""
+    import numpy as np
+    from psycopg2.extensions import adapt, register_adapter
+
+    for numpy_type in (np.float64, np.float32, np.int64, np.int32, np.bool_):
+        register_adapter(numpy_type, lambda value: adapt(value.item()))
 
 
 def public_error(error_msg: str, log_file: Path) -> str:
