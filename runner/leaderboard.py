@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from runner.ledger import Submission
-from runner.ramptest import ScoreType
+from runner.ramptest import BAGGED_STEPS, ScoreType
+
+SPLITS = BAGGED_STEPS
 
 
 @dataclass(frozen=True)
@@ -20,21 +23,33 @@ class Entry:
 
 def rank(submissions: Iterable[Submission], score_types: Sequence[ScoreType],
          split: str = "test") -> list[Entry]:
-    """Rank scored submissions by the bagged ``split`` score of the first score type.
+    """Rank scored submissions by their bagged ``split`` scores: the first score type
+    first, ties broken by the next ones, each in the kit's direction.
 
-    Ties share a rank; the direction (higher or lower is better) is the kit's.
+    Submissions equal on every score share a rank. A score a submission lacks ranks it
+    last on that score rather than failing the whole board.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if not score_types:
         raise ValueError("the kit declares no score type to rank by")
-    lead = score_types[0]
     scored = [s for s in submissions if s.state == "scored" and s.scores and split in s.scores]
-    sign = 1.0 if lead.lower_is_better else -1.0
-    scored.sort(key=lambda s: (sign * s.scores[split][lead.name], s.name))
+
+    def key(submission: Submission) -> tuple[float, ...]:
+        return tuple(_oriented(submission.scores[split].get(t.name), t) for t in score_types)
+
+    scored.sort(key=lambda s: (key(s), s.name))
     entries: list[Entry] = []
     for position, submission in enumerate(scored, start=1):
-        value = submission.scores[split][lead.name]
         previous = entries[-1] if entries else None
-        tied = previous is not None and previous.scores[lead.name] == value
+        tied = previous is not None and key(previous.submission) == key(submission)
         entries.append(Entry(previous.rank if tied else position, submission,
                              dict(submission.scores[split])))
     return entries
+
+
+def _oriented(value: float | None, score_type: ScoreType) -> float:
+    """The value as "lower ranks first"; a missing or non-finite score ranks last."""
+    if value is None or not math.isfinite(value):
+        return math.inf
+    return value if score_type.lower_is_better else -value

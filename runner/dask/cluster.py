@@ -25,6 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 START_TIMEOUT = 60.0
+# Dask's own default scheduler port: stable across restarts, so configs can name it.
+DEFAULT_PORT = 8786
+ADDRESS_FILE = "scheduler-address"
 STOP_GRACE_SECONDS = 10.0
 
 
@@ -120,9 +123,10 @@ class LoopbackCluster:
 
     def __init__(self, folder: str | os.PathLike[str], workers: int = 2, tls: bool = False,
                  dashboard: bool = False, cwd: str | os.PathLike[str] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, port: int = 0):
         self.folder = Path(folder).resolve()
         self.n_workers = workers
+        self.port = port
         self.cwd = Path(cwd).resolve() if cwd else self.folder
         self.tls = tls
         self.dashboard = dashboard
@@ -153,7 +157,7 @@ class LoopbackCluster:
         scheduler_file.unlink(missing_ok=True)
         dashboard = (["--dashboard-address", "127.0.0.1:8787"] if self.dashboard
                      else ["--no-dashboard"])
-        self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0",
+        self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(self.port),
                                   "--protocol", "tls" if self.tls else "tcp",
                                   "--scheduler-file", str(scheduler_file),
                                   *dashboard, *tls_options])
@@ -183,6 +187,12 @@ class LoopbackCluster:
             except (OSError, ValueError, KeyError):
                 time.sleep(0.1)  # the scheduler writes the file once it listens
         raise TimeoutError(f"no scheduler address in {scheduler_file} after {START_TIMEOUT} s")
+
+    def write_address(self) -> Path:
+        """Write the scheduler's address, one line, into ``folder/scheduler-address``."""
+        path = self.folder / ADDRESS_FILE
+        path.write_text(f"{self.address}\n")
+        return path
 
     def client(self, **kwargs) -> distributed.Client:
         """A client of this cluster (with the client certificate under TLS)."""
@@ -230,18 +240,25 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass  # the group is already gone
 
 
-def serve(folder: str | os.PathLike[str], workers: int = 2, tls: bool = False) -> None:
-    """Run a loopback cluster until Ctrl+C (or SIGTERM), printing the ``worker:`` snippet."""
+def serve(folder: str | os.PathLike[str], workers: int = 2, tls: bool = False,
+          port: int = DEFAULT_PORT) -> None:
+    """Run a loopback cluster until Ctrl+C (or SIGTERM), printing the ``worker:`` snippet.
+
+    The scheduler listens on ``port`` (Dask's usual 8786, so that a config naming
+    ``tcp://127.0.0.1:8786`` needs no edit), and its address is also written to
+    ``folder/scheduler-address`` and ``folder/worker-snippet.yml``.
+    """
     # The workers run the task code of this very checkout, installed or not.
     source = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
     cluster = LoopbackCluster(folder, workers=workers, tls=tls, dashboard=True,
-                              env={"PYTHONPATH": path})
+                              env={"PYTHONPATH": path}, port=port)
     stop = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with cluster:
             snippet = Path(cluster.folder) / "worker-snippet.yml"
             snippet.write_text(cluster.worker_snippet())
+            cluster.write_address()
             print(f"Dask scheduler at {cluster.address}, {workers} worker(s) of 1 thread; "
                   f"dashboard http://127.0.0.1:8787\nPaste into the event's config.yml "
                   f"(also in {snippet}):\n\n{cluster.worker_snippet()}\nCtrl+C stops the cluster.")

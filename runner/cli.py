@@ -1,0 +1,363 @@
+"""The ``ramp-runner`` command line: one set of invoke tasks, shared by the installed console
+script (``ramp-runner dispatch -e config.yml``) and the repository's ``tasks.py``
+(``invoke dispatch -e config.yml``).
+
+The tasks parse options and call runner/; what they print is drawn by runner.display.
+Exit codes: 0 done; 1 the run failed (a submission of this dispatch ended in
+``checking_error``, a build failed, tests failed); 2 usage or configuration (nothing was
+started); 130 interrupted (Ctrl+C or SIGTERM; the dispatcher gave every claim back).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from invoke import Collection, Program, task
+from invoke.exceptions import Exit, ParseError
+
+ENV_EVENT_CONFIG = "RAMP_EVENT_CONFIG"
+EVENT_CONFIG_HELP = {"event_config": f"the event's config.yml (default: ${ENV_EVENT_CONFIG})"}
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _config_path(event_config: str | None) -> str:
+    path = event_config or os.environ.get(ENV_EVENT_CONFIG)
+    if not path:
+        raise Exit(f"error: no event config: give --event-config/-e FILE or set "
+                   f"{ENV_EVENT_CONFIG}", code=EXIT_USAGE)
+    return path
+
+
+def _load(event_config: str | None):
+    from runner.config import ConfigError, load_event_config
+
+    try:
+        return load_event_config(_config_path(event_config))
+    except ConfigError as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+
+
+def _checked(event_config: str | None, console):
+    """The loaded config, after every preflight check; warnings printed once."""
+    from runner.errors import EventError
+    from runner.preflight import preflight
+
+    config = _load(event_config)
+    try:
+        warnings = preflight(config)
+    except EventError as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    for warning in warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+    return config
+
+
+def _consoles():
+    from runner.display import make_console
+
+    return make_console(), make_console(stderr=True)
+
+
+@task(help=EVENT_CONFIG_HELP)
+def check_config(c, event_config=None):
+    """Check the event config, its folders, environment and worker (exit 2 on a problem).
+
+    Prints what the config resolves to."""
+    from runner.display import config_table
+
+    out, err = _consoles()
+    config = _checked(event_config, err)
+    out.print(config_table(config))
+
+
+@task(help={**EVENT_CONFIG_HELP, "verbose": "show every step (always written to the log file "
+            "beside the ledger)"})
+def dispatch(c, event_config=None, verbose=False):
+    """Run the event's submissions until the hunger policy stops the dispatcher.
+
+    Exit 1 when a submission of this dispatch ended in checking_error, 130 when interrupted.
+    """
+    from runner.config import install_redaction
+    from runner.dispatcher import Dispatcher, DispatcherBusy
+    from runner.display import DispatchView, configure_logging
+
+    out, err = _consoles()
+    config = _checked(event_config, err)
+    log_file = config.ledger_path.with_suffix(".log")
+    configure_logging(out if out.is_terminal else err, verbose, log_file)
+    install_redaction(config)
+    view = DispatchView(out, live=out.is_terminal)
+    try:
+        interrupted = view.run(Dispatcher(config, on_change=view.on_change))
+    except DispatcherBusy as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    except Exception as error:  # the event could not be dispatched at all
+        raise Exit(f"error: {type(error).__name__}: {error}", code=EXIT_FAILED) from None
+    out.print(view.summary(), markup=False, highlight=False)
+    out.print(f"log: {log_file}", style="dim", markup=False, highlight=False)
+    if interrupted:
+        raise Exit(code=EXIT_INTERRUPTED)
+    if view.finals["checking_error"]:
+        raise Exit(code=EXIT_FAILED)
+
+
+@task(help={**EVENT_CONFIG_HELP, "folder": "the submission folder to copy into the event",
+            "name": "name of the submission (default: the folder's name)"})
+def submit(c, folder=None, event_config=None, name=None):
+    """Copy a submission folder into the event and queue it."""
+    # Named, not positional: a positional argument would swallow --help.
+    if not folder:
+        raise Exit("error: give the submission folder: --folder/-f PATH", code=EXIT_USAGE)
+    config = _load(event_config)
+    from runner.submissions import submit as submit_folder
+
+    try:
+        added = submit_folder(config, folder, name)
+    except ValueError as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    print(f"submitted {added}")
+
+
+@task(help={**EVENT_CONFIG_HELP,
+            "submission": "show this submission in full: history and whole error message"})
+def status(c, event_config=None, submission=None):
+    """Print every submission of the event with its state and the last line of its error."""
+    from runner.display import runs_per_submission, status_table, submission_detail
+    from runner.ledger import Ledger
+
+    config = _load(event_config)
+    if not config.ledger_path.exists():
+        raise Exit(f"error: {config.ledger_path}: no ledger yet (nothing dispatched or "
+                   "submitted)", code=EXIT_USAGE)
+    out, _ = _consoles()
+    with Ledger(config.ledger_path) as ledger:
+        if submission is not None:
+            try:
+                found = ledger.get(submission)
+            except KeyError as error:
+                raise Exit(f"error: {error.args[0]}", code=EXIT_USAGE) from None
+            out.print(submission_detail(found, ledger.transitions(submission)))
+            return
+        rows, runs = ledger.all(), runs_per_submission(ledger.transitions())
+    out.print(status_table(config.ramp.event_name, rows, runs))
+
+
+@task(help={**EVENT_CONFIG_HELP, "split": "which bagged score ranks: test (default) or valid"})
+def leaderboard(c, event_config=None, split="test"):
+    """Print the scored submissions, best first, with times and peak memory.
+
+    Ties on the first score type are broken by the next ones."""
+    from runner.display import leaderboard_table
+    from runner.leaderboard import SPLITS, rank
+    from runner.ledger import Ledger
+    from runner.ramptest import score_types
+
+    if split not in SPLITS:
+        raise Exit(f"error: --split {split!r}: expected one of {', '.join(SPLITS)}",
+                   code=EXIT_USAGE)
+    config = _load(event_config)
+    try:
+        types = score_types(config.worker.kit_dir)
+    except (ValueError, OSError, ImportError) as error:
+        raise Exit(f"error: {config.path}: worker.kit_dir: expected a kit whose problem.py "
+                   f"declares score_types, got {error}", code=EXIT_USAGE) from None
+    if not config.ledger_path.exists():
+        raise Exit(f"error: {config.ledger_path}: no ledger yet (nothing dispatched)",
+                   code=EXIT_USAGE)
+    with Ledger(config.ledger_path) as ledger:
+        entries = rank(ledger.all(), types, split)
+    title = f"{config.ramp.event_title or config.ramp.event_name} ({split})"
+    _consoles()[0].print(leaderboard_table(title, entries, types))
+
+
+@task(help={**EVENT_CONFIG_HELP, "submission": "the finished submission to queue again"})
+def rerun(c, submission=None, event_config=None):
+    """Queue a finished submission again (its results and attempts are forgotten)."""
+    if not submission:
+        raise Exit("error: give the submission: --submission/-s NAME", code=EXIT_USAGE)
+    config = _load(event_config)
+    from runner.ledger import Ledger, TransitionError
+
+    with Ledger(config.ledger_path) as ledger:
+        try:
+            ledger.rerun(submission)
+        except (KeyError, TransitionError) as error:
+            raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    print(f"{submission} queued again")
+
+
+@task(help=EVENT_CONFIG_HELP)
+def create_conda_env(c, event_config=None):
+    """Create the event's conda env from the kit's environment.yml."""
+    _conda_env(event_config, "create")
+
+
+@task(help=EVENT_CONFIG_HELP)
+def update_conda_env(c, event_config=None):
+    """Update the event's conda env from the kit's environment.yml."""
+    _conda_env(event_config, "update")
+
+
+def _conda_env(event_config, action):
+    config = _load(event_config)
+    from runner.local.conda import environment_command
+
+    try:
+        argv = environment_command(action, getattr(config.worker, "conda_env", None),
+                                   config.worker.kit_dir)
+    except ValueError as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    print(" ".join(argv))
+    raise Exit(code=subprocess.call(argv))
+
+
+@task(help={"k": "only tests matching this expression"})
+def test(c, k=None):
+    """Run the test suite; options after `--` go to pytest (`test -- -x tests/test_cli.py`)."""
+    # invoke keeps what follows `--` to itself (its parse result's remainder), out of a
+    # task's reach: read it from argv, which both `invoke` and `ramp-runner` leave intact.
+    extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+    argv = [sys.executable, "-m", "pytest", *(["-k", k] if k else []), *extra]
+    raise Exit(code=subprocess.call(argv))
+
+
+@task(help={"pipeline_arn": "Image Builder pipeline (default: the stack output pipelineArn)",
+            "outputs_file": "JSON of `pulumi stack output --json`, when the pulumi CLI is absent",
+            "stack": "Pulumi stack to read outputs from (default: the selected one)",
+            "no_wait": "start the build, print the image ARN and return",
+            "poll": "seconds between two looks at the image (default 30)"})
+def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False, poll=30):
+    """Run the AMI pipeline, follow the image and print the AMI (exit 1 if it fails)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from runner.aws.imagebuilder import ImageBuildError, make_client, start_build, wait_for_image
+
+    pipeline_arn = pipeline_arn or _stack_pipeline_arn(outputs_file, stack)
+    try:
+        client = make_client(pipeline_arn)
+        image_arn = start_build(client, pipeline_arn)
+    except (ValueError, ClientError, BotoCoreError) as error:
+        raise Exit(f"error: cannot start {pipeline_arn}: {error}", code=EXIT_FAILED) from None
+    console = _consoles()[0]
+    console.print(f"building {image_arn}", markup=False)
+    if no_wait:
+        return
+    seen = []
+
+    with console.status("PENDING") as display:
+        def progress(state, elapsed):
+            if not seen or seen[-1] != state:
+                seen.append(state)
+                console.log(state, markup=False)
+            display.update(f"{state}, {elapsed / 60:.0f} min")
+
+        try:
+            ami = wait_for_image(client, image_arn, on_progress=progress, poll_seconds=float(poll))
+        except ImageBuildError as error:
+            raise Exit(f"error: {error}", code=EXIT_FAILED) from None
+        except (ClientError, BotoCoreError) as error:
+            raise Exit(f"error: lost track of {image_arn}: {error}", code=EXIT_FAILED) from None
+    console.print(f"AVAILABLE {ami.ami_id} {ami.ami_name} ({ami.region})", markup=False)
+
+
+@task(help={**EVENT_CONFIG_HELP,
+            "outputs_file": "JSON of `pulumi stack output --json`, when the pulumi CLI is absent",
+            "stack": "Pulumi stack to read outputs from (default: the selected one)"})
+def aws_config(c, event_config=None, outputs_file=None, stack=None):
+    """Write the stack outputs (AMI name, security group, key, region) into the worker section."""
+    from runner.aws.stack_outputs import (
+        StackOutputsError,
+        read_stack_outputs,
+        write_worker_settings,
+    )
+
+    try:
+        written = write_worker_settings(_config_path(event_config),
+                                        read_stack_outputs(outputs_file, stack=stack))
+    except StackOutputsError as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    for key, value in written.items():
+        print(f"worker.{key}: {value}")
+
+
+def _stack_pipeline_arn(outputs_file, stack):
+    from runner.aws.stack_outputs import StackOutputsError, pipeline_arn, read_stack_outputs
+
+    try:
+        return pipeline_arn(read_stack_outputs(outputs_file, stack=stack))
+    except StackOutputsError as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+
+
+@task(help={**EVENT_CONFIG_HELP, "dry_run": "only list what would be released"})
+def reap(c, event_config=None, dry_run=False):
+    """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts."""
+    from runner.config import install_redaction
+    from runner.display import configure_logging
+    from runner.worker import worker_class
+
+    config = _load(event_config)
+    configure_logging(_consoles()[1], verbose=False)
+    install_redaction(config)
+    released = worker_class(config.worker.worker_type).reap_leftovers(
+        config.worker_dict(), dry_run=dry_run)
+    verb = "would release" if dry_run else "released"
+    print(f"{verb} {len(released)}: {' '.join(released)}" if released else "nothing to release")
+
+
+@task(help={"workers": "number of Dask workers (one thread each): one per RAMP slot",
+            "tls": "require TLS, with a throw-away CA and certificates made for this cluster",
+            "folder": "where the scheduler address, certificates, logs and worker files go",
+            "port": "the scheduler's port (default 8786, as the example's config-dask.yml "
+                    "expects; 0 picks a free one)"})
+def dask_cluster(c, workers=2, tls=False, folder=".dask-cluster", port=8786):
+    """Run a Dask scheduler and workers on 127.0.0.1 until Ctrl+C; print the worker: section."""
+    from runner.dask.cluster import serve
+
+    serve(folder, workers=int(workers), tls=tls, port=int(port))
+
+
+namespace = Collection(check_config, dispatch, submit, status, leaderboard, rerun,
+                       create_conda_env, update_conda_env, test, build_ami, aws_config, reap,
+                       dask_cluster)
+
+
+class RampRunnerProgram(Program):
+    """invoke's Program with the conventional exit codes: 2 for usage, 130 for Ctrl+C."""
+
+    def parse_core(self, argv):
+        try:
+            super().parse_core(argv)
+        except ParseError as error:
+            raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+
+    def parse_tasks(self):
+        try:
+            super().parse_tasks()
+        except ParseError as error:
+            raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+
+    def execute(self):
+        try:
+            super().execute()
+        except KeyboardInterrupt:
+            raise Exit(code=EXIT_INTERRUPTED) from None
+
+
+def _version() -> str:
+    try:
+        return version("ramp-runner")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+program = RampRunnerProgram(namespace=namespace, name="ramp-runner", binary="ramp-runner",
+                            version=_version())
+
+
+def main() -> None:
+    """Entry point of the ``ramp-runner`` console script."""
+    program.run()
