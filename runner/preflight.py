@@ -40,6 +40,7 @@ def preflight(config: EventConfig) -> list[str]:
 
     if issubclass(cls, CondaEnvWorker):
         warnings += _check_conda(source, getattr(worker, "conda_env", None))
+        warnings += _check_sandbox(source, worker.sandbox)
     scheduler = getattr(worker, "dask_scheduler", None)
     if scheduler:
         _check_scheduler(source, scheduler)
@@ -98,6 +99,23 @@ def _check_conda(source: str, conda_env: str | None) -> list[str]:
         raise ConfigError(source, "worker.conda_env", "an environment with ramp-workflow "
                           "installed", f"no {ramp_test}")
     return warnings
+
+
+def _check_sandbox(source: str, mode: str) -> list[str]:
+    """Local runs: the sandbox must work when required, and its absence is said loudly."""
+    from runner import sandbox
+
+    if mode == "off":
+        return []
+    works, why = sandbox.probe()
+    if works:
+        return []
+    if mode == "required":
+        raise ConfigError(source, "worker.sandbox", "a sandbox that works on this machine "
+                          "(or sandbox: auto | off)", f"required, but {why}")
+    return [f"SUBMISSIONS ARE NOT ISOLATED: the sandbox does not work on this machine ({why}); "
+            "they run with the dispatcher's rights and can read and change the event's "
+            "files (install bubblewrap, or set worker.sandbox: off to silence this)"]
 
 
 def _check_scheduler(source: str, address: str) -> None:

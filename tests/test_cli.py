@@ -328,3 +328,20 @@ def test_interrupted_dispatch_exits_130_and_gives_the_submission_back(tmp_path):
     assert "hanging  new" in out
     with Ledger(path.with_name("ramp-runner.sqlite3")) as ledger:
         assert ledger.get("hanging").state == "new"
+
+
+# -- the sandbox ----------------------------------------------------------------------------
+
+def test_check_config_says_loudly_when_submissions_are_not_isolated(folder):
+    # Without bubblewrap on PATH the sandbox cannot work.
+    no_bwrap = {"PATH": str(Path(sys.executable).parent)}
+    path = _variant(folder, "sandbox-auto", {"sandbox": "auto"})
+    result = ramp_runner("check-config", "-e", str(path), env=no_bwrap)
+    assert result.returncode == 0, result.stderr
+    assert "SUBMISSIONS ARE NOT ISOLATED" in result.stderr.replace("\n", " ")
+    required = _variant(folder, "sandbox-required", {"sandbox": "required"})
+    refused = ramp_runner("dispatch", "-e", str(required), env=no_bwrap)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"error: {required}: worker.sandbox: expected a sandbox "
+                                     "that works on this machine")
+    assert list(folder.glob("ramp-runner-sandbox-required*")) == []
