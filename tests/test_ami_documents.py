@@ -249,3 +249,68 @@ def test_osf_credentials_reach_download_data_but_no_command_line(tmp_path):
     ]
     for call in calls:
         assert "pa55-9f2e" not in call and "user-4b1d" not in call, call
+
+
+def test_prepare_system_installs_bubblewrap_for_the_sandbox(tmp_path):
+    [prepare] = [b for b in DOCUMENTS["ramp-worker"].bash_blocks() if b.step == "PrepareSystem"]
+    result, calls = run_block(
+        prepare,
+        {"InstanceUser": "ubuntu"},
+        {"cloud-init": "exit 0", "apt-get": "exit 0", "id": "exit 0"},
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    [install] = [c.split() for c in calls if c.startswith("apt-get") and " install " in c]
+    assert "bubblewrap" in install
+
+
+def test_conda_is_activated_by_login_shells_only(tmp_path):
+    # The run starts with `bash -lc` (a login shell: ~/.profile); a poll is a plain SSH
+    # command, whose bash reads ~/.bashrc only: it must start no conda (a Python process).
+    home = tmp_path / "home"
+    profile_d = home / "miniforge3" / "etc" / "profile.d"
+    profile_d.mkdir(parents=True)
+    (home / "ramp-kits").mkdir()
+    activations = tmp_path / "activations"
+    (profile_d / "conda.sh").write_text(f'conda() {{ echo "conda $*" >> "{activations}"; }}\n')
+    # Ubuntu's skeleton: ~/.bashrc returns at once when not interactive.
+    (home / ".bashrc").write_text("case $- in *i*) ;; *) return;; esac\n")
+    (home / ".profile").write_text('[ -f "$HOME/.bashrc" ] && . "$HOME/.bashrc"\n')
+    [configure] = [b for b in DOCUMENTS["ramp-worker"].bash_blocks()
+                   if b.step == "ConfigureShell"]
+    result, _ = run_block(
+        configure,
+        {"InstanceUser": "ubuntu"},
+        {
+            "getent": f"echo 'ubuntu:x:1000:1000::{home}:/bin/bash'",
+            "id": "echo ubuntu",
+            "chown": "exit 0",
+            "install": 'cp "${@: -2:1}" "${@: -1}"',  # without -o/-g: tests need no root
+        },
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    def shell(*argv, **env):
+        run = subprocess.run(argv, env={"PATH": "/usr/bin:/bin", "HOME": str(home), **env},
+                             capture_output=True, text=True, check=False, timeout=60)
+        assert run.returncode == 0, run.stderr
+        text = activations.read_text() if activations.exists() else ""
+        activations.unlink(missing_ok=True)
+        return text
+
+    # What sshd runs for a poll: bash -c, reading ~/.bashrc (BASH_ENV stands for sshd here).
+    assert shell("bash", "-c", "echo running", BASH_ENV=str(home / ".bashrc")) == ""
+    assert shell("bash", "-lc", "true") == "conda activate base\n"
+    # Run twice (a rebuilt image): one activation, not two.
+    run_block(configure, {"InstanceUser": "ubuntu"}, {
+        "getent": f"echo 'ubuntu:x:1000:1000::{home}:/bin/bash'", "id": "echo ubuntu",
+        "chown": "exit 0", "install": 'cp "${@: -2:1}" "${@: -1}"'}, tmp_path)
+    assert shell("bash", "-lc", "true") == "conda activate base\n"
+
+
+def test_test_phase_checks_conda_in_login_shells():
+    tests = "\n".join(b.script for b in DOCUMENTS["ramp-worker"].bash_blocks()
+                      if b.phase == "test")
+    assert "bash -lc 'conda info && command -v ramp-test'" in tests
+    assert "bash -lc 'ramp-test --submission starting_kit --quick-test'" in tests
