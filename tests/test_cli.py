@@ -345,3 +345,37 @@ def test_check_config_says_loudly_when_submissions_are_not_isolated(folder):
     assert refused.stderr.startswith(f"error: {required}: worker.sandbox: expected a sandbox "
                                      "that works on this machine")
     assert list(folder.glob("ramp-runner-sandbox-required*")) == []
+
+
+# -- dask-cluster --port ----------------------------------------------------------------------
+
+def test_example_dask_config_names_the_cluster_default_port():
+    from runner.config import load_event_config
+    from runner.dask.cluster import DEFAULT_PORT
+
+    config = load_event_config(REPO / "examples" / "iris" / "config-dask.yml")
+    assert config.worker.dask_scheduler == f"tcp://127.0.0.1:{DEFAULT_PORT}"
+    assert config.ledger_path.name == "ramp-runner-config-dask.sqlite3"
+
+
+def test_dask_cluster_on_a_given_port_writes_its_address_and_passes_preflight(folder, tmp_path):
+    port = _free_port()
+    cluster_folder = tmp_path / "cluster"
+    cluster = subprocess.Popen([PROGRAM, "dask-cluster", "--port", str(port), "--workers", "1",
+                                "--folder", str(cluster_folder)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        address_file = cluster_folder / "scheduler-address"
+        deadline = time.monotonic() + 120
+        while not address_file.exists() and cluster.poll() is None:
+            assert time.monotonic() < deadline, "no scheduler address written"
+            time.sleep(0.2)
+        assert address_file.read_text().strip() == f"tcp://127.0.0.1:{port}"
+        path = _variant(folder, "dask-here", {"worker_type": "dask",
+                                              "dask_scheduler": f"tcp://127.0.0.1:{port}"})
+        checked = ramp_runner("check-config", "-e", str(path), timeout=60)
+        assert checked.returncode == 0, checked.stderr
+    finally:
+        os.killpg(cluster.pid, signal.SIGINT)
+        out = cluster.communicate(timeout=60)[0]
+    assert "stopping the cluster" in out
