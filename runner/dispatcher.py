@@ -7,9 +7,12 @@ and sleeps on a queue that slots, signals and timers wake: it never spins.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,12 +20,13 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from runner import ramptest
 from runner.config import EventConfig
 from runner.errors import EventError, SubmissionError
+from runner.ledger import LedgerError
 from runner.source import DispatcherBusy, FolderSource, SubmissionSource
 from runner.worker import BaseWorker, WorkerStatus, worker_class
 
@@ -36,7 +40,18 @@ SLEEP_POLICY_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 120.0
 
 
-__all__ = ["Dispatcher", "DispatcherBusy", "prepare_data"]
+# Errors of the event's own disks and folders: no run can be recorded while they last.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# Of those, the ones a file the submission wrote could also raise (an unreadable file in
+# its output): the machine's only when they name a file of the event's own folders.
+PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+
+__all__ = ["Dispatcher", "DispatcherBusy", "MachineFault", "prepare_data"]
+
+
+class MachineFault(RuntimeError):
+    """The event's disks or folders failed (full, read-only, not writable): the dispatcher
+    stopped, since no further run could be recorded either."""
 
 
 def prepare_data(data_dir: str | Path) -> bool:
@@ -75,23 +90,56 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._slots: dict[str, tuple[threading.Thread, BaseWorker | None]] = {}
         self._slots_lock = threading.Lock()
+        # What stops the dispatcher from a slot's thread (a ledger gone, a full disk).
+        self._fatal: Exception | None = None
+        # The dispatcher's own scratch space, beside the ledger: every run's scratch folder
+        # and the Dask pack cache live under it, and it is emptied at each start.
+        self.scratch_dir = Path(f"{config.ledger_path}.scratch")
 
     # -- public -------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Dispatch until the hunger policy ends it or SIGINT/SIGTERM arrives."""
-        with self.source.opened(), self._signals_handled():
+        """Dispatch until the hunger policy ends it or SIGINT/SIGTERM arrives.
+
+        Raises MachineFault (a disk full or a folder not writable) or LedgerError (the
+        ledger unusable, deleted or replaced) after stopping every run.
+        """
+        with ExitStack() as stack:
+            stack.enter_context(self.source.opened())
+            stack.enter_context(self._signals_handled())
+            self._reap_scratch()
             prepare_data(self.config.worker.data_dir)
             recovered = self.source.recover_abandoned()
             if recovered:
-                logger.warning("back to new after a dead dispatcher: %s", ", ".join(recovered))
+                logger.warning("back from a dead dispatcher (an attempt each): %s",
+                               ", ".join(recovered))
             reaped = self.worker_class.reap_leftovers(self._worker_dict())
             if reaped:
                 logger.warning("released what earlier runs left: %s", ", ".join(reaped))
+            watch = getattr(self.source, "watch", None)
+            if watch is not None:  # sources without one are rescanned every few seconds
+                stack.enter_context(watch(lambda: self._wakeups.put("arrival")))
             try:
                 self._loop()
             finally:
                 self._shutdown()
+            if self._fatal is not None:
+                raise self._fatal
+
+    def _reap_scratch(self) -> None:
+        """Empty the scratch space: what is there was left by a dead dispatcher (the lock
+        is held, so no other dispatcher of this ledger uses it)."""
+        if not self.scratch_dir.is_dir():
+            return
+        left = list(self.scratch_dir.iterdir())
+        for path in left:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if left:
+            logger.warning("removed %d scratch folder(s) left by a dead dispatcher in %s",
+                           len(left), self.scratch_dir)
 
     def running(self) -> list[tuple[str, str, float, float]]:
         """``(submission, worker status, elapsed s, timeout s)`` of every busy slot."""
@@ -110,7 +158,7 @@ class Dispatcher:
 
     def _loop(self) -> None:
         policy = self.config.dispatcher.hunger_policy
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and self._fatal is None:
             self.source.intake()
             self._fill_slots()
             busy = self._busy_slots()
@@ -145,6 +193,7 @@ class Dispatcher:
     def _run_slot(self, name: str) -> None:
         worker: BaseWorker | None = None
         try:
+            self._clear_previous(name)
             worker = self.worker_class(self._worker_dict(), name)
             with self._slots_lock:
                 self._slots[name] = (self._slots[name][0], worker)
@@ -152,7 +201,10 @@ class Dispatcher:
         except Exception as error:
             if worker is not None:
                 worker.kill()  # whatever failed, the run must not outlive its slot
-            self._failed(name, error)
+            try:
+                self._failed(name, error)
+            except LedgerError as fatal:
+                self._stop_for(fatal)
         finally:
             if worker is not None:
                 try:
@@ -162,6 +214,23 @@ class Dispatcher:
             with self._slots_lock:
                 self._slots.pop(name, None)
             self._wakeups.put(name)
+
+    def _clear_previous(self, name: str) -> None:
+        """Remove what an earlier run of ``name`` left (a re-run, a retry): the log and
+        predictions in place must always be those of the state the ledger gives."""
+        predictions = Path(self.config.worker.predictions_dir) / name
+        if predictions.is_dir() and not predictions.is_symlink():
+            shutil.rmtree(predictions)
+        elif predictions.is_symlink() or predictions.exists():
+            predictions.unlink()
+        (Path(self.config.worker.logs_dir) / name / "log").unlink(missing_ok=True)
+
+    def _stop_for(self, error: Exception) -> None:
+        """Stop the dispatcher because of ``error`` (raised by ``run`` once all stopped)."""
+        if self._fatal is None:
+            self._fatal = error
+            logger.error("%s", error)
+        self.stop()
 
     def _run_worker(self, name: str, worker: BaseWorker) -> None:
         worker.setup()
@@ -191,7 +260,15 @@ class Dispatcher:
     def _failed(self, name: str, error: Exception) -> None:
         """Record what a failure means: who is at fault decides the state (runner.errors)."""
         message = f"{type(error).__name__}: {error}"
-        if isinstance(error, SubmissionError):
+        if isinstance(error, LedgerError):
+            self._stop_for(error)  # nothing can be recorded
+        elif (cause := self._machine_fault(error)) is not None:
+            # Not the submission's fault, and not a lost run: every run would fail the same.
+            message = (f"the event's files could not be written (not the submission's "
+                       f"fault): {cause}")
+            self._record(name, "checking_error", self.source.mark_checking_error, name, message)
+            self._stop_for(MachineFault(f"{cause}; stopped: fix it and dispatch again"))
+        elif isinstance(error, SubmissionError):
             self._record(name, "training_error", self.source.mark_training_error, name,
                          str(error), None, None)
         elif isinstance(error, EventError):
@@ -223,6 +300,30 @@ class Dispatcher:
             return
         self._record(name, "scored", self.source.record_scores, name, results, output)
 
+    def _machine_fault(self, error: BaseException) -> str | None:
+        """The real cause when ``error`` is a fault of the event's disks or folders."""
+        worker = self.config.worker
+        own = [Path(worker.logs_dir), Path(worker.predictions_dir), self.scratch_dir]
+
+        def ours(path: object) -> bool:
+            return path is not None and any(
+                Path(os.fsdecode(path)).is_relative_to(folder) for folder in own)
+
+        seen: BaseException | None = error
+        while seen is not None:
+            if isinstance(seen, shutil.Error) and seen.args and isinstance(seen.args[0], list):
+                # copytree gathers its failures as (source, destination, "[Errno N] ...").
+                for _, target, why in seen.args[0]:
+                    code = re.match(r"\[Errno (\d+)\]", str(why))
+                    if code and int(code[1]) in MACHINE_ERRNOS and ours(target):
+                        return f"{why} (copying to {target})"
+            elif isinstance(seen, OSError) and seen.errno in MACHINE_ERRNOS:
+                if seen.errno not in PATH_ERRNOS or ours(seen.filename):
+                    where = f": {os.fsdecode(seen.filename)}" if seen.filename else ""
+                    return f"[Errno {seen.errno}] {seen.strerror}{where}"
+            seen = seen.__cause__ or seen.__context__
+        return None
+
     # -- source helpers -----------------------------------------------------------------
 
     def _record(self, name: str, state: str, transition: Callable[..., object],
@@ -243,7 +344,8 @@ class Dispatcher:
         self._on_change(name, state)
 
     def _worker_dict(self) -> dict:
-        return self.config.worker_dict(dispatcher_id=self.dispatcher_id)
+        return self.config.worker_dict(dispatcher_id=self.dispatcher_id,
+                                       scratch_dir=str(self.scratch_dir))
 
     # -- shutdown -----------------------------------------------------------------------
 

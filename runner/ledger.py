@@ -8,14 +8,17 @@ the new one. The ``transitions`` table keeps the history (who scored what, when)
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from runner.errors import EventError
 
 STATES = (
     "new",
@@ -46,6 +49,7 @@ CREATE TABLE IF NOT EXISTS submissions (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS submissions_by_state ON submissions (state, created_at, name);
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL REFERENCES submissions(name),
@@ -69,6 +73,16 @@ class Transition(NamedTuple):
 
 class TransitionError(RuntimeError):
     """A state change asked of a submission that is not in the state it starts from."""
+
+
+class LedgerError(EventError):
+    """The ledger file cannot be used (not SQLite, read-only, disk full, deleted or replaced
+    while in use): one line naming the file. Nothing the dispatcher does next can be
+    recorded, so it stops."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -95,17 +109,27 @@ class Ledger:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LedgerError(self.path, f"cannot create its folder ({error.strerror})") from None
         # One connection shared by the dispatcher's threads, serialised by a lock; each
         # transition is short, so the lock is never held for long.
-        self._connection = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30
-        )
-        self._connection.row_factory = sqlite3.Row
         self._lock = threading.Lock()
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=FULL")
-        self._connection.executescript(SCHEMA)
+        with self._errors_named():
+            self._connection = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            self._connection.row_factory = sqlite3.Row
+            # No memory map of the database file: a file truncated or a disk filled under a
+            # mapping ends the process with SIGBUS instead of an error SQLite can report.
+            self._connection.execute("PRAGMA mmap_size=0")
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._connection.executescript(SCHEMA)
+        # The file opened, by identity: a ledger deleted or replaced while in use would take
+        # every later transition into a file nobody will read again.
+        self.identity = _identity(self.path)
 
     def close(self) -> None:
         """Close the connection."""
@@ -118,22 +142,55 @@ class Ledger:
         self.close()
 
     @contextmanager
+    def _errors_named(self) -> Iterator[None]:
+        """Turn SQLite's and the file system's errors into one LedgerError naming the file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as error:
+            problem = str(error)
+            if "not a database" in problem:
+                problem = "not an SQLite database (is ledger the right file?)"
+            elif "readonly" in problem or "unable to open" in problem:
+                problem = f"cannot write the ledger ({problem}: read-only or immutable file?)"
+            raise LedgerError(self.path, problem) from None
+        except OSError as error:
+            raise LedgerError(self.path, error.strerror or str(error)) from None
+
+    def check_identity(self) -> None:
+        """Raise LedgerError when the ledger file was deleted or replaced since it was opened."""
+        try:
+            now = _identity(self.path)
+        except FileNotFoundError:
+            raise LedgerError(self.path, "the ledger was deleted while in use") from None
+        if now != self.identity:
+            raise LedgerError(self.path, "the ledger was replaced by another file while in use")
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors_named():
+            self.check_identity()
+            yield self._connection
+
+    @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._errors_named():
+            self.check_identity()
             self._connection.execute("BEGIN IMMEDIATE")
             try:
                 yield self._connection
+                self._connection.execute("COMMIT")
             except BaseException:
-                self._connection.execute("ROLLBACK")
+                if self._connection.in_transaction:  # a failed COMMIT leaves it open
+                    with suppress(sqlite3.Error):
+                        self._connection.execute("ROLLBACK")
                 raise
-            self._connection.execute("COMMIT")
 
     # -- reading ------------------------------------------------------------------------
 
     def get(self, name: str) -> Submission:
         """Return the submission called ``name`` (KeyError when unknown)."""
-        with self._lock:
-            row = self._connection.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT * FROM submissions WHERE name = ?", (name,)
             ).fetchone()
         if row is None:
@@ -142,28 +199,28 @@ class Ledger:
 
     def all(self) -> list[Submission]:
         """Return every submission, oldest first."""
-        with self._lock:
-            rows = self._connection.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT * FROM submissions ORDER BY created_at, name"
             ).fetchall()
         return [_submission(row) for row in rows]
 
     def names(self) -> set[str]:
         """Return the names of all submissions."""
-        with self._lock:
-            return {row[0] for row in self._connection.execute("SELECT name FROM submissions")}
+        with self._reading() as db:
+            return {row[0] for row in db.execute("SELECT name FROM submissions")}
 
     def still_claimed(self, name: str, worker: str) -> bool:
         """Whether ``name`` still runs under ``worker`` (nobody re-queued or stopped it)."""
-        with self._lock:
-            row = self._connection.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT state, worker FROM submissions WHERE name = ?", (name,)).fetchone()
         return row is not None and row[0] in RUNNING_STATES and row[1] == worker
 
     def count_new(self) -> int:
         """Return how many submissions wait to be run."""
-        with self._lock:
-            return self._connection.execute(
+        with self._reading() as db:
+            return db.execute(
                 "SELECT COUNT(*) FROM submissions WHERE state = 'new'"
             ).fetchone()[0]
 
@@ -173,8 +230,8 @@ class Ledger:
         arguments: tuple[Any, ...] = ()
         if name is not None:
             query, arguments = query + " WHERE name = ?", (name,)
-        with self._lock:
-            rows = self._connection.execute(query + " ORDER BY id", arguments).fetchall()
+        with self._reading() as db:
+            rows = db.execute(query + " ORDER BY id", arguments).fetchall()
         return [Transition(*row) for row in rows]
 
     # -- transitions --------------------------------------------------------------------
@@ -265,18 +322,26 @@ class Ledger:
         with self._transaction() as db:
             _move(db, name, RUNNING_STATES, "new", detail=reason)
 
-    def recover_abandoned(self) -> list[str]:
-        """Put back to ``new`` what a dead dispatcher left running; return their names."""
+    def recover_abandoned(self, max_attempts: int | None = None) -> list[str]:
+        """Put back to ``new`` what a dead dispatcher left running; return their names.
+
+        A run its dispatcher died in counts as an attempt (the submission may have killed
+        it): with ``max_attempts``, one whose attempts reach it is ``checking_error``.
+        """
         with self._transaction() as db:
-            names = [
-                row[0]
-                for row in db.execute(
-                    "SELECT name FROM submissions WHERE state IN (?, ?, ?)", RUNNING_STATES
-                )
-            ]
-            for name in names:
-                _move(db, name, RUNNING_STATES, "new", detail="left running by a dead dispatcher")
-        return names
+            rows = db.execute("SELECT name, attempts FROM submissions WHERE state IN (?, ?, ?)",
+                              RUNNING_STATES).fetchall()
+            for name, attempts in rows:
+                attempts += 1
+                if max_attempts is not None and attempts >= max_attempts:
+                    message = (f"the dispatcher died {attempts} times while running this "
+                               "submission")
+                    _move(db, name, RUNNING_STATES, "checking_error", attempts=attempts,
+                          error_msg=message, detail=message)
+                else:
+                    _move(db, name, RUNNING_STATES, "new", attempts=attempts,
+                          detail="left running by a dead dispatcher")
+        return [row[0] for row in rows]
 
     def rerun(self, name: str) -> None:
         """Queue a finished submission again, forgetting its results and attempts."""
@@ -284,6 +349,11 @@ class Ledger:
             _move(db, name, FINAL_STATES, "new", attempts=0, error_msg="", scores=None,
                   train_time=None, valid_time=None, test_time=None, run_time=None,
                   peak_memory_mb=None, detail="rerun asked")
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def _move(db: sqlite3.Connection, name: str, sources: tuple[str, ...], target: str,

@@ -9,15 +9,19 @@ starts from, so a submission is never claimed twice nor scored twice.
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from runner import submissions
 from runner.config import EventConfig
-from runner.ledger import Ledger
+from runner.ledger import Ledger, LedgerError
 from runner.ramptest import RunResults
+from runner.submissions import Intake
+
+logger = logging.getLogger("runner.source")
 
 
 class DispatcherBusy(RuntimeError):
@@ -68,25 +72,84 @@ class SubmissionSource(Protocol):
         """Give a claimed submission back without counting an attempt (shutdown)."""
 
     def recover_abandoned(self) -> list[str]:
-        """Put back what a dead dispatcher left running; return their names."""
+        """Put back what a dead dispatcher left running, counting an attempt (the
+        submission may have killed it): after ``dispatcher.max_attempts`` such recoveries it
+        is ``checking_error``, "the dispatcher died N times while running this submission".
+        Return their names."""
+
+    # Optional (the dispatcher calls it when the source has it):
+    # def watch(self, wake: Callable[[], None]) -> AbstractContextManager[None]:
+    #     """Call ``wake()`` soon after new submissions may have arrived, while inside."""
 
 
 class FolderSource(Ledger):
-    """The standalone source: the event's ledger, fed by its submissions folder."""
+    """The standalone source: the event's ledger, fed by its submissions folder
+    (``runner.submissions`` says which folders are taken in)."""
 
     def __init__(self, config: EventConfig):
         super().__init__(config.ledger_path)
         self.submissions_dir = Path(config.worker.submissions_dir)
+        self.max_attempts = config.dispatcher.max_attempts
+        self._intake: Intake | None = None
 
     @contextmanager
     def opened(self) -> Iterator[None]:
-        """Hold the ledger's lock (one dispatcher per ledger); close the ledger after."""
+        """Hold the ledger's lock (one dispatcher per ledger file); close the ledger after."""
         with self, exclusive(self.path):
             yield
 
     def intake(self) -> None:
-        """Record the submission folders not in the ledger yet."""
-        self.add(submissions.discover(self.submissions_dir))
+        """Record the submission folders that became ready since the last call."""
+        if self._intake is None:
+            self._intake = Intake(self.submissions_dir, self.names())
+        ready = self._intake.ready()
+        if ready:
+            self.add(ready)
+
+    def count_new(self) -> int:
+        """Submissions waiting to run: new in the ledger, and folders still being copied
+        in (a dispatcher with ``hunger_policy: exit`` waits for them)."""
+        pending = len(self._intake.pending) if self._intake is not None else 0
+        return super().count_new() + pending
+
+    def recover_abandoned(self, max_attempts: int | None = None) -> list[str]:
+        """Ledger.recover_abandoned, bounded by the event's ``max_attempts``."""
+        return super().recover_abandoned(max_attempts or self.max_attempts)
+
+    @contextmanager
+    def watch(self, wake: Callable[[], None]) -> Iterator[None]:
+        """Call ``wake()`` as soon as an entry is created in or renamed into the
+        submissions folder (inotify where the system has it, through watchdog)."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        source = self
+
+        class Arrivals(FileSystemEventHandler):
+            def on_created(self, event):
+                wake()
+
+            def on_moved(self, event):
+                name = Path(os.fsdecode(event.dest_path))
+                if source._intake is not None and name.parent == source.submissions_dir:
+                    source._intake.arrived_by_rename(name.name)
+                wake()
+
+        observer = Observer()
+        try:
+            self.submissions_dir.mkdir(parents=True, exist_ok=True)
+            observer.schedule(Arrivals(), str(self.submissions_dir), recursive=False)
+            observer.start()
+        except OSError as error:  # e.g. the inotify watch limit: the rescans still run
+            logger.warning("cannot watch %s (%s): new submissions are noticed at the next "
+                           "rescan", self.submissions_dir, error)
+            yield
+            return
+        try:
+            yield
+        finally:
+            observer.stop()
+            observer.join()
 
     def record_scores(self, name: str, results: RunResults, output_dir: Path) -> None:
         """Store the bagged scores and the summed times of the run."""
@@ -97,14 +160,29 @@ class FolderSource(Ledger):
 
 @contextmanager
 def exclusive(ledger_path: Path) -> Iterator[None]:
-    """Hold the event's lock: two dispatchers on one ledger would steal each other's runs."""
-    lock_path = Path(str(ledger_path) + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
+    """Hold the event's lock: two dispatchers on one ledger would steal each other's runs.
+
+    The lock is taken on the ledger file itself (created empty when missing: an empty file
+    is an empty SQLite database), so it is keyed by the file's identity, not by how its path
+    is spelled: a symlink, a hard link or ``..`` in the path reach the same lock. flock and
+    SQLite's own (POSIX) locks do not interact on a local file system, where a ledger
+    in WAL mode must live anyway.
+    """
+    ledger_path = Path(ledger_path)
+    try:
+        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(ledger_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise LedgerError(ledger_path, f"cannot open it to lock the event "
+                                       f"({error.strerror})") from None
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DispatcherBusy(
-                f"another dispatcher is running this event (lock {lock_path})"
+                f"another dispatcher is running this event (it holds the lock on "
+                f"{os.path.realpath(ledger_path)})"
             ) from None
         yield
+    finally:
+        os.close(descriptor)

@@ -38,12 +38,6 @@ def _processes_under(root: Path) -> list[psutil.Process]:
     return found
 
 
-def _scored_transitions(ledger_path: Path) -> dict[str, int]:
-    with Ledger(ledger_path) as ledger:
-        return {s.name: sum(1 for t in ledger.transitions(s.name) if t.to_state == "scored")
-                for s in ledger.all()}
-
-
 def test_example_event_end_to_end(tmp_path):
     assert all((EXAMPLE / "submissions" / name).is_dir() for name in ALL_EXAMPLES)
     config = load_event_config(make_event(tmp_path, ALL_EXAMPLES, worker={"timeout": 20}))
@@ -116,47 +110,6 @@ def _wait_for_state(ledger_path: Path, state: str, timeout: float = 60) -> None:
     raise AssertionError(f"no submission reached {state!r} within {timeout} s")
 
 
-def test_sigkilled_dispatcher_restarted_scores_each_submission_once(tmp_path):
-    path = make_event(tmp_path, ("starting_kit", "random_forest", "gradient_boosting"))
-    config = load_event_config(path)
-    first = _dispatcher_process(path)
-    _wait_for_state(config.ledger_path, "training")
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait()
-    with Ledger(config.ledger_path) as ledger:
-        assert {"sent_to_training", "training"} & {s.state for s in ledger.all()}
-
-    second = _dispatcher_process(path)
-    assert second.wait(timeout=120) == 0
-
-    assert _scored_transitions(config.ledger_path) == {
-        "starting_kit": 1, "random_forest": 1, "gradient_boosting": 1}
-    with Ledger(config.ledger_path) as ledger:
-        assert {s.state for s in ledger.all()} == {"scored"}
-        assert any(t.detail == "left running by a dead dispatcher" for t in ledger.transitions())
-    # The runs the killed dispatcher had started must not outlive it.
-    deadline = time.monotonic() + 10
-    while _processes_under(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_under(tmp_path) == []
-
-
-def test_sigkilled_dispatcher_leaves_no_run_behind(tmp_path):
-    path = make_event(tmp_path, ("hanging",), worker={"timeout": 600})
-    process = _dispatcher_process(path)
-    _wait_for_state(load_event_config(path).ledger_path, "training")
-    deadline = time.monotonic() + 30
-    while len(_processes_under(tmp_path)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.1)  # the supervisor, ramp-test, and the child the submission forks
-    assert len(_processes_under(tmp_path)) >= 3
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    deadline = time.monotonic() + 5
-    while _processes_under(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _processes_under(tmp_path) == []
-
-
 def test_sigterm_stops_runs_and_gives_submissions_back(tmp_path):
     path = make_event(tmp_path, ("hanging", "starting_kit"), worker={"timeout": 600},
                       dispatcher={"n_workers": 1})
@@ -166,7 +119,7 @@ def test_sigterm_stops_runs_and_gives_submissions_back(tmp_path):
     time.sleep(1)  # let the hanging run get going (and fork its child)
     assert _processes_under(tmp_path)
     os.kill(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
+    assert process.wait(timeout=60) == 130  # interrupted (runner.cli's exit codes)
 
     with Ledger(config.ledger_path) as ledger:
         states = {s.name: (s.state, s.attempts) for s in ledger.all()}

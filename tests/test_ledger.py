@@ -93,13 +93,20 @@ def test_retries_are_counted_and_bounded(ledger):
     assert submission.error_msg == "gave up after 3 attempts; last: spot instance reclaimed"
 
 
-def test_release_and_recovery_do_not_count_attempts(ledger):
+def test_release_does_not_count_an_attempt_recovery_does(ledger):
     ledger.add(["a", "b", "c"])
     ledger.claim(3, worker="d")
     ledger.mark_training("b")
     ledger.release("a", "shutdown")
-    assert sorted(ledger.recover_abandoned()) == ["b", "c"]
-    assert {(s.state, s.attempts) for s in ledger.all()} == {("new", 0)}
+    assert sorted(ledger.recover_abandoned(max_attempts=2)) == ["b", "c"]
+    assert {s.name: (s.state, s.attempts) for s in ledger.all()} == {
+        "a": ("new", 0), "b": ("new", 1), "c": ("new", 1)}
+    ledger.claim(3, worker="d")
+    assert sorted(ledger.recover_abandoned(max_attempts=2)) == ["a", "b", "c"]
+    b = ledger.get("b")
+    assert (b.state, b.attempts) == ("checking_error", 2)
+    assert b.error_msg == "the dispatcher died 2 times while running this submission"
+    assert (ledger.get("a").state, ledger.get("a").attempts) == ("new", 1)
 
 
 def test_rerun_only_from_a_final_state(ledger):

@@ -11,7 +11,7 @@ import pytest
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher, prepare_data
 from runner.ledger import Ledger
-from runner.submissions import discover, submit
+from runner.submissions import Intake, submit
 from tests.events import EXAMPLE, make_event
 
 
@@ -39,12 +39,15 @@ def test_submit_refuses_bad_names(config, name, message):
         submit(config, EXAMPLE / "submissions" / "random_forest", name=name)
 
 
-def test_discover_skips_hidden_folders_and_files(tmp_path):
+def test_intake_skips_hidden_folders_and_files(tmp_path, monkeypatch):
+    monkeypatch.setattr("runner.submissions.QUIET_SECONDS", 0)
     (tmp_path / "a").mkdir()
     (tmp_path / ".b.incoming").mkdir()
     (tmp_path / "notes.txt").write_text("not a submission")
-    assert discover(tmp_path) == ["a"]
-    assert discover(tmp_path / "missing") == []
+    intake = Intake(tmp_path)
+    assert intake.ready() == ["a"]
+    assert intake.ready() == []
+    assert Intake(tmp_path / "missing").ready() == []
 
 
 def test_prepare_data_failure_is_reported(tmp_path):
