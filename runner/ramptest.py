@@ -353,7 +353,9 @@ def verify_results(output_dir: str | os.PathLike[str], kit_dir: str | os.PathLik
     try:
         results = read_results(output_dir, types)
     except ValueError as error:
-        raise SubmissionError(bounded(f"unusable results: {error}")) from None
+        # Named as the participant knows it, not by the dispatcher's staging folder.
+        message = str(error).replace(str(output_dir), "training_output")
+        raise SubmissionError(bounded(f"unusable results: {message}")) from None
     claimed = results.bagged_scores
     if (y_test is None) != ("test" not in claimed) or len(folds) != len(results.fold_scores):
         raise SubmissionError(f"unusable results: {len(results.fold_scores)} folds and steps "
