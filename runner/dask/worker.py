@@ -23,8 +23,10 @@ from typing import Any
 import distributed
 
 from runner import archive
-from runner.config import ConfigError, WorkerSection
+from runner.config import PATH_KEYS, ConfigError, WorkerSection
 from runner.dask import task as dask_task
+from runner.errors import EventError
+from runner.local.conda import CondaError, conda_env_prefix
 from runner.results import RunEnd
 from runner.worker import BaseWorker, WorkerStatus
 
@@ -81,7 +83,24 @@ class DaskWorker(BaseWorker):
     # -- the contract ---------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Pack the submission, find or pack the kit and data, connect to the scheduler."""
+        """Check the config as ramp-engine does, connect to the scheduler, find the conda
+        environment on a Dask worker, pack the submission and find or pack the kit and data.
+
+        A missing key or an unknown ``conda_env`` raises ValueError (EventError) naming
+        it; the latter leaves ``status == 'error'``, as ramp-engine's DaskWorker does.
+        """
+        self._require("dask_scheduler")
+        self._client = connect(self.settings, self._security)
+        self._require(*PATH_KEYS)
+        conda_env = self.config.get("conda_env")
+        try:
+            prefix = self._client.submit(conda_env_prefix, conda_env, pure=False).result()
+        except CondaError as error:
+            self.status = WorkerStatus.ERROR
+            raise CondaError(f"The specified conda environment {conda_env} does not exist. "
+                             f"(on the Dask worker: {error})") from None
+        # Where ramp-engine's DaskWorker keeps the environment's bin folder.
+        self._python_bin_path = str(prefix / "bin")
         folder = self.submission_folder()
         self._job = {
             "run_id": self._run_id,
@@ -89,11 +108,10 @@ class DaskWorker(BaseWorker):
             "submission_tar": archive.compress(archive.pack(folder, skip=("training_output",))),
             "kit": self._source("kit_dir", self.settings.remote_kit_dir),
             "data": self._source("data_dir", self.settings.remote_data_dir),
-            "conda_env": self.settings.conda_env,
+            "conda_env": conda_env,
             "n_threads": self.config.get("n_threads"),
             "timeout": self.timeout,
         }
-        self._client = connect(self.settings, self._security)
         super().setup()
 
     def launch_submission(self) -> None:
@@ -178,11 +196,18 @@ class DaskWorker(BaseWorker):
             for future in futures:
                 future.release()
             self._future, self._shipped = None, []
+            # Closed, not forgotten: ramp-engine's tests close ``worker._client`` again.
             self._client.close(timeout=10)
-            self._client = None
         super().teardown()
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _require(self, *keys: str) -> None:
+        """ramp-engine's check of the config dict at setup (it may have changed since)."""
+        for key in keys:
+            if not self.config.get(key):
+                raise EventError(f"The worker required the parameter '{key}' in the "
+                                 f"configuration file (worker.{key} of the event config)")
 
     def _source(self, local_key: str, remote_path: str | None) -> dict[str, Any]:
         """How the task finds the kit or data: a path on the Dask worker, or a content hash."""
