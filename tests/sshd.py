@@ -165,6 +165,46 @@ def frozen(sshd: SSHServer, local_port: int) -> Iterator[list[psutil.Process]]:
                 process.resume()
 
 
+# Ways a remote run can fail after launch through no fault of the submission.
+FAULTS = ("poll-hangs", "poll-raises-CommandTimedOut", "poll-raises", "collect-raises")
+
+
+def inject_fault(monkeypatch, fault: str, remote_kit: Path) -> None:
+    """Make the next remote runs fail as ``fault`` says (poll-* at their first poll)."""
+    from invoke.exceptions import CommandTimedOut
+    from invoke.runners import Result
+
+    from runner.ssh import remote_worker
+    from runner.ssh.session import RemoteSession
+
+    worker = remote_worker.RemoteWorker
+
+    def raising(error):
+        def parse(output):
+            raise error
+        return staticmethod(parse)
+
+    if fault == "poll-hangs":  # a real hung command on the host (a stuck disk, a full host)
+        monkeypatch.setattr(remote_worker, "POLL_TIMEOUT", 2.0)
+        monkeypatch.setattr(worker, "_poll_script", lambda self: "sleep 30")
+    elif fault == "poll-raises-CommandTimedOut":
+        monkeypatch.setattr(worker, "_parse_poll", raising(
+            CommandTimedOut(Result(command="poll", exited=-1), timeout=60)))
+    elif fault == "poll-raises":
+        monkeypatch.setattr(worker, "_parse_poll", raising(RuntimeError("garbled poll")))
+    elif fault == "collect-raises":  # the run's log vanished: tar fails on the host
+        download = RemoteSession.download
+
+        def download_without_log(self, remote_dir, names_script, local_dir, before=""):
+            for log in (remote_kit / ".ramp-runner").glob("*/log"):
+                log.unlink()
+            return download(self, remote_dir, names_script, local_dir, before)
+
+        monkeypatch.setattr(RemoteSession, "download", download_without_log)
+    else:
+        raise ValueError(fault)
+
+
 def live_instances(client) -> list[dict]:
     """Instances of the moto account that are not terminated."""
     reservations = client.describe_instances(Filters=[
@@ -227,6 +267,12 @@ def make_event(tmp_path: Path, worker: dict, submissions=SUBMISSIONS, **dispatch
     return path
 
 
+def _local_kit(remote_kit: Path) -> dict:
+    """The kit and data the dispatcher reads here (scores are checked against the kit):
+    the remote kit folder has both, as on an AMI."""
+    return {"kit_dir": str(remote_kit), "data_dir": str(remote_kit)}
+
+
 def aws_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
     """The seed's AWS worker section, pointed at moto and the local sshd."""
     return {
@@ -240,6 +286,7 @@ def aws_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
         "security_group": "ramp-workers",
         "key_path": sshd.key_path,
         "remote_ramp_kit_folder": str(remote_kit),
+        **_local_kit(remote_kit),
         "remote_path_prefix": VENV_BIN,
         "memory_profiling": True,
         "timeout": 120,
@@ -254,6 +301,7 @@ def ssh_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
         "worker_type": "ssh",
         "hosts": [{"host": sshd.host, "port": sshd.port, "user": sshd.user,
                    "key_path": sshd.key_path, "remote_ramp_kit_folder": str(remote_kit)}],
+        **_local_kit(remote_kit),
         "remote_path_prefix": VENV_BIN,
         "memory_profiling": True,
         "timeout": 120,

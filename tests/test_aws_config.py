@@ -91,3 +91,14 @@ def test_preflight_refuses_a_missing_key(tmp_path, key, worker_class, make, key_
         worker_class.preflight(config)
     assert key_name in str(caught.value) and str(key) in str(caught.value)
     assert "no such file" in str(caught.value).lower()
+
+
+@pytest.mark.parametrize(("worker_class", "make", "key_name"), CASES)
+@pytest.mark.parametrize(("configured", "seconds"), [(None, 30.0), (0.5, 0.5), (120, 120.0)])
+def test_remote_workers_poll_every_30_s_unless_configured(tmp_path, key, worker_class, make,
+                                                          key_name, configured, seconds):
+    # Each poll is an SSH command on the instance while RAMP times the run; RAMP's own
+    # documentation advises at least 60 s on AWS.
+    config = make(tmp_path, key)
+    config["time_between_collection"] = configured
+    assert worker_class(config, "starting_kit").poll_seconds == seconds

@@ -22,11 +22,13 @@ from runner.ledger import Ledger
 from runner.ssh import remote_worker
 from tests import events
 from tests.sshd import (
+    FAULTS,
     REPO,
     SUBMISSIONS,
     all_instances,
     aws,
     aws_worker_section,
+    inject_fault,
     instance_at_sshd,
     live_instances,
     make_event,
@@ -260,4 +262,23 @@ def test_secrets_stay_out_of_logs_reprs_and_the_host(tmp_path, sshd, remote_kit,
     assert secret not in caplog.text
     assert secret not in repr(config) and secret not in repr(config.worker)
     assert secret not in (Path(config.worker.logs_dir) / "starting_kit" / "log").read_text()
+    assert live_instances(instance_at_sshd) == []
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_failed_poll_or_collect_leaves_no_instance_running(tmp_path, sshd, remote_kit,
+                                                             instance_at_sshd, monkeypatch,
+                                                             fault):
+    inject_fault(monkeypatch, fault, remote_kit)
+    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit),
+                      submissions=("starting_kit",), max_attempts=1)
+    config = load_event_config(path)
+    dispatcher = threading.Thread(target=Dispatcher(config).run, daemon=True)
+    dispatcher.start()
+    dispatcher.join(120)
+    assert not dispatcher.is_alive(), f"{fault}: the dispatcher is still waiting"
+    submission = _ledger(config)["starting_kit"]
+    # The system's fault: never the participant's training_error.
+    assert submission.state == "checking_error", submission.error_msg
+    assert len(all_instances(instance_at_sshd)) == 1
     assert live_instances(instance_at_sshd) == []

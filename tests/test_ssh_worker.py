@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,15 @@ from runner.ledger import Ledger
 from runner.ssh import worker as ssh_module
 from runner.ssh.session import HostKeyError
 from runner.ssh.worker import SSHWorker
-from tests.sshd import make_event, remote_kit, session_members, ssh_worker_section, sshd
+from tests.sshd import (
+    FAULTS,
+    inject_fault,
+    make_event,
+    remote_kit,
+    session_members,
+    ssh_worker_section,
+    sshd,
+)
 
 __all__ = ["remote_kit", "sshd"]  # fixtures, imported for pytest
 
@@ -138,3 +147,23 @@ def test_reap_kills_runs_a_dead_dispatcher_left(tmp_path, sshd, remote_kit):
     assert session_members(sid) == []
     assert not (remote_kit / ".ramp-runner" / "hanging").exists()
     assert not (remote_kit / "submissions" / "hanging").exists()
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_failed_poll_or_collect_releases_the_host(tmp_path, sshd, remote_kit, monkeypatch,
+                                                    fault):
+    inject_fault(monkeypatch, fault, remote_kit)
+    path = make_event(tmp_path, ssh_worker_section(sshd, remote_kit),
+                      submissions=("starting_kit",), max_attempts=1)
+    config = load_event_config(path)
+    dispatcher = threading.Thread(target=Dispatcher(config).run, daemon=True)
+    dispatcher.start()
+    dispatcher.join(120)
+    assert not dispatcher.is_alive(), f"{fault}: the dispatcher is still waiting"
+    with Ledger(config.ledger_path) as ledger:
+        submission = ledger.get("starting_kit")
+    assert submission.state == "checking_error", submission.error_msg
+    assert not ssh_module.host_in_use(config.worker.hosts[0])
+    # The run is stopped and its files are gone from the host.
+    assert list((remote_kit / ".ramp-runner").iterdir()) == []
+    assert list((remote_kit / "submissions").iterdir()) == []

@@ -37,6 +37,8 @@ KILL_SESSION = (
     'case "$pid" in ""|*[!0-9]*) ;; *) [ "$pid" -gt 1 ] && for i in $(seq 50); do '
     'pkill -KILL -s "$pid" || break; sleep 0.1; done;; esac; '
 )
+# Seconds a poll may take (one short command) before its connection is given up.
+POLL_TIMEOUT = 60.0
 # Conda installs an AMI may have when conda is not on the login PATH.
 CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
 
@@ -82,6 +84,9 @@ class RemoteWorker(BaseWorker):
 
     _check_spot_notice = False
     metadata_url = "http://169.254.169.254"
+    # Each poll is an SSH command on the host while RAMP times the run (RAMP's documentation
+    # advises at least 60 s on AWS); ``time_between_collection`` overrides it.
+    default_poll_seconds = 30.0
 
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
@@ -189,16 +194,19 @@ class RemoteWorker(BaseWorker):
             return self._poll_state
         self._poll_at = time.monotonic()
         try:
-            self._poll_state = self._parse_poll(self.session.run(self._poll_script(), 60)[1])
+            self._poll_state = self._parse_poll(self._poll_output())
         except CONNECTION_ERRORS as error:
             logger.warning("%r: connection lost (%s); reconnecting", self, error)
             try:
                 self.session.reconnect()
-                self._poll_state = self._parse_poll(self.session.run(self._poll_script(), 60)[1])
+                self._poll_state = self._parse_poll(self._poll_output())
             except CONNECTION_ERRORS as again:
                 logger.warning("%r: host unreachable: %s", self, again)
                 self._poll_state = ("lost", None, False)
         return self._poll_state
+
+    def _poll_output(self) -> str:
+        return self.session.run(self._poll_script(), POLL_TIMEOUT)[1]
 
     @staticmethod
     def _parse_poll(output: str) -> tuple[str, int | None, bool]:

@@ -127,6 +127,7 @@ class SSHWorker(RemoteWorker):
             self._upload()
         except BaseException:
             self._close_session()
+            self.session = None  # nothing of this run is on the host to clean
             self._release_host()
             raise
         super().setup()
@@ -136,12 +137,15 @@ class SSHWorker(RemoteWorker):
         connection and free the host, whatever happened before."""
         self._check_teardown_allowed()
         try:
-            self._stop_remote_run()
-            if self.session is not None and self.session.is_connected:
+            if self.session is not None:
+                if not self.session.is_connected:
+                    # A step past its deadline closed it (a hung poll): one more try.
+                    self.session.reconnect()
+                self._stop_remote_run()
                 stale = " ".join(shlex.quote(path) for path in (
                     f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
                 self.session.run(f"rm -rf {stale}", 60)
-        except CONNECTION_ERRORS as error:
+        except Exception as error:  # noqa: BLE001 - cleaning is best effort; release anyway
             logger.warning("%r: could not clean the host: %s", self, error)
         finally:
             self._close_session()
