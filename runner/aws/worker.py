@@ -4,6 +4,8 @@ setup = newest AMI + launch (spot or on-demand) + SSH ready + upload; the instan
 terminated if any of it fails, and always in ``teardown``. The instance also halts
 itself (and, launched with shutdown behaviour ``terminate``, ends) ``timeout +
 self_destruct_margin`` seconds after boot, so a dead dispatcher leaks nothing for long.
+That timer is a user-data script: only an AMI whose boot runs cloud-init (Ubuntu's do)
+starts it; the margin (>= 10 minutes) covers boot, upload and collection.
 """
 
 from __future__ import annotations
