@@ -53,32 +53,51 @@ def run_measured(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
     return {"started": started, "wall": ended - started, "cpu": times.user + times.system}
 
 
-def ramp_test_wrapper(prefix: Path, spans: Path) -> Path:
-    """Make ``prefix/bin/ramp-test``: this environment's ramp-test, timed into ``spans``.
+SPAN_FILE = "bench_span.txt"
 
-    Every system runs this same script, so each ramp-test run is timed the same way (one
-    bash process around it); a line is ``submission start end`` in ``time.time()`` seconds.
+
+def ramp_test_wrapper(prefix: Path) -> Path:
+    """Make ``prefix/bin/ramp-test``: this environment's ramp-test, timing itself.
+
+    Every system runs this same script, so each run is timed the same way: from the
+    creation of its process to the end of ramp-test, written as ``start end``
+    (``time.time()`` seconds) into ``training_output/bench_span.txt``, the one folder a
+    sandboxed run may write and every system keeps. It is ramp-workflow's own console
+    script plus the timing: no extra process.
     """
-    real = Path(sys.executable).parent / "ramp-test"
     script = prefix / "bin" / "ramp-test"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(
-        "#!/bin/bash\n"
-        "start=$EPOCHREALTIME\n"
-        f'"{real}" "$@"\n'
-        "code=$?\n"
-        f'printf "%s %s %s\\n" "$2" "$start" "$EPOCHREALTIME" >> "{spans}"\n'
-        "exit $code\n")
+        f"#!{sys.executable}\n"
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "try:\n"
+        "    import psutil\n"
+        "    started = psutil.Process().create_time()\n"
+        "except Exception:\n"
+        "    started = time.time()\n"
+        "from rampwf.utils.cli.testing import start\n"
+        "try:\n"
+        "    start()\n"
+        "finally:\n"
+        "    a = sys.argv\n"
+        "    out = (Path(a[a.index('--ramp-submission-dir') + 1]) / a[a.index('--submission') + 1]"
+        " / 'training_output')\n"
+        "    if out.is_dir():\n"
+        f"        (out / '{SPAN_FILE}').write_text(f'{{started}} {{time.time()}}')\n")
     script.chmod(0o755)
     return script
 
 
-def read_spans(spans: Path) -> dict[str, tuple[float, float]]:
-    """``submission -> (start, end)`` of every ramp-test run a wrapper timed."""
+def read_spans(outputs: Path) -> dict[str, tuple[float, float]]:
+    """``submission -> (start, end)`` from the span files under ``outputs/<submission>/``."""
     found = {}
-    for line in spans.read_text().splitlines():
-        name, start, end = line.split()
-        found[name] = (float(start), float(end))
+    for span in outputs.glob(f"*/{SPAN_FILE}"):
+        start, end = span.read_text().split()
+        found[span.parent.name] = (float(start), float(end))
+    for span in outputs.glob(f"*/training_output/{SPAN_FILE}"):
+        start, end = span.read_text().split()
+        found[span.parent.parent.name] = (float(start), float(end))
     return found
 
 

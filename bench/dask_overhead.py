@@ -100,16 +100,28 @@ def measure(repeat: int, root: Path) -> dict[str, list[tuple[float, float]]]:
 
 def table(results: dict[str, list[tuple[float, float]]]) -> str:
     """The measurements as a fixed-width table."""
-    base = statistics.median(t for t, _ in results["local"])
+    rows = summary(results)
+    base = rows["local"]["median_s"]
     lines = [f"{'configuration':<13}{'runs':>5}{'median s':>10}{'min s':>8}"
              f"{'setup s':>9}{'overhead s':>12}{'overhead':>10}"]
-    for name, samples in results.items():
-        totals = [t for t, _ in samples]
-        median = statistics.median(totals)
-        setup = statistics.median(s for _, s in samples)
-        lines.append(f"{name:<13}{len(samples):>5}{median:>10.2f}{min(totals):>8.2f}"
-                     f"{setup:>9.3f}{median - base:>12.2f}{(median - base) / base:>10.0%}")
+    for name, row in rows.items():
+        fastest = min(t for t, _ in results[name])
+        lines.append(f"{name:<13}{row['runs']:>5}{row['median_s']:>10.2f}{fastest:>8.2f}"
+                     f"{row['setup_s']:>9.3f}{row['overhead_s']:>12.2f}"
+                     f"{row['overhead_s'] / base:>10.0%}")
     return "\n".join(lines)
+
+
+def summary(results: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, float]]:
+    """Per configuration: runs, median whole run and setup, and the median overhead over local."""
+    base = statistics.median(t for t, _ in results["local"])
+    found = {}
+    for name, samples in results.items():
+        median = statistics.median(t for t, _ in samples)
+        found[name] = {"runs": len(samples), "median_s": median,
+                       "setup_s": statistics.median(s for _, s in samples),
+                       "overhead_s": median - base}
+    return found
 
 
 def plot(results: dict[str, list[tuple[float, float]]], path: Path) -> None:

@@ -10,7 +10,7 @@ and measured from outside, alternating systems over several rounds:
     bare pool     ``xargs -P 2`` running the same ramp-test commands (the ideal)
 
 All three find ramp-test through the same stand-in ``conda`` (it only answers
-``conda info --envs --json``) and run the same timing wrapper around this environment's
+``conda info --envs --json``) and run the same self-timing copy of this environment's
 ramp-test (common.ramp_test_wrapper), so each run's start and end are taken the same way.
 
     .venv/bin/python bench/dispatch.py [--submissions 24] [--rounds 3]
@@ -32,6 +32,7 @@ from pathlib import Path
 from common import BENCH, lanes, ramp_test_wrapper, read_spans, run_measured, write_json
 
 from runner import ramptest
+from runner.config import load_event_config
 from runner.dispatcher import prepare_data
 from tests.events import EXAMPLE, GOOD_SUBMISSIONS, make_event
 
@@ -88,20 +89,16 @@ def kit_and_data(root: Path, data: Path) -> None:
     shutil.copytree(data.parent, root / "ramp-data" / "iris")
 
 
-def timed_environment(root: Path) -> tuple[Path, Path, Path]:
-    """An environment prefix whose ramp-test is timed, and a conda naming it as base.
-
-    Returns ``(prefix, conda, spans file)``.
-    """
-    prefix, spans = root / "env", root / "spans.txt"
-    ramp_test_wrapper(prefix, spans)
-    spans.touch()
-    return prefix, stand_in_conda(root / "conda-bin", prefix), spans
+def timed_environment(root: Path) -> tuple[Path, Path]:
+    """An environment prefix whose ramp-test times itself, and a conda naming it as base."""
+    prefix = root / "env"
+    ramp_test_wrapper(prefix)
+    return prefix, stand_in_conda(root / "conda-bin", prefix)
 
 
 def run_ramp_runner(root: Path, sources: Path, data: Path) -> dict:
     """Dispatch the workload with ramp-runner's Dispatcher and conda worker."""
-    _, conda, spans = timed_environment(root)
+    _, conda = timed_environment(root)
     config = make_event(root / "event", (), worker={"timeout": 120},
                         dispatcher={"n_workers": SLOTS, "hunger_policy": "exit"})
     shutil.copytree(data, root / "event" / "ramp-data" / "iris" / "data")
@@ -112,13 +109,14 @@ def run_ramp_runner(root: Path, sources: Path, data: Path) -> dict:
     with sqlite3.connect(ledger) as db:
         scored = dict(db.execute("SELECT name, at FROM transitions WHERE to_state = 'scored'"))
         final = dict(db.execute("SELECT name, state FROM submissions"))
-    return {**measured, "runs": read_spans(spans), "scored": scored, "final": final}
+    runs = read_spans(Path(load_event_config(config).worker.predictions_dir))
+    return {**measured, "runs": runs, "scored": scored, "final": final}
 
 
 def run_ramp_engine(root: Path, sources: Path, data: Path) -> dict:
     """Dispatch the workload with ramp-engine 0.10.1 on a RAMP database built for it."""
     python = engine_python()
-    prefix, conda, spans = timed_environment(root)
+    _, conda = timed_environment(root)
     deployment = root / "deployment"
     kit_and_data(deployment, data)
     child = str(BENCH / "ramp_engine_child.py")
@@ -128,7 +126,8 @@ def run_ramp_engine(root: Path, sources: Path, data: Path) -> dict:
     measured = run_measured([str(python), child, "run", str(deployment), str(SLOTS)], root, env)
     rows = json.loads((deployment / "states.json").read_text())
     # ramp-test runs RAMP's copy of a submission, named submission_<id>: name it back.
-    runs = {rows[b]["name"]: span for b, span in read_spans(spans).items()}
+    predictions = deployment / "events" / "iris_bench" / "predictions"
+    runs = {rows[b]["name"]: span for b, span in read_spans(predictions).items()}
     return {**measured, "runs": runs,
             "scored": {r["name"]: r["at"]["scored"] for r in rows.values() if "scored" in r["at"]},
             "final": {r["name"]: r["final"] for r in rows.values()}}
@@ -136,7 +135,7 @@ def run_ramp_engine(root: Path, sources: Path, data: Path) -> dict:
 
 def run_pool(root: Path, sources: Path, data: Path) -> dict:
     """Run the same ramp-test commands with ``xargs -P SLOTS``: no dispatcher at all."""
-    prefix, _, spans = timed_environment(root)
+    prefix, _ = timed_environment(root)
     kit_and_data(root, data)
     submissions = root / "submissions"
     shutil.copytree(sources, submissions)
@@ -149,7 +148,7 @@ def run_pool(root: Path, sources: Path, data: Path) -> dict:
     env = ramptest.child_environment(1, extra_path=str(prefix / "bin"))
     measured = run_measured(["xargs", "-P", str(SLOTS), "-a", str(names), "-I{}", *argv],
                             root, env)
-    runs = read_spans(spans)
+    runs = read_spans(submissions)
     return {**measured, "runs": runs, "scored": {}, "final": {
         n: "tested" if (submissions / n / "training_output").is_dir() else "error"
         for n in runs}}

@@ -73,7 +73,9 @@ def one_submission(folder: Path, port: int, key: str) -> dict[str, float]:
                     ignore=shutil.ignore_patterns("training_output", "__pycache__"))
     (event / "config.yml").write_text(
         "ramp: {problem_name: iris, event_name: bench}\n"
-        "worker:\n  worker_type: ssh\n  submissions_dir: submissions\n"
+        # The dispatcher's side checks the scores against this copy of the kit and data.
+        f"worker:\n  worker_type: ssh\n  kit_dir: {kit}\n  data_dir: {kit}\n"
+        "  submissions_dir: submissions\n"
         "  predictions_dir: predictions\n  logs_dir: logs\n"
         f"  remote_path_prefix: {Path(sys.executable).parent}\n  memory_profiling: true\n"
         f"  hosts: [{{host: 127.0.0.1, port: {port}, user: {getpass.getuser()}, "
@@ -159,29 +161,38 @@ def throughput(folder: Path, port: int, key: str, size_mib: int, repeat: int):
     return rows, session
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+def measure(size_mib: int, repeat: int) -> dict:
+    """One SSHWorker submission's counters and the throughput rows, against a fresh sshd."""
     with tempfile.TemporaryDirectory(prefix="rr-bench-") as scratch:
         folder = Path(scratch)
         sshd, port, key = start_sshd(folder)
         try:
             counters = one_submission(folder, port, key)
-            print("\nOne submission (iris starting_kit) through SSHWorker")
-            print(f"{'measure':<22}{'value':>12}")
-            for name, value in counters.items():
-                print(f"{name:<22}{value:>12}")
-            rows, _ = throughput(folder, port, key, args.size_mib, args.repeat)
-            print(f"\nThroughput, {args.size_mib} MiB (half random, half CSV), gzip both ways, "
-                  f"best of {args.repeat}, loopback")
-            print(f"{'method':<42}{'up MiB/s':>10}{'down MiB/s':>12}{'up s':>8}{'down s':>8}")
-            for name, mb_up, mb_down, t_up, t_down in rows:
-                print(f"{name:<42}{mb_up:>10.1f}{mb_down:>12.1f}{t_up:>8.2f}{t_down:>8.2f}")
+            rows, _ = throughput(folder, port, key, size_mib, repeat)
         finally:
             sshd.terminate()
             sshd.wait()
+    return {"one_submission": counters, "size_mib": size_mib, "repeat": repeat,
+            "throughput": [dict(zip(("method", "up_mib_s", "down_mib_s", "up_s", "down_s"),
+                                    row, strict=True)) for row in rows]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    results = measure(args.size_mib, args.repeat)
+    print("\nOne submission (iris starting_kit) through SSHWorker")
+    print(f"{'measure':<22}{'value':>12}")
+    for name, value in results["one_submission"].items():
+        print(f"{name:<22}{value:>12}")
+    print(f"\nThroughput, {args.size_mib} MiB (half random, half CSV), gzip both ways, "
+          f"best of {args.repeat}, loopback")
+    print(f"{'method':<42}{'up MiB/s':>10}{'down MiB/s':>12}{'up s':>8}{'down s':>8}")
+    for row in results["throughput"]:
+        print(f"{row['method']:<42}{row['up_mib_s']:>10.1f}{row['down_mib_s']:>12.1f}"
+              f"{row['up_s']:>8.2f}{row['down_s']:>8.2f}")
 
 
 if __name__ == "__main__":
