@@ -426,8 +426,9 @@ class Run:
 
     def kill(self):
         """SIGKILL the run's tree (the sandbox's init first: its namespace dies with it)."""
+        # Under this subreaper, not only under the child: orphans were reparented here.
         table = processes()
-        for pid in [self.child.pid, *descendants(table, self.child.pid)]:
+        for pid in [self.child.pid, *descendants(table, os.getpid())[1:]]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:

@@ -1,4 +1,4 @@
-"""Hostile submissions of the example kit, all dispatched at once through the real Dispatcher.
+"""Hostile submissions of the example kit, all dispatched at once by a real dispatcher.
 
 One event (module scope) holds an honest rival and one submission per attack of issue 9;
 the event runs to its end with the default ``sandbox: auto`` (bubblewrap works on these
@@ -13,6 +13,8 @@ import hashlib
 import os
 import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -20,11 +22,11 @@ import pytest
 
 from runner import ramptest, sandbox
 from runner.config import load_event_config
-from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
 from tests import hostile
 from tests.events import make_event
 
+REPO = Path(__file__).resolve().parent.parent
 SECRET = "hostile-test-secret-7f3a9c"
 ESCAPER_MARK = "hostile-escaper-mark-51be"
 LIMITS = {"memory_limit_mb": 600, "output_limit_mb": 48, "log_limit_mb": 1,
@@ -77,11 +79,14 @@ def event(tmp_path_factory):
 
     prepare_data(data)
     before = {"kit": _tree_digest(kit), "data": _tree_digest(data)}
-    os.environ["RAMP_HOSTILE_SECRET"] = SECRET
+    # The dispatcher runs as `invoke dispatch` with the secret in its environment from its
+    # start: /proc/<pid>/environ shows a process's initial environment only.
     try:
-        Dispatcher(config).run()
+        subprocess.run(
+            [sys.executable, "-m", "invoke", "--search-root", str(REPO), "dispatch",
+             "--event-config", str(path)], env={**os.environ, "RAMP_HOSTILE_SECRET": SECRET},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600, check=True)
     finally:
-        del os.environ["RAMP_HOSTILE_SECRET"]
         listener.close()
     with Ledger(config.ledger_path) as ledger:
         rows = {s.name: s for s in ledger.all()}

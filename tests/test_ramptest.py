@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from runner import ramptest
+from runner.errors import SubmissionError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "iris"
 # ramp-test is installed beside the interpreter running the tests (same venv).
@@ -220,3 +221,58 @@ def test_bare_kit_quick_test_runs_the_starting_kit(tmp_path):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Bagged scores" in run.stdout
+
+
+# --- strict parsing against the kit's score types, and the check of forged scores -------
+
+IRIS_TYPES = (ramptest.ScoreType("acc", False), ramptest.ScoreType("nll", True),
+              ramptest.ScoreType("f1_70", False))
+
+
+def _rewrite_bagged(copy: Path, edit) -> None:
+    path = copy / "bagged_scores.csv"
+    frame = pd.read_csv(path)
+    edit(frame)
+    frame.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    (float("nan"), "not a finite number"),
+    (float("inf"), "not a finite number"),
+    ("high", "not a number"),
+])
+def test_strict_parse_refuses_a_score_that_is_not_a_finite_number(output_copy, value, words):
+    _rewrite_bagged(output_copy, lambda frame: frame.__setitem__(
+        "acc", frame["acc"].astype(object).where(frame.index != 0, value)))
+    with pytest.raises(ValueError, match=words):
+        ramptest.read_results(output_copy, IRIS_TYPES)
+
+
+def test_strict_parse_wants_every_score_of_the_kit_and_keeps_only_them(output_copy):
+    _rewrite_bagged(output_copy, lambda frame: frame.__setitem__("extra", 1.0))
+    results = ramptest.read_results(output_copy, IRIS_TYPES)
+    assert set(results.bagged_scores["test"]) == {"acc", "nll", "f1_70"}
+    _rewrite_bagged(output_copy, lambda frame: frame.drop(columns=["f1_70"], inplace=True))
+    with pytest.raises(ValueError, match="no column for score 'f1_70' of the kit"):
+        ramptest.read_results(output_copy, IRIS_TYPES)
+
+
+def test_strict_parse_refuses_a_big_or_special_scores_file(output_copy):
+    big = output_copy / "bagged_scores.csv"
+    big.write_text("step,n_bag,acc\n" + "9" * (ramptest.MAX_SCORES_BYTES + 1))
+    with pytest.raises(ValueError, match="a scores file holds at most"):
+        ramptest.read_results(output_copy, IRIS_TYPES)
+    big.unlink()
+    big.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="not a regular file"):
+        ramptest.read_results(output_copy, IRIS_TYPES)
+
+
+def test_verify_accepts_real_scores_and_refuses_a_forged_one(event, output_copy):
+    kit, data = event / "ramp-kits" / "iris", event / "ramp-data" / "iris"
+    results = ramptest.verify_results(output_copy, kit, data, 2**30)
+    assert results.bagged_scores == ramptest.read_results(output_copy).bagged_scores
+    _rewrite_bagged(output_copy, lambda frame: frame.__setitem__("acc", 1.0))
+    with pytest.raises(SubmissionError, match="forged scores refused: "
+                                               "bagged_scores.csv says valid acc = 1"):
+        ramptest.verify_results(output_copy, kit, data, 2**30)
