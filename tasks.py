@@ -29,3 +29,15 @@ from runner.cli import (  # noqa: F401
 
 # --- Repository-only tasks -------------------------------------------------------------
 # Define them below with @task (e.g. `bench`); invoke finds them without any registry.
+
+
+@task(help={"quick": "fewer, shorter runs (about 3 minutes)"})
+def bench(c, quick=False):
+    """Benchmarks: ramp-runner vs ramp-engine vs a bare pool, scale, SSH, Dask (bench/)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+    from report import report
+
+    print(report(quick))
