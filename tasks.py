@@ -20,6 +20,7 @@ from runner.cli import (  # noqa: F401
     dispatch,
     leaderboard,
     reap,
+    serve,
     rerun,
     status,
     submit,

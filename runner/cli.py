@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 from invoke import Collection, Program, task
@@ -40,12 +41,23 @@ def _load(event_config: str | None):
         raise Exit(f"error: {error}", code=EXIT_USAGE) from None
 
 
-def _checked(event_config: str | None, console):
+def _load_ramp_event(ramp_config: str, event_config: str | None):
+    """The event config read as ``ramp-launch`` reads it, and its RAMP board source."""
+    from runner.config import ConfigError
+    from runner.ramp_server import load_ramp_event
+
+    try:
+        return load_ramp_event(ramp_config, _config_path(event_config))
+    except ConfigError as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+
+
+def _checked(event_config: str | None, console, config=None):
     """The loaded config, after every preflight check; warnings printed once."""
     from runner.errors import EventError
     from runner.preflight import preflight
 
-    config = _load(event_config)
+    config = config or _load(event_config)
     try:
         warnings = preflight(config)
     except EventError as error:
@@ -74,8 +86,10 @@ def check_config(c, event_config=None):
 
 
 @task(help={**EVENT_CONFIG_HELP, "verbose": "show every step (always written to the log file "
-            "beside the ledger)"})
-def dispatch(c, event_config=None, verbose=False):
+            "beside the ledger)",
+            "ramp_config": "a RAMP server's database config.yml: run the event's submissions "
+                           "from its board, as `ramp-launch dispatcher` does"})
+def dispatch(c, event_config=None, verbose=False, ramp_config=None):
     """Run the event's submissions until the hunger policy stops the dispatcher.
 
     Exit 1 when a submission of this dispatch ended in checking_error, 130 when interrupted.
@@ -85,13 +99,14 @@ def dispatch(c, event_config=None, verbose=False):
     from runner.display import DispatchView, configure_logging
 
     out, err = _consoles()
-    config = _checked(event_config, err)
+    config, source = _load_ramp_event(ramp_config, event_config) if ramp_config else (None, None)
+    config = _checked(event_config, err, config)
     log_file = config.ledger_path.with_suffix(".log")
     configure_logging(out if out.is_terminal else err, verbose, log_file)
     install_redaction(config)
     view = DispatchView(out, live=out.is_terminal)
     try:
-        interrupted = view.run(Dispatcher(config, on_change=view.on_change))
+        interrupted = view.run(Dispatcher(config, on_change=view.on_change, source=source))
     except DispatcherBusy as error:
         raise Exit(f"error: {error}", code=EXIT_USAGE) from None
     except Exception as error:  # the event could not be dispatched at all
@@ -102,6 +117,33 @@ def dispatch(c, event_config=None, verbose=False):
         raise Exit(code=EXIT_INTERRUPTED)
     if view.finals["checking_error"]:
         raise Exit(code=EXIT_FAILED)
+
+
+@task(help={"ramp_config": "the RAMP server's database config.yml (its sqlalchemy: section)",
+            "events_dir": "the folder holding events/<event>/config.yml"})
+def serve(c, ramp_config=None, events_dir=None):
+    """Serve every open event of a RAMP board, one dispatcher each (`ramp-launch daemon`).
+
+    Events opened later are picked up, closed ones stopped, dead dispatchers restarted; each
+    writes events/<event>/dispatcher.log. Runs until Ctrl+C or SIGTERM."""
+    if not ramp_config or not events_dir:
+        raise Exit("error: give --ramp-config FILE and --events-dir FOLDER", code=EXIT_USAGE)
+    from rich.text import Text
+
+    from runner.config import ConfigError
+    from runner.display import configure_logging
+    from runner.ramp_server import serve as serve_board
+
+    out, err = _consoles()
+    configure_logging(err, verbose=False)
+
+    def status_line(event: str, line: str) -> None:
+        out.print(Text(f"{time.strftime('%H:%M:%S')}  {event}: {line}"))
+
+    try:
+        serve_board(ramp_config, events_dir, on_status=status_line)
+    except ConfigError as error:
+        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
 
 
 @task(help={**EVENT_CONFIG_HELP, "folder": "the submission folder to copy into the event",
@@ -320,7 +362,7 @@ def dask_cluster(c, workers=2, tls=False, folder=".dask-cluster", port=8786):
     serve(folder, workers=int(workers), tls=tls, port=int(port))
 
 
-namespace = Collection(check_config, dispatch, submit, status, leaderboard, rerun,
+namespace = Collection(check_config, dispatch, serve, submit, status, leaderboard, rerun,
                        create_conda_env, update_conda_env, test, build_ami, aws_config, reap,
                        dask_cluster)
 
@@ -361,3 +403,7 @@ program = RampRunnerProgram(namespace=namespace, name="ramp-runner", binary="ram
 def main() -> None:
     """Entry point of the ``ramp-runner`` console script."""
     program.run()
+
+
+if __name__ == "__main__":  # what `serve` starts for each event: python -m runner.cli dispatch
+    main()

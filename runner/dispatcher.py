@@ -240,6 +240,10 @@ class Dispatcher:
         self._record(name, "training", self.source.mark_training, name)
         worker.launch_submission()
         while (status := worker.status) is WorkerStatus.RUNNING:
+            if self._stopping.is_set():
+                # The shutdown's kill came while the run was starting, before it could stop it.
+                worker.kill()
+                continue
             # Wakes at the run's end (event-driven workers) or after one poll interval, to
             # notice a submission someone else stopped or re-queued meanwhile.
             worker.wait(min(worker.poll_seconds, max(0.0, worker.timeout - worker.elapsed))

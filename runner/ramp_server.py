@@ -7,7 +7,6 @@ open event, started when the event opens, stopped when it closes, restarted when
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -92,16 +91,6 @@ def load_ramp_event(ramp_config_path: str | os.PathLike[str],
     database = read_database_config(ramp_config_path)
     config = load_ramp_config(ramp_config_path, event_config_path)
     return config, RampSource(config, database)
-
-
-def dispatch(ramp_config_path: str | os.PathLike[str],
-             event_config_path: str | os.PathLike[str]) -> None:
-    """Run one event's dispatcher over the board until its hunger policy or a signal ends
-    it (``ramp-launch dispatcher``)."""
-    from runner.dispatcher import Dispatcher
-
-    config, source = load_ramp_event(ramp_config_path, event_config_path)
-    Dispatcher(config, source=source).run()
 
 
 # -- serve ------------------------------------------------------------------------------
@@ -200,7 +189,7 @@ def _start_child(child: _Child, ramp_config: Path, event_config: Path,
         child.log.close()
     child.log = open(event_config.parent / DISPATCHER_LOG, "ab")
     child.process = subprocess.Popen(
-        [sys.executable, "-m", "runner.ramp_server", "dispatch", "--ramp-config",
+        [sys.executable, "-m", "runner.cli", "dispatch", "--ramp-config",
          str(ramp_config), "--event-config", str(event_config)],
         stdout=child.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     report(child.event, f"dispatcher running (pid {child.process.pid}), "
@@ -241,29 +230,3 @@ class _stop_on_signals:
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m runner.ramp_server dispatch|serve``: what serve starts per event."""
-    parser = argparse.ArgumentParser(prog="python -m runner.ramp_server")
-    commands = parser.add_subparsers(dest="command", required=True)
-    one = commands.add_parser("dispatch", help="one event's dispatcher")
-    one.add_argument("--ramp-config", required=True)
-    one.add_argument("--event-config", required=True)
-    every = commands.add_parser("serve", help="a dispatcher per open event")
-    every.add_argument("--ramp-config", required=True)
-    every.add_argument("--events-dir", required=True)
-    arguments = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        if arguments.command == "dispatch":
-            dispatch(arguments.ramp_config, arguments.event_config)
-        else:
-            serve(arguments.ramp_config, arguments.events_dir)
-    except ConfigError as error:
-        sys.exit(str(error))
-
-
-if __name__ == "__main__":
-    main()

@@ -222,7 +222,7 @@ def test_sigkilled_dispatcher_restarted_leaves_nothing_stuck(sqlite_board):
     with board_session(sqlite_board.database) as session:
         keys = [k for k, _, _ in get_submissions(session, "iris_kill", None)
                 if get_submission_by_id(session, k).is_not_sandbox]
-    command = [sys.executable, "-m", "runner.ramp_server", "dispatch", "--ramp-config",
+    command = [sys.executable, "-m", "runner.cli", "dispatch", "--ramp-config",
                str(sqlite_board.ramp_config), "--event-config", str(event_config)]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
