@@ -27,7 +27,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 LEDGER_FILENAME = "ramp-runner.sqlite3"
 # Keys the dispatcher adds to a worker's dict; accepted when such a dict is validated again.
 DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
-                   "scratch_dir", "dispatcher_id")
+                   "scratch_dir", "dispatcher_id", "prepared")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
 # A config is a few dozen values: these bounds refuse alias bombs and runaway nesting long
 # before they cost time or memory, and keep every walk of the document far from Python's

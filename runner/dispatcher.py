@@ -90,6 +90,8 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._slots: dict[str, tuple[threading.Thread, BaseWorker | None]] = {}
         self._slots_lock = threading.Lock()
+        # What the worker class found once for all runs (worker.prepare), set at start.
+        self._prepared: dict = {}
         # What stops the dispatcher from a slot's thread (a ledger gone, a full disk).
         self._fatal: Exception | None = None
         # The dispatcher's own scratch space, beside the ledger: every run's scratch folder
@@ -116,6 +118,7 @@ class Dispatcher:
             reaped = self.worker_class.reap_leftovers(self._worker_dict())
             if reaped:
                 logger.warning("released what earlier runs left: %s", ", ".join(reaped))
+            self._prepared = self.worker_class.prepare(self._worker_dict())
             watch = getattr(self.source, "watch", None)
             if watch is not None:  # sources without one are rescanned every few seconds
                 stack.enter_context(watch(lambda: self._wakeups.put("arrival")))
@@ -349,7 +352,8 @@ class Dispatcher:
 
     def _worker_dict(self) -> dict:
         return self.config.worker_dict(dispatcher_id=self.dispatcher_id,
-                                       scratch_dir=str(self.scratch_dir))
+                                       scratch_dir=str(self.scratch_dir),
+                                       prepared=self._prepared)
 
     # -- shutdown -----------------------------------------------------------------------
 

@@ -23,7 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner.config import DEFAULT_TIMEOUT, CustomWorkerSection, WorkerSection, worker_settings
+from runner.config import (
+    DEFAULT_TIMEOUT,
+    PATH_KEYS,
+    CustomWorkerSection,
+    WorkerSection,
+    worker_settings,
+)
 from runner.errors import EventError
 from runner.registry import worker_class
 from runner.results import RunEnd, install_run
@@ -192,6 +198,14 @@ class BaseWorker:
         """Whether the run was lost through no fault of the submission (spot, SSH, Dask)."""
         return False
 
+    def require_keys(self, *keys: str) -> None:
+        """Raise EventError naming the first of ``keys`` the config dict lacks (checked at
+        setup, as RAMP's workers do: the dict may have changed since the worker was made)."""
+        for key in keys or PATH_KEYS:
+            if not self.config.get(key):
+                raise EventError(f"The worker required the parameter '{key}' in the "
+                                 f"configuration file (worker.{key} of the event config)")
+
     def submission_folder(self) -> Path:
         """The submission's folder in ``submissions_dir``; EventError when it is not there."""
         folder = Path(self.config["submissions_dir"]) / self.submission
@@ -234,7 +248,8 @@ class BaseWorker:
         """Raise ContractError unless set up and not yet launched (subclasses call it first)."""
         if self._status in (*UNCOLLECTED, S.COLLECTED):
             raise ContractError(
-                f"{self!r}: the submission was already launched; collect its results first"
+                f"{self!r}: the submission was already launched; collect its results first "
+                "(Wait that the submission is processed before to launch a new one)"
             )
         if self._status is not S.SETUP:
             raise ContractError(f"{self!r}: call setup() before launch_submission()")
@@ -246,10 +261,14 @@ class BaseWorker:
         """
         if self._status is S.INITIALIZED:
             raise ContractError(
-                f"{self!r}: nothing to collect; call setup() and launch_submission() first"
+                f"{self!r}: nothing to collect; call setup() and launch_submission() first "
+                "(Call the method setup() and launch_submission() before to collect the results)"
             )
         if self._status is S.SETUP:
-            raise ContractError(f"{self!r}: nothing to collect; call launch_submission() first")
+            raise ContractError(
+                f"{self!r}: nothing to collect; call launch_submission() first "
+                "(Call the method launch_submission() and then try again to collect the results)"
+            )
         if self._status in (S.COLLECTED, S.KILLED):
             raise ContractError(f"{self!r}: results were already collected")
         # As in RAMP, collecting a run that is still going waits for its end or timeout.
@@ -347,6 +366,13 @@ class BaseWorker:
         and the event (a scheduler that answers, a key file only its owner reads); raise
         EventError naming the key and what was expected. Workers with nothing to check
         keep this default."""
+
+    @classmethod
+    def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """What every run of one dispatcher can share, found once when it starts (a conda
+        environment's prefix); the dispatcher hands it to each worker as
+        ``config['prepared']``. Workers with nothing to share keep this default."""
+        return {}
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

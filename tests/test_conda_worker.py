@@ -9,7 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runner.config import ConfigError, load_event_config
+from runner.config import load_event_config
+from runner.errors import EventError
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.local.worker import CondaEnvWorker
 from tests.events import ENV_DUMP_CLASSIFIER, environment_in_log, make_event
@@ -137,11 +138,12 @@ def test_contract_misuse_raises_value_error(event):
     worker.teardown()
 
 
-def test_missing_required_key_is_named(event):
+def test_missing_required_key_is_named_at_setup(event):
     config = event.worker_dict()
     del config["kit_dir"]
-    with pytest.raises(ConfigError, match="worker.kit_dir: expected a path"):
-        CondaEnvWorker(config, "starting_kit")
+    worker = CondaEnvWorker(config, "starting_kit")  # checked at setup, as in RAMP
+    with pytest.raises(EventError, match=r"required the parameter 'kit_dir'.*worker\.kit_dir"):
+        worker.setup()
 
 
 def test_missing_submission_folder_fails_setup(event):

@@ -28,11 +28,6 @@ ALL_WORKERS = [CondaEnvWorker, DaskWorker]
 # ADAPTED: why some cases fail today. strict=True: once fixed, the XPASS says drop the mark.
 TEARDOWN_RELEASES = ("deliberate: teardown() right after setup() releases the worker "
                      "(the dispatcher's shutdown path) instead of raising")
-BASE_MESSAGES = ("runner/worker.py's ContractError messages lack ramp-engine's wording "
-                 "('Wait that the submission is processed', 'Call the method setup() and "
-                 "launch_submission() before', 'Call the method launch_submission()')")
-CONDA_SETUP = ("runner/local/worker.py checks its dict in __init__, not setup(): no ValueError "
-               "naming a key deleted later, no _python_bin_path, its own unknown-env wording")
 KIT_ROOT = Path()  # ADAPTED: set by the kit_root fixture
 
 
@@ -159,8 +154,7 @@ def test_conda_worker(submission, Worker, dask_scheduler):
 
 
 @pytest.mark.parametrize("Worker", [
-    pytest.param(CondaEnvWorker, marks=pytest.mark.xfail(strict=True, reason=CONDA_SETUP)),
-    DaskWorker])
+    CondaEnvWorker, DaskWorker])
 def test_conda_worker_without_conda_env_specified(Worker, dask_scheduler):
     with get_conda_worker(
         "starting_kit", Worker=Worker, dask_scheduler=dask_scheduler
@@ -176,8 +170,7 @@ def test_conda_worker_without_conda_env_specified(Worker, dask_scheduler):
 
 
 @pytest.mark.parametrize("Worker", [
-    pytest.param(CondaEnvWorker, marks=pytest.mark.xfail(strict=True, reason=CONDA_SETUP)),
-    DaskWorker])
+    CondaEnvWorker, DaskWorker])
 def test_conda_worker_error_missing_config_param(Worker, dask_scheduler):
     with get_conda_worker(
         "starting_kit", Worker=Worker, dask_scheduler=dask_scheduler
@@ -191,8 +184,7 @@ def test_conda_worker_error_missing_config_param(Worker, dask_scheduler):
 
 
 @pytest.mark.parametrize("Worker", [
-    pytest.param(CondaEnvWorker, marks=pytest.mark.xfail(strict=True, reason=CONDA_SETUP)),
-    DaskWorker])
+    CondaEnvWorker, DaskWorker])
 def test_conda_worker_error_unknown_env(Worker, dask_scheduler):
     conda_env = "xxx"
     with get_conda_worker(
@@ -207,9 +199,7 @@ def test_conda_worker_error_unknown_env(Worker, dask_scheduler):
             assert worker.status == "error"
 
 
-@pytest.mark.parametrize("Worker", [
-    pytest.param(W, marks=pytest.mark.xfail(strict=True, reason=BASE_MESSAGES))
-    for W in ALL_WORKERS])
+@pytest.mark.parametrize("Worker", ALL_WORKERS)
 def test_conda_worker_error_multiple_launching(Worker, dask_scheduler):
     submission = "starting_kit"
     with get_conda_worker(
@@ -238,9 +228,7 @@ def test_conda_worker_error_soon_teardown(Worker, dask_scheduler):
             worker.teardown()
 
 
-@pytest.mark.parametrize("Worker", [
-    pytest.param(W, marks=pytest.mark.xfail(strict=True, reason=BASE_MESSAGES))
-    for W in ALL_WORKERS])
+@pytest.mark.parametrize("Worker", ALL_WORKERS)
 def test_conda_worker_error_soon_collection(Worker, dask_scheduler):
     with get_conda_worker(
         "starting_kit", Worker=Worker, dask_scheduler=dask_scheduler

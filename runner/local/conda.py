@@ -39,7 +39,7 @@ def conda_env_prefix(name: str | None) -> Path:
         if name is not None:
             raise CondaError(f"conda_env {name!r} asked for, but no conda was found "
                              "(set CONDA_EXE or put conda on PATH)")
-        logger.info("no conda found: submissions run in this Python environment (%s)",
+        logger.debug("no conda found: submissions run in this Python environment (%s)",
                     sys.prefix)
         return Path(sys.prefix)
     completed = subprocess.run([conda, "info", "--envs", "--json"], capture_output=True,

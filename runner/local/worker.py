@@ -39,9 +39,10 @@ class CondaEnvWorker(BaseWorker):
 
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
-        self.settings  # noqa: B018 - a config error is the caller's, raised here
         self._run: LocalRun | None = None
         self._bin: Path | None = None
+        # Where ramp-engine's CondaEnvWorker keeps the environment's bin folder.
+        self._python_bin_path: str | None = None
         self._confinement: sandbox.Confinement | None = None
 
     @classmethod
@@ -49,17 +50,39 @@ class CondaEnvWorker(BaseWorker):
         """``sandbox: required`` without a working sandbox is refused; ``auto`` warns."""
         sandbox.use_sandbox(cls.settings_of(config).sandbox, cls.__name__)
 
+    @classmethod
+    def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Find the conda environment once per dispatcher: with a real conda, asking costs
+        about a second."""
+        name = config.get("conda_env")
+        return {"conda_env": name, "conda_prefix": str(_environment(name))}
+
     @property
     def _submissions_copy(self) -> Path:
         return self.scratch / "submissions"
 
     def setup(self) -> None:
-        """Find the environment's ramp-test and copy the submission to a scratch folder."""
-        prefix = conda_env_prefix(self.settings.conda_env)
+        """Check the config, find the environment's ramp-test and copy the submission to a
+        scratch folder. A missing key or an unknown ``conda_env`` raises ValueError
+        (EventError) naming it, and an unknown environment leaves ``status == 'error'``,
+        as RAMP's worker does."""
+        self.require_keys()
+        self.settings  # noqa: B018 - the rest of the config is checked here, not at launch
+        conda_env = self.config.get("conda_env")
+        prepared = self.config.get("prepared") or {}
+        if prepared.get("conda_prefix") and prepared.get("conda_env") == conda_env:
+            prefix = Path(prepared["conda_prefix"])
+        else:
+            prefix = None
+        # A prefix found at the dispatcher's start is asked again only if it is gone.
+        if prefix is None or not (prefix / "bin" / "ramp-test").exists():
+            try:
+                prefix = _environment(conda_env)
+            except EventError:
+                self.status = WorkerStatus.ERROR
+                raise
         self._bin = prefix / "bin"
-        if not (self._bin / "ramp-test").exists():
-            raise CondaError(f"no ramp-test in {self._bin}: install ramp-workflow in the "
-                             f"environment {self.settings.conda_env or 'base'!r}")
+        self._python_bin_path = str(self._bin)
         copy = self._submissions_copy / self.submission
         # Links are copied as links: a link in a submission must not make the dispatcher
         # copy what it points to (/etc/shadow) where the run can read it.
@@ -124,3 +147,16 @@ class CondaEnvWorker(BaseWorker):
             self._run.stop()
             self._run.cleanup()
         super().teardown()
+
+
+def _environment(name: str | None) -> Path:
+    """The prefix of conda environment ``name`` that has ramp-test (EventError if none)."""
+    try:
+        prefix = conda_env_prefix(name)
+    except CondaError as error:
+        raise CondaError(f"The specified conda environment {name} does not exist. "
+                         f"({error})") from None
+    if not (prefix / "bin" / "ramp-test").exists():
+        raise CondaError(f"no ramp-test in {prefix / 'bin'}: install ramp-workflow in the "
+                         f"environment {name or 'base'!r}")
+    return prefix
