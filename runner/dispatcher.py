@@ -288,8 +288,13 @@ class Dispatcher:
             self._retry(name, message)
 
     def _collect(self, name: str, worker: BaseWorker) -> None:
-        returncode, error_msg = worker.collect_results()
         run_time = worker.elapsed
+        try:
+            returncode, error_msg = worker.collect_results()
+        except SubmissionError as error:  # refused results: the run's time and memory count
+            self._record(name, "training_error", self.source.mark_training_error, name,
+                         str(error), run_time, getattr(worker, "peak_memory_mb", None))
+            return
         peak = getattr(worker, "peak_memory_mb", None)
         if returncode != 0:
             self._record(name, "training_error", self.source.mark_training_error, name,

@@ -485,6 +485,9 @@ def main(argv):
     watched = int(options["--watch"]) if "--watch" in options else None
     # The start time tells the watched process from a later one that reuses its pid.
     born = start_time(watched) if watched is not None else None
+    if watched is not None and born is None:
+        # The starter died before we could look at it: nobody would stop this run.
+        return 128 + signal.SIGKILL
     set_subreaper()
     run = Run(options, command)
     tick = 0

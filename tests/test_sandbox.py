@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,16 @@ def test_log_keeps_head_and_tail_and_stops_the_run(tmp_path):
     assert returncode != 0 and reason["limit"] == "log_limit_mb"
     assert len(log) < 1.1 * MIB
     assert log.startswith(b"line 0 ") and b"bytes of output cut here" in log
+
+
+def test_a_starter_already_gone_starts_nothing(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process now
+    marker = tmp_path / "ran"
+    returncode, _, _ = _supervised(tmp_path, "--watch", str(gone.pid),
+                                   code=f"open({str(marker)!r}, 'w')")
+    assert returncode == 128 + signal.SIGKILL
+    assert not marker.exists()
 
 
 def test_a_setsid_double_fork_dies_with_the_run_even_without_the_sandbox(tmp_path):

@@ -56,6 +56,18 @@ def test_full_predictions_disk_is_checking_error_once_and_stops(tmp_path):
     assert list(_scratch(config).iterdir()) == []
 
 
+def test_full_logs_disk_leaves_no_half_written_log(tmp_path):
+    with tmpfs(tmp_path / "logs", size="1m") as logs:
+        fill(logs)
+        config = load_event_config(make_event(
+            tmp_path / "event", ("starting_kit",), worker={"logs_dir": str(logs)}))
+        with pytest.raises(MachineFault, match=r"\[Errno 28\] No space left on device"):
+            Dispatcher(config).run()
+        leftovers = [str(p.relative_to(logs)) for p in logs.rglob("*")
+                     if p.is_file() and not p.name.startswith("filler")]
+    assert leftovers == []
+
+
 def test_read_only_logs_dir_is_checking_error_once_and_stops(tmp_path):
     with tmpfs(tmp_path / "logs", size="1m", options=",ro") as logs:
         config = load_event_config(make_event(
