@@ -125,7 +125,11 @@ class Ledger:
             # mapping ends the process with SIGBUS instead of an error SQLite can report.
             self._connection.execute("PRAGMA mmap_size=0")
             self._connection.execute("PRAGMA journal_mode=WAL")
-            self._connection.execute("PRAGMA synchronous=FULL")
+            # WAL + NORMAL: a commit survives any crash of the process (a SIGKILLed
+            # dispatcher) without an fsync each; only a power loss can roll back the last
+            # commits, which at worst runs a submission again, never scores one twice.
+            # FULL cost 2-6 ms of fsync per submission here, NORMAL 0.4-0.7 ms.
+            self._connection.execute("PRAGMA synchronous=NORMAL")
             self._connection.executescript(SCHEMA)
         # The file opened, by identity: a ledger deleted or replaced while in use would take
         # every later transition into a file nobody will read again.
