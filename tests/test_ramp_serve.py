@@ -129,4 +129,5 @@ def test_serve_follows_the_board(board):
         thread.join(120)
     assert not thread.is_alive()
     # The dispatchers' output is kept where an organiser reads it.
-    assert ": scored" in (board.event_dir("iris_late") / "dispatcher.log").read_text()
+    # The dispatcher prints each state change it records as "HH:MM:SS  name  state".
+    assert "  scored\n" in (board.event_dir("iris_late") / "dispatcher.log").read_text()

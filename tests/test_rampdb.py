@@ -241,8 +241,9 @@ def test_sigkilled_dispatcher_restarted_leaves_nothing_stuck(sqlite_board):
     names = [f"submission_{k:09d}" for k in keys]
     assert any("dead dispatcher" in line and names[1] in line
                for line in second.stderr.splitlines())  # recovered at start
-    assert f"{names[0]}: scored" not in second.stderr
-    assert f"{names[1]}: scored" in second.stderr
+    # The program prints each state change it records as "HH:MM:SS  name  state".
+    assert f"{names[0]}  scored" not in second.stdout
+    assert f"{names[1]}  scored" in second.stdout
     with board_session(sqlite_board.database) as session:
         assert [get_submission_state(session, k) for k in keys] == ["scored", "scored"]
         assert get_submission_by_id(session, keys[0]).training_timestamp == scored_at
