@@ -22,6 +22,7 @@ from runner.dask.cluster import LoopbackCluster, make_certificates
 from runner.dask.worker import DaskWorker
 from runner.dispatcher import prepare_data
 from tests import dask_helpers as h
+from tests import hostile
 from tests.events import (
     ENV_DUMP_CLASSIFIER,
     env_prefix_like_this_one,
@@ -334,3 +335,17 @@ def test_tls_settings_are_checked_when_the_worker_is_made(tmp_path):
     path.write_text(yaml.safe_dump(document))
     with pytest.raises(ConfigError, match="tls_client_key"):
         DaskWorker(load_event_config(path).worker_dict(), "starting_kit")
+
+
+def test_a_limit_on_the_dask_worker_ends_the_run_as_training_error_naming_it(local_cluster,
+                                                                              tmp_path):
+    path = make_event(tmp_path / "event", submissions=(), worker={
+        "worker_type": "dask", "dask_scheduler": local_cluster.scheduler_address,
+        "log_limit_mb": 1, "timeout": 60})
+    h.add_submission(path, "chatty", hostile.chatty(3))
+    prepare_data(load_event_config(path).worker.data_dir)
+    row = h.dispatch(path)["chatty"]
+    assert row.state == "training_error", (row.state, row.error_msg)
+    assert "log_limit_mb=1" in row.error_msg
+    log = (Path(load_event_config(path).worker.logs_dir) / "chatty" / "log").read_text()
+    assert "bytes of output cut here" in log

@@ -22,7 +22,7 @@ from typing import Any
 
 import distributed
 
-from runner import archive
+from runner import archive, sandbox
 from runner.config import PATH_KEYS, ConfigError, WorkerSection
 from runner.dask import task as dask_task
 from runner.errors import EventError
@@ -111,6 +111,8 @@ class DaskWorker(BaseWorker):
             "conda_env": conda_env,
             "n_threads": self.config.get("n_threads"),
             "timeout": self.timeout,
+            # Whether the sandbox works is asked on the Dask worker that runs the task.
+            "confinement": {key: getattr(self.settings, key) for key in sandbox.DEFAULTS},
         }
         super().setup()
 
@@ -167,6 +169,9 @@ class DaskWorker(BaseWorker):
             output = None
             if timed_out or outcome.get("status") == "timeout":
                 end = RunEnd(None, timed_out=True)
+            elif outcome.get("status") == "ended" and outcome.get("stopped"):
+                # A limit, or a training_output refused on the Dask worker.
+                end = RunEnd(None, stopped=str(outcome["stopped"]))
             elif outcome.get("status") == "ended":
                 end = RunEnd(outcome["returncode"])
                 if outcome.get("output") is not None:
