@@ -2,7 +2,8 @@
 
 Bytes travel between machines that share no paths (a Dask worker, a remote host); what
 arrives may come from a machine running untrusted code, so unpacking accepts regular
-files and folders only, each inside the destination.
+files and folders only, each inside the destination. Packing takes them only too: a
+link in a submission would ship what it points to (``/etc/shadow``), a FIFO would block.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def pack(folder: str | os.PathLike[str], skip: Iterable[str] = ()) -> bytes:
     """Return the uncompressed tar of ``folder``'s content, the same bytes for the same content.
 
     Names are relative to ``folder``, sorted, with mtime, owner and group zeroed, so the
-    bytes (and their hash) depend on names, modes and contents only. Symbolic links are
-    followed; names in ``SKIPPED_NAMES`` and ``skip`` are left out at any depth.
+    bytes (and their hash) depend on names, modes and contents only. Names in
+    ``SKIPPED_NAMES`` and ``skip`` are left out at any depth; a symbolic link or a special
+    file anywhere else raises ``UnsafeArchiveError`` naming it (nothing is followed).
     """
     root = Path(folder)
     if not root.is_dir():
@@ -41,25 +43,45 @@ def pack(folder: str | os.PathLike[str], skip: Iterable[str] = ()) -> bytes:
         for path in _walk(root, skipped):
             name = path.relative_to(root).as_posix()
             info = tarfile.TarInfo(name)
-            info.mode = stat.S_IMODE(path.stat().st_mode)
-            if path.is_dir():
+            mode = path.lstat().st_mode
+            info.mode = stat.S_IMODE(mode)
+            if stat.S_ISDIR(mode):
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
-            else:
-                info.size = path.stat().st_size
-                with open(path, "rb") as handle:
-                    tar.addfile(info, handle)
+                continue
+            # O_NOFOLLOW, O_NONBLOCK: a link or FIFO put in place since the walk is refused.
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as error:
+                raise UnsafeArchiveError(f"{name}: cannot be packed ({error.strerror})") from None
+            with os.fdopen(fd, "rb") as handle:
+                found = os.fstat(fd)
+                if not stat.S_ISREG(found.st_mode):
+                    raise _refused(name)
+                info.size = found.st_size
+                tar.addfile(info, handle)
     return buffer.getvalue()
 
 
-def _walk(root: Path, skipped: set[str]) -> list[Path]:
+def _refused(name: str) -> UnsafeArchiveError:
+    # The name inside the folder only: the dispatcher's paths are not the participant's.
+    return UnsafeArchiveError(f"{name} is a symbolic link or a special file: only folders "
+                              "and regular files are packed")
+
+
+def _walk(root: Path, skipped: set[str], top: Path | None = None) -> list[Path]:
+    """Entries under ``root``, sorted, parents first; links and special files refused."""
+    top = top or root
     found = []
     for entry in sorted(root.iterdir()):
         if entry.name in skipped:
             continue
+        mode = entry.lstat().st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise _refused(entry.relative_to(top).as_posix())
         found.append(entry)
-        if entry.is_dir():
-            found.extend(_walk(entry, skipped))
+        if stat.S_ISDIR(mode):
+            found.extend(_walk(entry, skipped, top))
     return found
 
 
@@ -67,7 +89,7 @@ def fingerprint(folder: str | os.PathLike[str], skip: Iterable[str] = ()) -> tup
     """Names, sizes and modification times of what ``pack`` would take: cheap change check."""
     root = Path(folder)
     skipped = set(SKIPPED_NAMES) | set(skip)
-    return tuple((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+    return tuple((p.relative_to(root).as_posix(), p.lstat().st_size, p.lstat().st_mtime_ns)
                  for p in _walk(root, skipped))
 
 

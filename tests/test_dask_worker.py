@@ -349,3 +349,34 @@ def test_a_limit_on_the_dask_worker_ends_the_run_as_training_error_naming_it(loc
     assert "log_limit_mb=1" in row.error_msg
     log = (Path(load_event_config(path).worker.logs_dir) / "chatty" / "log").read_text()
     assert "bytes of output cut here" in log
+
+
+@pytest.mark.parametrize("kind", ["file link", "folder link", "dangling link", "fifo"])
+def test_pack_refuses_links_and_special_files(tmp_path, kind):
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("outside the folder")
+    folder = tmp_path / "submission"
+    (folder / "deep").mkdir(parents=True)
+    (folder / "classifier.py").write_text("x = 1\n")
+    odd = folder / "deep" / "odd"
+    if kind == "file link":
+        odd.symlink_to(secret)
+    elif kind == "folder link":
+        odd.symlink_to(secret.parent)
+    elif kind == "dangling link":
+        odd.symlink_to(tmp_path / "nowhere")
+    else:
+        os.mkfifo(odd)
+    with pytest.raises(archive.UnsafeArchiveError, match="^deep/odd is a symbolic link or a"):
+        archive.pack(folder)
+
+
+def test_a_submission_with_a_link_is_its_own_error_on_dask(local_cluster, tmp_path):
+    path = make_event(tmp_path / "event", submissions=("starting_kit",), worker={
+        "worker_type": "dask", "dask_scheduler": local_cluster.scheduler_address})
+    (path.parent / "submissions" / "starting_kit" / "shadow").symlink_to("/etc/shadow")
+    row = h.dispatch(path)["starting_kit"]
+    assert (row.state, row.attempts) == ("training_error", 0), (row.state, row.error_msg)
+    assert "shadow is a symbolic link" in row.error_msg
+    assert str(tmp_path) not in row.error_msg  # the dispatcher's paths are not shown

@@ -25,7 +25,7 @@ import distributed
 from runner import archive, sandbox
 from runner.config import PATH_KEYS, ConfigError, WorkerSection
 from runner.dask import task as dask_task
-from runner.errors import EventError
+from runner.errors import EventError, SubmissionError
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.results import RunEnd
 from runner.worker import BaseWorker, WorkerStatus
@@ -102,10 +102,15 @@ class DaskWorker(BaseWorker):
         # Where ramp-engine's DaskWorker keeps the environment's bin folder.
         self._python_bin_path = str(prefix / "bin")
         folder = self.submission_folder()
+        try:
+            packed = archive.pack(folder, skip=("training_output",))
+        except archive.UnsafeArchiveError as error:
+            raise SubmissionError(f"the submission cannot be sent to the cluster: {error}") \
+                from None
         self._job = {
             "run_id": self._run_id,
             "submission": self.submission,
-            "submission_tar": archive.compress(archive.pack(folder, skip=("training_output",))),
+            "submission_tar": archive.compress(packed),
             "kit": self._source("kit_dir", self.settings.remote_kit_dir),
             "data": self._source("data_dir", self.settings.remote_data_dir),
             "conda_env": conda_env,
@@ -218,7 +223,12 @@ class DaskWorker(BaseWorker):
         """How the task finds the kit or data: a path on the Dask worker, or a content hash."""
         if remote_path:
             return {"path": remote_path}
-        sha, _ = packed_folder(self.config[local_key], self._pack_cache)
+        try:
+            sha, _ = packed_folder(self.config[local_key], self._pack_cache)
+        except archive.UnsafeArchiveError as error:
+            raise EventError(f"worker.{local_key} cannot be shipped to the cluster: {error} "
+                             f"(or give worker.remote_{local_key.removesuffix('_dir')}_dir, "
+                             "a folder on the Dask workers)") from None
         return {"sha": sha, "tar": None}
 
     @property
