@@ -4,13 +4,23 @@ Remote layout, under the host's kit folder ``K`` (``remote_ramp_kit_folder``):
 ``K/submissions/<sub>/`` holds the uploaded submission (ramp-test writes its
 ``training_output`` there) and ``K/.ramp-runner/<sub>/`` the run's files: ``pid`` (the
 session leader, so the whole tree can be killed), ``exit`` (written atomically when the
-run ends), ``log`` and, with ``memory_profiling``, ``peak_rss`` and ``supervise.py``.
+run ends), ``log``, ``supervise.py``, and what the supervisor leaves: ``peak_rss``,
+``reason`` (why it stopped the run) and ``tmp`` (the run's /tmp).
 The run is started detached (``setsid nohup``): a dropped connection does not end it.
+
+ramp-test runs under ``supervise.py`` with the worker's limits and, where bubblewrap works
+on the host (asked at setup, with the run's own PATH and conda environment), in its
+sandbox: the kit read-only, its ``submissions`` and ``.ramp-runner`` folders hidden but
+for the run's own submission, which alone is writable; nothing else of the host's files
+but the system's (``runner/supervise.py``). ``sandbox: auto`` on a host where it does
+not work warns once per host and runs without it; ``required`` is the event's error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import os
 import shlex
@@ -19,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner import ramptest, supervise
+from runner import ramptest, sandbox, supervise
 from runner.config import ConfigError, WorkerSection
+from runner.errors import EventError
 from runner.results import RunEnd
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
 from runner.worker import BaseWorker, WorkerStatus
@@ -41,6 +52,8 @@ KILL_SESSION = (
 POLL_TIMEOUT = 60.0
 # Conda installs an AMI may have when conda is not on the login PATH.
 CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
+# The supervisor's reason file is a few hundred bytes; more is not read.
+REASON_MAX_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +88,50 @@ def known_hosts_path(config: dict[str, Any]) -> Path:
     return Path(config.get("event_dir") or config["logs_dir"]) / "known_hosts"
 
 
+def read_reason(path: Path) -> dict[str, Any] | None:
+    """The supervisor's ``--reason`` file (why it stopped the run), or None without one."""
+    try:
+        with open(path, "rb") as handle:
+            reason = json.loads(handle.read(REASON_MAX_BYTES))
+    except (OSError, ValueError):
+        return None
+    return reason if isinstance(reason, dict) else None
+
+
+def run_end(reason: dict[str, Any] | None, returncode: int | None, timed_out: bool,
+            where: str = "") -> RunEnd:
+    """How a supervised run ended, given the supervisor's ``reason`` (None: it did not stop
+    the run). A sandbox that could not start the run is the event's EventError; a limit
+    ends it as the submission's error, unless the run had timed out first."""
+    if reason is not None and reason.get("fault") == "event":
+        raise EventError(ramptest.bounded(f"{where}{reason.get('message')}"))
+    if reason is not None and not timed_out:
+        return RunEnd(None, stopped=str(reason.get("message")))
+    return RunEnd(None if timed_out else returncode, timed_out=timed_out)
+
+
+@functools.cache
+def _warn_not_isolated(host: str, why: str) -> None:
+    logger.warning("%s: submissions are NOT isolated on this host: the sandbox does not work "
+                   "there (%s); they run with the SSH user's rights and can read and change "
+                   "what that user can. Install bubblewrap on the host or set worker.sandbox: "
+                   "off to silence this.", host, why)
+
+
+def use_host_sandbox(mode: str, works: bool, why: str, host: str) -> bool:
+    """``runner.sandbox.use_sandbox`` for a remote host whose check said ``works``/``why``:
+    ``auto`` without a working sandbox warns once per host, ``required`` raises EventError."""
+    if mode == "off":
+        return False
+    if works:
+        return True
+    if mode == "required":
+        raise EventError(f"worker.sandbox: required, but the sandbox does not work on host "
+                         f"{host}: {why}")
+    _warn_not_isolated(host, why)
+    return False
+
+
 class RemoteWorker(BaseWorker):
     """A run of ramp-test on a remote host; subclasses say how to get the host.
 
@@ -95,6 +152,7 @@ class RemoteWorker(BaseWorker):
         self.conda_env: str | None = None
         self.path_prefix: str | None = None
         self.memory_profiling = bool(config.get("memory_profiling"))
+        self.sandboxed = False
         self._poll_at = float("-inf")
         self._poll_state = ("running", None, False)
         self._exit_code: int | None = None
@@ -107,8 +165,9 @@ class RemoteWorker(BaseWorker):
         return f"{self.remote_kit}/{RUN_FOLDER}/{self.submission}"
 
     def _upload(self) -> None:
-        """Send the submission (without earlier outputs) and the memory probe, in one stream,
-        replacing what an earlier run of the same submission left on the host."""
+        """Send the submission (without earlier outputs) and the supervisor in one stream,
+        replacing what an earlier run of the same submission left on the host; then ask
+        the host whether the sandbox works there (unless ``sandbox: off``)."""
         local = self.submission_folder()
         files = [(local, f"submissions/{self.submission}")]
         for path in sorted(local.rglob("*")):
@@ -116,20 +175,51 @@ class RemoteWorker(BaseWorker):
             if not any(part in NOT_UPLOADED for part in relative.parts):
                 files.append((path, f"submissions/{self.submission}/{relative.as_posix()}"))
         files.append((local, f"{RUN_FOLDER}/{self.submission}"))
-        if self.memory_profiling:
-            files.append((supervise.__file__, f"{RUN_FOLDER}/{self.submission}/supervise.py"))
-        stale = " ".join(shlex.quote(p) for p in (
-            f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
-        self.session.upload(files, self.remote_kit, before=f"rm -rf {stale} && ")
+        files.append((supervise.__file__, f"{RUN_FOLDER}/{self.submission}/supervise.py"))
+        self.session.upload(files, self.remote_kit, before=f"rm -rf {self._stale_files()} && ")
+        try:
+            self.sandboxed = self._host_sandbox()
+        except EventError:
+            # The subclass forgets the session on a setup error: clean the host first.
+            self.session.run(f"rm -rf {self._stale_files()}", 60)
+            raise
 
-    def _run_script(self) -> str:
-        run = shlex.quote(self.run_dir)
-        kit = self.remote_kit
-        argv = ramptest.command(self.submission, kit, kit, f"{kit}/submissions")
-        if self.memory_profiling:
-            argv = ["python", f"{self.run_dir}/supervise.py", "--peak-rss",
-                    f"{self.run_dir}/peak_rss", "--", *argv]
-        lines = [f"cd {shlex.quote(kit)} || exit 97"]
+    def _stale_files(self) -> str:
+        return " ".join(shlex.quote(p) for p in (
+            f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
+
+    def _host_sandbox(self) -> bool:
+        """Whether runs on this host go in the sandbox (``use_host_sandbox``)."""
+        mode = self.settings.sandbox
+        if mode == "off":
+            return False
+        check = shlex.join(["python", f"{self.run_dir}/supervise.py", "--check-sandbox"])
+        script = "\n".join([*self._environment_lines(), check])
+        status, out, err = self.session.run(f"bash -lc {shlex.quote(script)}")
+        why = (out + err).strip().splitlines()[-1:] or [f"the check exited {status}"]
+        host = f"{self.session.user}@{self.session.host}:{self.session.port}"
+        return use_host_sandbox(mode, status == 0, why[0].removeprefix(
+            "sandbox: does not work: ")[:500], host)
+
+    def _supervised(self, argv: list[str]) -> list[str]:
+        """``argv`` under the supervisor, with the worker's limits and, if on, the sandbox."""
+        run, kit = self.run_dir, self.remote_kit
+        own = f"{kit}/submissions/{self.submission}"
+        settings = self.settings
+        # Not sandbox.confinement: whether the sandbox works was asked of the host, not here.
+        options = sandbox.Confinement(
+            sandbox=self.sandboxed, network=settings.network, read_only=(kit,),
+            writable=(own,), tmp=f"{run}/tmp",
+            limits={name: getattr(settings, name) for name in sandbox.LIMITS}).options()
+        if self.sandboxed:
+            # Other submissions and the runs' files share the kit folder on a host.
+            options += ["--hide", f"{kit}/submissions", "--hide", f"{kit}/{RUN_FOLDER}"]
+        return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
+                "--reason", f"{run}/reason", *options, "--", *argv]
+
+    def _environment_lines(self) -> list[str]:
+        """Shell lines giving the run's PATH and conda environment."""
+        lines = []
         if self.path_prefix:
             lines.append(f"export PATH={shlex.quote(self.path_prefix)}:\"$PATH\"")
         if self.conda_env:
@@ -141,6 +231,13 @@ class RemoteWorker(BaseWorker):
                 f'eval "$(conda shell.bash hook)" && conda activate {env} '
                 f"|| {{ echo 'cannot activate conda environment '{env}; exit 98; }}",
             ]
+        return lines
+
+    def _run_script(self) -> str:
+        run = shlex.quote(self.run_dir)
+        kit = self.remote_kit
+        argv = self._supervised(ramptest.command(self.submission, kit, kit, f"{kit}/submissions"))
+        lines = [f"cd {shlex.quote(kit)} || exit 97", *self._environment_lines()]
         n_threads = self.config.get("n_threads")
         if n_threads:
             lines.append("export " + " ".join(
@@ -249,18 +346,20 @@ class RemoteWorker(BaseWorker):
         with self._collecting():
             timed_out = self._status is WorkerStatus.TIMEOUT
             output = f"submissions/{self.submission}/training_output"
-            names = (f"set -- {RUN_FOLDER}/{self.submission}/log; "
-                     f"for f in {RUN_FOLDER}/{self.submission}/peak_rss {output}; do "
+            run_folder = f"{RUN_FOLDER}/{self.submission}"
+            names = (f"set -- {run_folder}/log; "
+                     f"for f in {run_folder}/peak_rss {run_folder}/reason {output}; do "
                      '[ -e "$f" ] && set -- "$@" "$f"; done; true')
             incoming = self.scratch / "incoming"
             incoming.mkdir()
             self.session.download(self.remote_kit, names, str(incoming),
                                   before=self._kill_script())
             run_files = incoming / RUN_FOLDER / self.submission
-            if (run_files / "peak_rss").exists():
+            if self.memory_profiling and (run_files / "peak_rss").exists():
                 self.peak_memory_mb = float((run_files / "peak_rss").read_text())
             exit_code = self._exit_code if self._exit_code is not None else 1
-            end = RunEnd(None if timed_out else exit_code, timed_out=timed_out)
+            end = run_end(read_reason(run_files / "reason"), exit_code, timed_out,
+                          where=f"on {self.session!r}: ")
             return self._install(end, run_files / "log", incoming / output)
 
     def _close_session(self) -> None:
