@@ -89,6 +89,9 @@ class Dispatcher:
         self._wakeups: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._slots: dict[str, tuple[threading.Thread, BaseWorker | None]] = {}
+        # Slots whose run has ended: they collect, score and tear down, and no longer count
+        # against n_workers, so the next submission starts without waiting for them.
+        self._collecting: set[str] = set()
         self._slots_lock = threading.Lock()
         # What the worker class found once for all runs (worker.prepare), set at start.
         self._prepared: dict = {}
@@ -182,7 +185,9 @@ class Dispatcher:
             return len(self._slots)
 
     def _fill_slots(self) -> None:
-        free = self.config.dispatcher.slots - self._busy_slots()
+        with self._slots_lock:
+            running = len(self._slots) - len(self._collecting)
+        free = self.config.dispatcher.slots - running
         for name in self.source.claim(free, worker=self.dispatcher_id):
             self._changed(name, "sent_to_training")
             thread = threading.Thread(target=self._run_slot, args=(name,), name=f"slot-{name}",
@@ -216,6 +221,7 @@ class Dispatcher:
                     logger.exception("%s: teardown failed", name)
             with self._slots_lock:
                 self._slots.pop(name, None)
+                self._collecting.discard(name)
             self._wakeups.put(name)
 
     def _clear_previous(self, name: str) -> None:
@@ -255,6 +261,9 @@ class Dispatcher:
                 worker.kill()
                 logger.warning("%s: its state was changed by someone else: run stopped", name)
                 return
+        with self._slots_lock:
+            self._collecting.add(name)
+        self._wakeups.put(name)  # its slot is free for the next submission
         if status is WorkerStatus.KILLED:
             self._release(name)
         elif status is WorkerStatus.RETRY:

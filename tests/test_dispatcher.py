@@ -172,6 +172,7 @@ class ScriptedWorker(BaseWorker):
 
     script: dict[str, list[str]] = {}
     setup_delay: dict[str, float] = {}
+    collect_delay: dict[str, float] = {}
     output: Path | None = None
 
     def setup(self):
@@ -193,6 +194,7 @@ class ScriptedWorker(BaseWorker):
 
     def collect_results(self):
         super().collect_results()
+        time.sleep(self.collect_delay.get(self.submission, 0))
         shutil.copytree(self.output, Path(self.config["predictions_dir"]) / self.submission)
         self.status = "collected"
         return 0, ""
@@ -213,10 +215,11 @@ def scripted_event(tmp_path, monkeypatch, real_output):
     monkeypatch.setattr(ScriptedWorker, "output", real_output)
     monkeypatch.setattr(ScriptedWorker, "script", {})
     monkeypatch.setattr(ScriptedWorker, "setup_delay", {})
+    monkeypatch.setattr(ScriptedWorker, "collect_delay", {})
 
-    def make(names, max_attempts=3):
-        config = load_event_config(
-            make_event(tmp_path, (), dispatcher={"max_attempts": max_attempts}))
+    def make(names, max_attempts=3, n_workers=2):
+        config = load_event_config(make_event(
+            tmp_path, (), dispatcher={"max_attempts": max_attempts, "n_workers": n_workers}))
         for name in names:
             (Path(config.worker.submissions_dir) / name).mkdir(parents=True)
         return config
@@ -254,3 +257,16 @@ def test_slow_setup_does_not_hold_up_other_slots(scripted_event):
     with Ledger(config.ledger_path) as ledger:
         order = [(t.name, t.to_state) for t in ledger.transitions()]
     assert order.index(("fast", "scored")) < order.index(("slow", "training"))
+
+
+def test_a_slot_is_free_once_its_run_ends_not_once_it_is_scored(scripted_event):
+    config = scripted_event(["first", "second"], n_workers=1)
+    ScriptedWorker.script.update(first=["ok"], second=["ok"])
+    ScriptedWorker.collect_delay.update(first=3.0)
+    Dispatcher(config).run()
+    with Ledger(config.ledger_path) as ledger:
+        order = [(t.name, t.to_state) for t in ledger.transitions()]
+        states = {s.name: s.state for s in ledger.all()}
+    assert states == {"first": "scored", "second": "scored"}
+    # One slot: the second ran while the first was still being collected.
+    assert order.index(("second", "training")) < order.index(("first", "scored"))
