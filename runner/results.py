@@ -6,6 +6,7 @@ changes nothing in the log, the error message or the predictions it is judged by
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import ramptest, supervise
-from runner.errors import SubmissionError
+from runner.errors import EventError, SubmissionError
 
 MIB = 1024 * 1024
 # Defaults of the worker keys (runner.config.WorkerSection) for a config dict without them.
@@ -206,3 +207,29 @@ def _replace_file(path: Path, text: str) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)  # a full disk must not keep half a log
         raise
+
+
+# The supervisor's reason file is a few hundred bytes; more is not read.
+REASON_MAX_BYTES = 64 * 1024
+
+
+def read_reason(path: Path) -> dict[str, Any] | None:
+    """The supervisor's ``--reason`` file (why it stopped the run), or None without one."""
+    try:
+        with open(path, "rb") as handle:
+            reason = json.loads(handle.read(REASON_MAX_BYTES))
+    except (OSError, ValueError):
+        return None
+    return reason if isinstance(reason, dict) else None
+
+
+def run_end(reason: dict[str, Any] | None, returncode: int | None, timed_out: bool,
+            where: str = "") -> RunEnd:
+    """How a supervised run ended, given the supervisor's ``reason`` (None: it did not stop
+    the run). A sandbox that could not start the run is the event's EventError; a limit
+    ends it as the submission's error, unless the run had timed out first."""
+    if reason is not None and reason.get("fault") == "event":
+        raise EventError(ramptest.bounded(f"{where}{reason.get('message')}"))
+    if reason is not None and not timed_out:
+        return RunEnd(None, stopped=str(reason.get("message")))
+    return RunEnd(None if timed_out else returncode, timed_out=timed_out)

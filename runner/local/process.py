@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import psutil
 
 from runner import supervise
+from runner.results import read_reason
 from runner.sandbox import Confinement
 
 KILL_GRACE_SECONDS = 5.0
@@ -100,11 +100,7 @@ class LocalRun:
     def stop_reason(self) -> dict[str, str] | None:
         """Why the supervisor ended the run, once it did: ``{"fault": "submission" (a limit)
         or "event" (the sandbox could not start), "message": ...}``; else None."""
-        try:
-            reason = json.loads(self._reason_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return reason if isinstance(reason, dict) else None
+        return read_reason(self._reason_path)
 
     def cleanup(self) -> None:
         """Remove the files the supervisor left beside the log."""

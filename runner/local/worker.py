@@ -13,7 +13,7 @@ from runner.config import WorkerSection
 from runner.errors import EventError
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.local.process import LocalRun
-from runner.results import RunEnd
+from runner.results import run_end
 from runner.worker import BaseWorker, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
@@ -124,13 +124,7 @@ class CondaEnvWorker(BaseWorker):
             timed_out = self._status is WorkerStatus.TIMEOUT
             self._run.stop()
             self.peak_memory_mb = self._run.peak_memory_mb
-            reason = self._run.stop_reason
-            if reason is not None and reason.get("fault") == "event":
-                raise EventError(str(reason.get("message")))
-            if reason is not None and not timed_out:
-                end = RunEnd(None, stopped=str(reason.get("message")))
-            else:
-                end = RunEnd(None if timed_out else self._run.returncode, timed_out=timed_out)
+            end = run_end(self._run.stop_reason, self._run.returncode, timed_out)
             output = self._submissions_copy / self.submission / "training_output"
             return self._install(end, self.scratch / "log", output)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shlex
@@ -32,7 +31,7 @@ from typing import Any
 from runner import ramptest, sandbox, supervise
 from runner.config import ConfigError, WorkerSection
 from runner.errors import EventError
-from runner.results import RunEnd
+from runner.results import read_reason, run_end
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
 from runner.worker import BaseWorker, WorkerStatus
 
@@ -52,8 +51,6 @@ KILL_SESSION = (
 POLL_TIMEOUT = 60.0
 # Conda installs an AMI may have when conda is not on the login PATH.
 CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
-# The supervisor's reason file is a few hundred bytes; more is not read.
-REASON_MAX_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,28 +83,6 @@ def known_hosts_path(config: dict[str, Any]) -> Path:
     if configured:
         return Path(configured).expanduser()
     return Path(config.get("event_dir") or config["logs_dir"]) / "known_hosts"
-
-
-def read_reason(path: Path) -> dict[str, Any] | None:
-    """The supervisor's ``--reason`` file (why it stopped the run), or None without one."""
-    try:
-        with open(path, "rb") as handle:
-            reason = json.loads(handle.read(REASON_MAX_BYTES))
-    except (OSError, ValueError):
-        return None
-    return reason if isinstance(reason, dict) else None
-
-
-def run_end(reason: dict[str, Any] | None, returncode: int | None, timed_out: bool,
-            where: str = "") -> RunEnd:
-    """How a supervised run ended, given the supervisor's ``reason`` (None: it did not stop
-    the run). A sandbox that could not start the run is the event's EventError; a limit
-    ends it as the submission's error, unless the run had timed out first."""
-    if reason is not None and reason.get("fault") == "event":
-        raise EventError(ramptest.bounded(f"{where}{reason.get('message')}"))
-    if reason is not None and not timed_out:
-        return RunEnd(None, stopped=str(reason.get("message")))
-    return RunEnd(None if timed_out else returncode, timed_out=timed_out)
 
 
 @functools.cache
