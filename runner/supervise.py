@@ -465,6 +465,9 @@ class Run:
                 break
         if self.log is not None:
             self.log.finish()
+            # A run that printed past its limit and ended before a check saw it.
+            if self.log.overflowed.is_set() and self.reason is None:
+                self.stop("log_limit_mb", "printed more than its log may hold")
 
 
 def set_subreaper():
@@ -511,6 +514,8 @@ def main(argv):
     if run.reason is not None and "--reason" in options:
         with open(options["--reason"], "w") as handle:
             json.dump(run.reason, handle)
+    if returncode == 0 and run.reason is not None:
+        return 128 + signal.SIGKILL  # a limit ended it: never a success
     return 128 - returncode if returncode < 0 else returncode
 
 
