@@ -46,28 +46,30 @@ def available() -> bool:
 
 
 @functools.cache
-def _warn_once(owner: str, why: str) -> None:
-    logger.warning("%s: submissions are NOT isolated: the sandbox does not work on this "
-                   "machine (%s); they run with the dispatcher's rights and can read and "
-                   "change the event's files. Install bubblewrap or set worker.sandbox: off "
-                   "to silence this.", owner, why)
+def _warn_once(owner: str, where: str, why: str) -> None:
+    logger.warning("%s: submissions are NOT isolated on %s: the sandbox does not work there "
+                   "(%s); they run with the rights of the user who starts them and can read "
+                   "and change what that user can. Install bubblewrap there or set "
+                   "worker.sandbox: off to silence this.", owner, where, why)
 
 
-def use_sandbox(mode: str, owner: str) -> bool:
+def use_sandbox(mode: str, owner: str, probed: tuple[bool, str] | None = None,
+                where: str = "this machine") -> bool:
     """Whether to sandbox a run under worker key ``sandbox`` = ``mode`` (auto|required|off).
 
-    ``auto`` without a working sandbox warns once per ``owner``; ``required`` raises
-    EventError (the event's fault: checking_error).
+    ``probed`` is ``(works, why not)`` of the machine the run goes to (default: this one,
+    ``probe()``). ``auto`` without a working sandbox warns once per ``owner`` and place;
+    ``required`` raises EventError (the event's fault: checking_error).
     """
     if mode == "off":
         return False
-    works, why = probe()
+    works, why = probed or probe()
     if works:
         return True
     if mode == "required":
-        raise EventError(f"worker.sandbox: required, but the sandbox does not work on this "
-                         f"machine: {why}")
-    _warn_once(owner, why)
+        raise EventError(f"worker.sandbox: required, but the sandbox does not work on "
+                         f"{where}: {why}")
+    _warn_once(owner, where, why)
     return False
 
 

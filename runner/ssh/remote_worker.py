@@ -19,7 +19,6 @@ not work warns once per host and runs without it; ``required`` is the event's er
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import shlex
@@ -85,28 +84,6 @@ def known_hosts_path(config: dict[str, Any]) -> Path:
     return Path(config.get("event_dir") or config["logs_dir"]) / "known_hosts"
 
 
-@functools.cache
-def _warn_not_isolated(host: str, why: str) -> None:
-    logger.warning("%s: submissions are NOT isolated on this host: the sandbox does not work "
-                   "there (%s); they run with the SSH user's rights and can read and change "
-                   "what that user can. Install bubblewrap on the host or set worker.sandbox: "
-                   "off to silence this.", host, why)
-
-
-def use_host_sandbox(mode: str, works: bool, why: str, host: str) -> bool:
-    """``runner.sandbox.use_sandbox`` for a remote host whose check said ``works``/``why``:
-    ``auto`` without a working sandbox warns once per host, ``required`` raises EventError."""
-    if mode == "off":
-        return False
-    if works:
-        return True
-    if mode == "required":
-        raise EventError(f"worker.sandbox: required, but the sandbox does not work on host "
-                         f"{host}: {why}")
-    _warn_not_isolated(host, why)
-    return False
-
-
 class RemoteWorker(BaseWorker):
     """A run of ramp-test on a remote host; subclasses say how to get the host.
 
@@ -164,7 +141,8 @@ class RemoteWorker(BaseWorker):
             f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
 
     def _host_sandbox(self) -> bool:
-        """Whether runs on this host go in the sandbox (``use_host_sandbox``)."""
+        """Whether runs on this host go in the sandbox (``runner.sandbox.use_sandbox`` with
+        the host's own check)."""
         mode = self.settings.sandbox
         if mode == "off":
             return False
@@ -173,8 +151,8 @@ class RemoteWorker(BaseWorker):
         status, out, err = self.session.run(f"bash -lc {shlex.quote(script)}")
         why = (out + err).strip().splitlines()[-1:] or [f"the check exited {status}"]
         host = f"{self.session.user}@{self.session.host}:{self.session.port}"
-        return use_host_sandbox(mode, status == 0, why[0].removeprefix(
-            "sandbox: does not work: ")[:500], host)
+        probed = (status == 0, why[0].removeprefix("sandbox: does not work: ")[:500])
+        return sandbox.use_sandbox(mode, type(self).__name__, probed, where=f"host {host}")
 
     def _supervised(self, argv: list[str]) -> list[str]:
         """``argv`` under the supervisor, with the worker's limits and, if on, the sandbox."""
