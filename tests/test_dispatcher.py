@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from runner.config import load_event_config
@@ -20,22 +19,12 @@ from runner.dispatcher import Dispatcher, DispatcherBusy
 from runner.ledger import Ledger
 from runner.worker import BaseWorker
 from tests.events import EXAMPLE, make_event
+from tests.faults.helpers import processes_under
 
 REPO = Path(__file__).resolve().parent.parent
 # The example's own submissions, named: what an organiser adds to examples/iris with
 # `ramp-runner submit` must not change what this test expects.
 ALL_EXAMPLES = ("gradient_boosting", "hanging", "raising_error", "random_forest", "starting_kit")
-
-
-def _processes_under(root: Path) -> list[psutil.Process]:
-    """Live processes whose command line mentions ``root`` (the test's own event)."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        if process.info["status"] == psutil.STATUS_ZOMBIE or process.pid == os.getpid():
-            continue
-        if any(str(root) in part for part in process.info["cmdline"] or ()):
-            found.append(process)
-    return found
 
 
 def test_example_event_end_to_end(tmp_path):
@@ -64,7 +53,7 @@ def test_example_event_end_to_end(tmp_path):
     assert states["random_forest"].scores["test"]["acc"] > states["starting_kit"].scores[
         "test"]["acc"]
     assert ("starting_kit", "scored") in seen
-    assert _processes_under(tmp_path) == []
+    assert processes_under(tmp_path) == []
 
 
 def test_seed_style_custom_worker_runs_through_an_entry_point(tmp_path, monkeypatch):
@@ -117,14 +106,14 @@ def test_sigterm_stops_runs_and_gives_submissions_back(tmp_path):
     process = _dispatcher_process(path)
     _wait_for_state(config.ledger_path, "training")
     time.sleep(1)  # let the hanging run get going (and fork its child)
-    assert _processes_under(tmp_path)
+    assert processes_under(tmp_path)
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=60) == 130  # interrupted (runner.cli's exit codes)
 
     with Ledger(config.ledger_path) as ledger:
         states = {s.name: (s.state, s.attempts) for s in ledger.all()}
     assert states == {"hanging": ("new", 0), "starting_kit": ("new", 0)}
-    assert _processes_under(tmp_path) == []
+    assert processes_under(tmp_path) == []
 
 
 def test_second_dispatcher_on_the_same_event_is_refused(tmp_path):
@@ -152,7 +141,7 @@ def test_a_run_stopped_from_outside_is_killed_and_not_written_over(tmp_path):
     try:
         _wait_for_state(config.ledger_path, "training")
         time.sleep(1)  # the hanging run and its forked child are going
-        assert _processes_under(tmp_path)
+        assert processes_under(tmp_path)
         with Ledger(config.ledger_path) as organiser:
             organiser.mark_checking_error("hanging", "stopped by the organiser")
         # Stopped within a poll interval or two, then nothing is left to run: it exits.
@@ -164,7 +153,7 @@ def test_a_run_stopped_from_outside_is_killed_and_not_written_over(tmp_path):
     with Ledger(config.ledger_path) as ledger:
         hanging = ledger.get("hanging")
     assert (hanging.state, hanging.error_msg) == ("checking_error", "stopped by the organiser")
-    assert _processes_under(tmp_path) == []
+    assert processes_under(tmp_path) == []
 
 
 class ScriptedWorker(BaseWorker):
