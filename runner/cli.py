@@ -119,7 +119,9 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
         raise Exit(code=EXIT_FAILED)
 
 
-@task(help={"ramp_config": "the RAMP server's database config.yml (its sqlalchemy: section)",
+# No short flags: -e means --event-config in every other task.
+@task(auto_shortflags=False,
+      help={"ramp_config": "the RAMP server's database config.yml (its sqlalchemy: section)",
             "events_dir": "the folder holding events/<event>/config.yml"})
 def serve(c, ramp_config=None, events_dir=None):
     """Serve every open event of a RAMP board, one dispatcher each (`ramp-launch daemon`).

@@ -189,6 +189,12 @@ def test_every_task_has_help(name):
     assert f"Usage: ramp-runner [--core-opts] {name}" in result.stdout
 
 
+def test_minus_e_always_means_the_event_config():
+    for context in namespace.to_contexts():
+        if "-e" in context.flags:
+            assert context.flags["-e"].name == "event_config", context.name
+
+
 def test_tasks_py_shares_the_program_tasks():
     listed = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(REPO),
                              "--list"], capture_output=True, text=True, timeout=60)
