@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from runner.dispatcher import Dispatcher, DispatcherBusy
 from runner.ledger import Ledger
 from runner.worker import BaseWorker
 from tests.events import EXAMPLE, make_event
-from tests.faults.helpers import processes_under
+from tests.faults.helpers import processes_under, wait_for_state
 
 REPO = Path(__file__).resolve().parent.parent
 # The example's own submissions, named: what an organiser adds to examples/iris with
@@ -84,27 +83,12 @@ def _dispatcher_process(config_path: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_for_state(ledger_path: Path, state: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ledger_path.exists():
-            with sqlite3.connect(ledger_path) as db:
-                try:
-                    if db.execute("SELECT 1 FROM submissions WHERE state = ?",
-                                  (state,)).fetchone():
-                        return
-                except sqlite3.OperationalError:
-                    pass  # the schema is being created
-        time.sleep(0.1)
-    raise AssertionError(f"no submission reached {state!r} within {timeout} s")
-
-
 def test_sigterm_stops_runs_and_gives_submissions_back(tmp_path):
     path = make_event(tmp_path, ("hanging", "starting_kit"), worker={"timeout": 600},
                       dispatcher={"n_workers": 1})
     config = load_event_config(path)
     process = _dispatcher_process(path)
-    _wait_for_state(config.ledger_path, "training")
+    wait_for_state(config.ledger_path, "training")
     time.sleep(1)  # let the hanging run get going (and fork its child)
     assert processes_under(tmp_path)
     os.kill(process.pid, signal.SIGTERM)
@@ -122,7 +106,7 @@ def test_second_dispatcher_on_the_same_event_is_refused(tmp_path):
     thread = threading.Thread(target=first.run)
     thread.start()
     try:
-        _wait_for_state(config.ledger_path, "training")
+        wait_for_state(config.ledger_path, "training")
         with pytest.raises(DispatcherBusy, match="another dispatcher"):
             Dispatcher(config).run()
     finally:
@@ -139,7 +123,7 @@ def test_a_run_stopped_from_outside_is_killed_and_not_written_over(tmp_path):
     thread = threading.Thread(target=dispatcher.run)
     thread.start()
     try:
-        _wait_for_state(config.ledger_path, "training")
+        wait_for_state(config.ledger_path, "training")
         time.sleep(1)  # the hanging run and its forked child are going
         assert processes_under(tmp_path)
         with Ledger(config.ledger_path) as organiser:
