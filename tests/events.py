@@ -7,8 +7,11 @@ import os
 import shutil
 import stat
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import yaml
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "iris"
@@ -86,3 +89,15 @@ def env_prefix_like_this_one(prefix: Path) -> Path:
     (prefix / "bin").mkdir(parents=True, exist_ok=True)
     os.symlink(Path(sys.prefix) / "bin" / "ramp-test", prefix / "bin" / "ramp-test")
     return prefix
+
+
+@contextmanager
+def conda_knowing_ramp_iris(root: Path) -> Iterator[Path]:
+    """A ``conda`` on PATH that knows ``ramp-iris`` (an env like this one), for a whole
+    module (``monkeypatch`` is per test); yields the env's prefix."""
+    prefix = env_prefix_like_this_one(root / "envs" / "ramp-iris")
+    conda = install_fake_conda(root / "conda-bin", {"ramp-iris": prefix})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("CONDA_EXE", raising=False)
+        patch.setenv("PATH", f"{conda.parent}:{os.environ['PATH']}")
+        yield prefix

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -320,3 +321,14 @@ def instance_at_sshd(aws, sshd, monkeypatch):
     monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: (sshd.host,
                                                                               sshd.port))
     return aws
+
+
+def dispatch_within(config, seconds: float, what: str) -> None:
+    """Run the real dispatcher in this process (where faults are monkeypatched in), and
+    fail if it is still waiting after ``seconds``."""
+    from runner.dispatcher import Dispatcher
+
+    thread = threading.Thread(target=Dispatcher(config).run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{what}: the dispatcher is still waiting"

@@ -28,6 +28,7 @@ from tests.sshd import (
     all_instances,
     aws,
     aws_worker_section,
+    dispatch_within,
     inject_fault,
     instance_at_sshd,
     live_instances,
@@ -273,10 +274,7 @@ def test_a_failed_poll_or_collect_leaves_no_instance_running(tmp_path, sshd, rem
     path = make_event(tmp_path, aws_worker_section(sshd, remote_kit),
                       submissions=("starting_kit",), max_attempts=1)
     config = load_event_config(path)
-    dispatcher = threading.Thread(target=Dispatcher(config).run, daemon=True)
-    dispatcher.start()
-    dispatcher.join(120)
-    assert not dispatcher.is_alive(), f"{fault}: the dispatcher is still waiting"
+    dispatch_within(config, 120, fault)
     submission = _ledger(config)["starting_kit"]
     # The system's fault: never the participant's training_error.
     assert submission.state == "checking_error", submission.error_msg

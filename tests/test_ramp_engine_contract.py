@@ -22,7 +22,7 @@ import pytest
 
 from runner.dask.worker import DaskWorker  # ADAPTED: was ramp_engine.remote
 from runner.local.worker import CondaEnvWorker  # ADAPTED: was ramp_engine.local
-from tests.events import EXAMPLE, env_prefix_like_this_one, install_fake_conda
+from tests.events import EXAMPLE, conda_knowing_ramp_iris
 
 ALL_WORKERS = [CondaEnvWorker, DaskWorker]
 # ADAPTED: why some cases fail today. strict=True: once fixed, the XPASS says drop the mark.
@@ -42,12 +42,8 @@ def kit_root(tmp_path_factory):
                     ignore=shutil.ignore_patterns("training_output", "__pycache__"))
     shutil.copytree(EXAMPLE / "submissions" / "random_forest",
                     kit / "submissions" / "random_forest_10_10")
-    prefix = env_prefix_like_this_one(root / "envs" / "ramp-iris")
-    conda = install_fake_conda(root / "conda-bin", {"ramp-iris": prefix})
     KIT_ROOT = root
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("CONDA_EXE", raising=False)
-        patch.setenv("PATH", f"{conda.parent}:{os.environ['PATH']}")
+    with conda_knowing_ramp_iris(root):
         yield root
 
 

@@ -15,7 +15,7 @@ from ramp_database.tools.submission import get_submission_state
 
 from runner.config import ConfigError
 from runner.ramp_server import load_ramp_config, load_ramp_event, serve
-from tests.events import env_prefix_like_this_one, install_fake_conda
+from tests.events import conda_knowing_ramp_iris
 from tests.rampboard import add_board_event, board_session, make_board, sqlite_database
 
 pytestmark = pytest.mark.timeout(300)
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-board")
-    prefix = env_prefix_like_this_one(root / "envs" / "ramp-iris")
-    conda = install_fake_conda(root / "conda-bin", {"ramp-iris": prefix})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("CONDA_EXE", raising=False)
-        patch.setenv("PATH", f"{conda.parent}:{os.environ['PATH']}")
+    with conda_knowing_ramp_iris(root):
         yield make_board(root, sqlite_database(root))
 
 

@@ -7,7 +7,6 @@ PostgreSQL stopped and started under a running dispatcher.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -36,7 +35,7 @@ from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
 from runner.ramp_server import load_ramp_event
 from runner.rampdb import NO_TRACEBACK_MESSAGE, public_error
-from tests.events import env_prefix_like_this_one, install_fake_conda, make_event
+from tests.events import conda_knowing_ramp_iris, make_event
 from tests.postgres import PostgresServer
 from tests.rampboard import (
     EVENT,
@@ -57,12 +56,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def fake_conda_module(tmp_path_factory):
     """A ``conda`` on PATH knowing ``ramp-iris`` (the env RAMP's event configs name)."""
-    root = tmp_path_factory.mktemp("conda")
-    prefix = env_prefix_like_this_one(root / "envs" / "ramp-iris")
-    script = install_fake_conda(root / "bin", {"ramp-iris": prefix})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("CONDA_EXE", raising=False)
-        patch.setenv("PATH", f"{script.parent}:{os.environ['PATH']}")
+    with conda_knowing_ramp_iris(tmp_path_factory.mktemp("conda")) as prefix:
         yield prefix
 
 

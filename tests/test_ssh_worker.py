@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from runner.ssh.session import HostKeyError
 from runner.ssh.worker import SSHWorker
 from tests.sshd import (
     FAULTS,
+    dispatch_within,
     inject_fault,
     make_event,
     remote_kit,
@@ -156,10 +156,7 @@ def test_a_failed_poll_or_collect_releases_the_host(tmp_path, sshd, remote_kit, 
     path = make_event(tmp_path, ssh_worker_section(sshd, remote_kit),
                       submissions=("starting_kit",), max_attempts=1)
     config = load_event_config(path)
-    dispatcher = threading.Thread(target=Dispatcher(config).run, daemon=True)
-    dispatcher.start()
-    dispatcher.join(120)
-    assert not dispatcher.is_alive(), f"{fault}: the dispatcher is still waiting"
+    dispatch_within(config, 120, fault)
     with Ledger(config.ledger_path) as ledger:
         submission = ledger.get("starting_kit")
     assert submission.state == "checking_error", submission.error_msg
