@@ -40,11 +40,14 @@ class RunEnd:
 
 
 def install_run(config: dict[str, Any], submission: str, timeout: float, end: RunEnd,
-                log_file: Path, output_dir: Path | None) -> tuple[int, str]:
+                log_file: Path, output_dir: Path | None
+                ) -> tuple[int, str, ramptest.RunResults | None]:
     """Install the run's log and, when it succeeded, its ``training_output`` as predictions.
 
     ``log_file`` and ``output_dir`` are the worker's local copies, written by the untrusted
-    run. Returns ``(returncode, error_msg)``, the message bounded; raises SubmissionError
+    run. Returns ``(returncode, error_msg, results)``, the message bounded and the results
+    as read and checked before they were installed (None unless the run succeeded); raises
+    SubmissionError
     (after installing the log) when ramp-test exited 0 but left no usable results: no
     ``training_output`` folder, links or special files in it, more than
     ``output_limit_mb``, or scores that are malformed or do not match the predictions.
@@ -61,21 +64,23 @@ def install_run(config: dict[str, Any], submission: str, timeout: float, end: Ru
     if end.timed_out or end.returncode is None:
         log += f"\n{error_msg}\n"
     _replace_file(Path(config["logs_dir"]) / submission / "log", log)
+    results = None
     if returncode == 0:
         if output_dir is None or not stat.S_ISDIR(_lstat_mode(output_dir)):
             raise SubmissionError("ramp-test exited with 0 but left no training_output folder "
                                   "(did the submission remove it?)")
         limit_mb = int(config.get("output_limit_mb") or DEFAULT_OUTPUT_LIMIT_MB)
-        install_predictions(output_dir, Path(config["predictions_dir"]) / submission,
-                            limit_mb * MIB,
-                            check=lambda tree: ramptest.verify_results(
-                                tree, config["kit_dir"], config["data_dir"], limit_mb * MIB))
-    return returncode, error_msg
+        results = install_predictions(
+            output_dir, Path(config["predictions_dir"]) / submission, limit_mb * MIB,
+            check=lambda tree: ramptest.verify_results(
+                tree, config["kit_dir"], config["data_dir"], limit_mb * MIB))
+    return returncode, error_msg, results
 
 
 def install_predictions(source: Path, target: Path, limit_bytes: int,
-                        check: Callable[[Path], object] | None = None) -> None:
-    """Replace ``target`` with a copy of ``source`` that ``check`` accepted.
+                        check: Callable[[Path], Any] | None = None) -> Any:
+    """Replace ``target`` with a copy of ``source`` that ``check`` accepted; return what
+    ``check`` returned.
 
     The copy follows no link and takes only folders and regular files, at most
     ``limit_bytes`` of them in all (their apparent size: a sparse file counts whole);
@@ -87,13 +92,13 @@ def install_predictions(source: Path, target: Path, limit_bytes: int,
     incoming = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming-", dir=target.parent))
     try:
         _copy_tree(source, incoming / "tree", [limit_bytes])
-        if check is not None:
-            check(incoming / "tree")
+        checked = check(incoming / "tree") if check is not None else None
         if target.exists():
             shutil.rmtree(target)
         os.replace(incoming / "tree", target)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
+    return checked
 
 
 def _lstat_mode(path: Path) -> int:

@@ -31,6 +31,7 @@ from runner.config import (
     worker_settings,
 )
 from runner.errors import EventError
+from runner.ramptest import RunResults
 from runner.registry import worker_class
 from runner.results import RunEnd, install_run
 
@@ -100,6 +101,9 @@ class BaseWorker:
         self._status_lock = threading.Lock()
         self._scratch: Path | None = None
         self.peak_memory_mb: float | None = None
+        # The results as read and checked while collecting (runner.results), so that the
+        # dispatcher does not read them again; None for workers that install their own.
+        self.verified_results: RunResults | None = None
         # Why a check of the run failed (the status is then ``retry``).
         self.interruption: str | None = None
 
@@ -289,11 +293,11 @@ class BaseWorker:
 
     def _install(self, end: RunEnd, log_file: Path, output_dir: Path | None) -> tuple[int, str]:
         """Install the run's log and predictions (``runner.results``), then be ``collected``."""
-        result = install_run(self.config, self.submission, self.timeout, end, log_file,
-                             output_dir)
+        returncode, error_msg, self.verified_results = install_run(
+            self.config, self.submission, self.timeout, end, log_file, output_dir)
         self.status = S.COLLECTED
-        logger.debug("%r collected: returncode %s", self, result[0])
-        return result
+        logger.debug("%r collected: returncode %s", self, returncode)
+        return returncode, error_msg
 
     def teardown(self) -> None:
         """Release what the worker holds; subclasses clean up, then call ``super().teardown()``.
