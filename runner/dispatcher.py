@@ -8,6 +8,7 @@ and sleeps on a queue that slots, signals and timers wake: it never spins.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -21,6 +22,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 from runner import ramptest
@@ -88,10 +90,13 @@ class Dispatcher:
         self._on_change = on_change or (lambda name, state: None)
         self._wakeups: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stopping = threading.Event()
-        self._slots: dict[str, tuple[threading.Thread, BaseWorker | None]] = {}
+        # Keyed by run, not by name: a retried submission's next run may start while its
+        # last run's slot is still ending.
+        self._slots: dict[int, tuple[str, threading.Thread, BaseWorker | None]] = {}
+        self._run_numbers = itertools.count()
         # Slots whose run has ended: they collect, score and tear down, and no longer count
         # against n_workers, so the next submission starts without waiting for them.
-        self._collecting: set[str] = set()
+        self._collecting: set[int] = set()
         self._slots_lock = threading.Lock()
         # What the worker class found once for all runs (worker.prepare), set at start.
         self._prepared: dict = {}
@@ -150,7 +155,7 @@ class Dispatcher:
     def running(self) -> list[tuple[str, str, float, float]]:
         """``(submission, worker status, elapsed s, timeout s)`` of every busy slot."""
         with self._slots_lock:
-            workers = [(name, worker) for name, (_, worker) in self._slots.items()]
+            workers = [(name, worker) for name, _, worker in self._slots.values()]
         return [(name, "starting", 0.0, 0.0) if worker is None else
                 (name, worker.known_status.value, worker.elapsed, worker.timeout)
                 for name, worker in workers]
@@ -190,27 +195,31 @@ class Dispatcher:
         free = self.config.dispatcher.slots - running
         for name in self.source.claim(free, worker=self.dispatcher_id):
             self._changed(name, "sent_to_training")
-            thread = threading.Thread(target=self._run_slot, args=(name,), name=f"slot-{name}",
-                                      daemon=True)
+            run = next(self._run_numbers)
+            thread = threading.Thread(target=self._run_slot, args=(run, name),
+                                      name=f"slot-{name}", daemon=True)
             with self._slots_lock:
-                self._slots[name] = (thread, None)
+                self._slots[run] = (name, thread, None)
             thread.start()
 
     # -- one submission -----------------------------------------------------------------
 
-    def _run_slot(self, name: str) -> None:
+    def _run_slot(self, run: int, name: str) -> None:
         worker: BaseWorker | None = None
+        # Putting the submission back in the queue waits for the teardown, so that its next
+        # run never meets what this one still holds (a host, a remote folder, an instance).
+        requeue: Callable[[], None] | None = None
         try:
             self._clear_previous(name)
             worker = self.worker_class(self._worker_dict(), name)
             with self._slots_lock:
-                self._slots[name] = (self._slots[name][0], worker)
-            self._run_worker(name, worker)
+                self._slots[run] = (name, self._slots[run][1], worker)
+            requeue = self._run_worker(run, name, worker)
         except Exception as error:
             if worker is not None:
                 worker.kill()  # whatever failed, the run must not outlive its slot
             try:
-                self._failed(name, error)
+                requeue = self._failed(name, error)
             except LedgerError as fatal:
                 self._stop_for(fatal)
         finally:
@@ -219,10 +228,16 @@ class Dispatcher:
                     worker.teardown()
                 except Exception:
                     logger.exception("%s: teardown failed", name)
-            with self._slots_lock:
-                self._slots.pop(name, None)
-                self._collecting.discard(name)
-            self._wakeups.put(name)
+            try:
+                if requeue is not None:
+                    requeue()
+            except LedgerError as fatal:
+                self._stop_for(fatal)
+            finally:
+                with self._slots_lock:
+                    self._slots.pop(run, None)
+                    self._collecting.discard(run)
+                self._wakeups.put(name)
 
     def _clear_previous(self, name: str) -> None:
         """Remove what an earlier run of ``name`` left (a re-run, a retry): the log and
@@ -241,11 +256,12 @@ class Dispatcher:
             logger.error("%s", error)
         self.stop()
 
-    def _run_worker(self, name: str, worker: BaseWorker) -> None:
+    def _run_worker(self, run: int, name: str, worker: BaseWorker) -> Callable[[], None] | None:
+        """Run ``name`` on ``worker`` and record its result; returns how to put it back in
+        the queue after the teardown, when it goes back."""
         worker.setup()
         if self._stopping.is_set():
-            self._release(name)
-            return
+            return partial(self._release, name)
         self._record(name, "training", self.source.mark_training, name)
         worker.launch_submission()
         while (status := worker.status) is WorkerStatus.RUNNING:
@@ -260,21 +276,22 @@ class Dispatcher:
             if not self.source.still_claimed(name, self.dispatcher_id):
                 worker.kill()
                 logger.warning("%s: its state was changed by someone else: run stopped", name)
-                return
+                return None
         with self._slots_lock:
-            self._collecting.add(name)
+            self._collecting.add(run)
         self._wakeups.put(name)  # its slot is free for the next submission
         if status is WorkerStatus.KILLED:
-            self._release(name)
-        elif status is WorkerStatus.RETRY:
+            return partial(self._release, name)
+        if status is WorkerStatus.RETRY:
             worker.kill()
-            self._retry(name, worker.interruption
-                        or "the run was interrupted (spot reclaim, lost host or worker)")
-        else:
-            self._collect(name, worker)
+            return partial(self._retry, name, worker.interruption
+                           or "the run was interrupted (spot reclaim, lost host or worker)")
+        self._collect(name, worker)
+        return None
 
-    def _failed(self, name: str, error: Exception) -> None:
-        """Record what a failure means: who is at fault decides the state (runner.errors)."""
+    def _failed(self, name: str, error: Exception) -> Callable[[], None] | None:
+        """Record what a failure means: who is at fault decides the state (runner.errors);
+        returns how to put it back in the queue after the teardown, when it goes back."""
         message = f"{type(error).__name__}: {error}"
         if isinstance(error, LedgerError):
             self._stop_for(error)  # nothing can be recorded
@@ -291,10 +308,11 @@ class Dispatcher:
             self._record(name, "checking_error", self.source.mark_checking_error, name,
                          message)
         elif self._stopping.is_set():  # a shutdown interrupted it: not an attempt
-            self._release(name)
+            return partial(self._release, name)
         else:
             logger.warning("%s: %s", name, message, exc_info=logger.isEnabledFor(logging.DEBUG))
-            self._retry(name, message)
+            return partial(self._retry, name, message)
+        return None
 
     def _collect(self, name: str, worker: BaseWorker) -> None:
         run_time = worker.elapsed
@@ -377,10 +395,10 @@ class Dispatcher:
             slots = list(self._slots.values())
         if slots:
             logger.warning("stopping %d running submission(s)", len(slots))
-        for _, worker in slots:
+        for _, _, worker in slots:
             if worker is not None:
                 worker.kill()
-        for thread, _ in slots:
+        for _, thread, _ in slots:
             thread.join(SHUTDOWN_GRACE_SECONDS)
 
     @contextmanager

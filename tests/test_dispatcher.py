@@ -146,9 +146,12 @@ class ScriptedWorker(BaseWorker):
     script: dict[str, list[str]] = {}
     setup_delay: dict[str, float] = {}
     collect_delay: dict[str, float] = {}
+    teardown_delay: dict[str, float] = {}
+    calls: list[tuple[str, str]] = []  # ("setup" or "teardown", submission), in order
     output: Path | None = None
 
     def setup(self):
+        self.calls.append(("setup", self.submission))
         time.sleep(self.setup_delay.get(self.submission, 0))
         if self.script[self.submission][0] == "setup_fails":
             self.script[self.submission].pop(0)
@@ -172,6 +175,11 @@ class ScriptedWorker(BaseWorker):
         self.status = "collected"
         return 0, ""
 
+    def teardown(self):
+        time.sleep(self.teardown_delay.pop(self.submission, 0))
+        super().teardown()
+        self.calls.append(("teardown", self.submission))
+
 
 @pytest.fixture(scope="module")
 def real_output(tmp_path_factory):
@@ -189,6 +197,8 @@ def scripted_event(tmp_path, monkeypatch, real_output):
     monkeypatch.setattr(ScriptedWorker, "script", {})
     monkeypatch.setattr(ScriptedWorker, "setup_delay", {})
     monkeypatch.setattr(ScriptedWorker, "collect_delay", {})
+    monkeypatch.setattr(ScriptedWorker, "teardown_delay", {})
+    monkeypatch.setattr(ScriptedWorker, "calls", [])
 
     def make(names, max_attempts=3, n_workers=2):
         config = load_event_config(make_event(
@@ -209,6 +219,21 @@ def test_interrupted_run_is_retried_then_scored(scripted_event):
         assert (submission.state, submission.attempts) == ("scored", 1)
         back = [t for t in ledger.transitions("spot") if t.to_state == "new"]
         assert "interrupted" in back[-1].detail
+
+
+def test_a_retried_run_starts_again_only_once_the_last_one_is_torn_down(scripted_event):
+    # A teardown slower than the dispatcher's rescan: the submission must not be claimed
+    # again while its last run still holds what it ran on (CI once lost it this way:
+    # ('new', 2) after "KeyError: 'spot'" when the two runs shared a slot).
+    config = scripted_event(["spot"])
+    ScriptedWorker.script.update(spot=["interrupted", "ok"])
+    ScriptedWorker.teardown_delay.update(spot=3.0)
+    Dispatcher(config).run()
+    with Ledger(config.ledger_path) as ledger:
+        submission = ledger.get("spot")
+    assert (submission.state, submission.attempts) == ("scored", 1)
+    assert [event for event, _ in ScriptedWorker.calls] == [
+        "setup", "teardown", "setup", "teardown"]
 
 
 def test_retries_are_bounded_by_max_attempts(scripted_event):
