@@ -4,7 +4,10 @@ so that nothing the dispatcher has is reachable by path."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -380,3 +383,67 @@ def test_a_submission_with_a_link_is_its_own_error_on_dask(local_cluster, tmp_pa
     assert (row.state, row.attempts) == ("training_error", 0), (row.state, row.error_msg)
     assert "shadow is a symbolic link" in row.error_msg
     assert str(tmp_path) not in row.error_msg  # the dispatcher's paths are not shown
+
+
+# -- a Dask worker where the sandbox does not work --------------------------------------
+
+
+@pytest.fixture
+def unsandboxed_cluster(local_cluster, tmp_path):
+    """The module's LocalCluster, its Dask workers' bubblewrap failing for one test."""
+    with distributed.Client(local_cluster, set_as_default=False) as client:
+        paths = client.run(h.break_sandbox, str(tmp_path / "broken-bwrap"))
+        try:
+            yield local_cluster
+        finally:
+            client.run(h.restore_sandbox, paths)
+
+
+def test_sandbox_required_on_a_dask_worker_without_it_is_checking_error(unsandboxed_cluster,
+                                                                          tmp_path):
+    path = make_event(tmp_path / "event", submissions=("starting_kit",), worker={
+        "worker_type": "dask", "dask_scheduler": unsandboxed_cluster.scheduler_address,
+        "sandbox": "required"}, dispatcher={"max_attempts": 2})
+    row = h.dispatch(path)["starting_kit"]
+    assert (row.state, row.attempts) == ("checking_error", 0), (row.state, row.error_msg)
+    assert "sandbox: required" in row.error_msg and "uid map" in row.error_msg
+    assert "Dask worker tcp://127.0.0.1:" in row.error_msg
+    assert "\n" not in row.error_msg
+    # Nothing ran.
+    config = load_event_config(path)
+    assert not (Path(config.worker.predictions_dir) / "starting_kit").exists()
+
+
+def test_sandbox_auto_on_a_dask_worker_without_it_warns_once_and_runs(unsandboxed_cluster,
+                                                                      tmp_path, caplog):
+    path = make_event(tmp_path / "event", submissions=("starting_kit",), worker={
+        "worker_type": "dask", "dask_scheduler": unsandboxed_cluster.scheduler_address})
+    # Three runs on two Dask workers: one of them runs two, and warns once only.
+    names = ("starting_kit", "copy_1", "copy_2")
+    for name in names[1:]:
+        shutil.copytree(path.parent / "submissions" / "starting_kit",
+                        path.parent / "submissions" / name)
+    with caplog.at_level(logging.WARNING, logger="runner.sandbox"):
+        rows = h.dispatch(path)
+    assert {name: rows[name].state for name in names} == dict.fromkeys(names, "scored")
+    warnings = [r.getMessage() for r in caplog.records if "NOT isolated" in r.getMessage()]
+    places = [re.search(r"NOT isolated on Dask worker (tcp://[\d.]+:\d+): ", w) for w in warnings]
+    assert all(places) and all("uid map" in w for w in warnings), warnings
+    # Once per Dask worker that ran something.
+    assert 1 <= len(warnings) <= 2 and len({p[1] for p in places}) == len(warnings), warnings
+
+
+def test_a_sandbox_that_cannot_start_the_run_on_a_dask_worker_is_checking_error(
+        local_cluster, tmp_path):
+    with distributed.Client(local_cluster, set_as_default=False) as client:
+        paths = client.run(h.break_sandbox, str(tmp_path / "bin"), True)
+        try:
+            path = make_event(tmp_path / "event", submissions=("starting_kit",), worker={
+                "worker_type": "dask", "dask_scheduler": local_cluster.scheduler_address},
+                dispatcher={"max_attempts": 2})
+            row = h.dispatch(path)["starting_kit"]
+        finally:
+            client.run(h.restore_sandbox, paths)
+    assert (row.state, row.attempts) == ("checking_error", 0), (row.state, row.error_msg)
+    assert "could not start the run" in row.error_msg
+    assert "Dask worker tcp://127.0.0.1:" in row.error_msg

@@ -23,7 +23,7 @@ from typing import Any
 import distributed
 
 from runner import archive, ramptest, results, sandbox
-from runner.errors import EventError, SubmissionError
+from runner.errors import SubmissionError
 from runner.local.conda import conda_env_prefix
 from runner.local.process import LocalRun
 
@@ -51,8 +51,11 @@ def run_submission(job: dict[str, Any]) -> dict[str, Any]:
     ``n_threads``, ``timeout``, and ``confinement``: the worker keys ``sandbox``,
     ``network`` and the limits (``runner.sandbox.DEFAULTS`` for those left out). The
     result's ``status`` is ``ended``, ``timeout``,
-    ``killed``, ``missing`` (send the named folders' bytes, then submit again here) or
-    ``lost`` (this run already started on a Dask worker that died).
+    ``killed``, ``missing`` (send the named folders' bytes, then submit again here),
+    ``lost`` (this run already started on a Dask worker that died), ``no_sandbox``
+    (``sandbox: required`` and the sandbox does not work here: nothing ran) or
+    ``event_error`` (the sandbox could not start the run; ``message`` says why). Its
+    ``no_sandbox`` is why the sandbox does not work here, when it does not (else None).
     """
     worker = distributed.get_worker()
     root = Path(worker.local_directory)
@@ -143,8 +146,16 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
                             ramp_test=str(ramp_test))
     env = ramptest.child_environment(job.get("n_threads"), extra_path=str(bin_dir))
     log_path = scratch / "log"
+    settings = job.get("confinement") or {}
+    mode = settings.get("sandbox", sandbox.DEFAULTS["sandbox"])
+    works, why = sandbox.probe() if mode != "off" else (True, "")
+    # Said to the dispatcher, which decides and warns (an exception would be a lost run).
+    no_sandbox = None if works else why
+    if no_sandbox is not None and mode == "required":
+        return {"status": "no_sandbox", "no_sandbox": no_sandbox, "worker": worker.address,
+                "log": b""}
     confinement = sandbox.confinement(
-        job.get("confinement") or {}, f"Dask worker {worker.address}", read_only=[kit, data],
+        settings, f"Dask worker {worker.address}", read_only=[kit, data],
         writable=[submissions / submission], tmp=scratch / "tmp")
     with _LOCK:
         if run_id in _KILLED:
@@ -158,7 +169,9 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
             status = "killed"
         reason = run.stop_reason if status == "ended" else None
         if reason is not None and reason.get("fault") == "event":
-            raise EventError(f"on Dask worker {worker.address}: {reason.get('message')}")
+            return {"status": "event_error", "message": str(reason.get("message")),
+                    "no_sandbox": no_sandbox, "log": log_path.read_bytes(),
+                    "worker": worker.address}
         stopped = reason.get("message") if reason is not None else None
         output = submissions / submission / "training_output"
         ok = status == "ended" and run.returncode == 0 and stopped is None \
@@ -180,6 +193,7 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
             "log": log_path.read_bytes(),
             "output": archive.compress(archive.pack(output)) if ok else None,
             "peak_memory_mb": run.peak_memory_mb,
+            "no_sandbox": no_sandbox,
             "worker": worker.address,
         }
     finally:

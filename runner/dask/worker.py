@@ -22,7 +22,7 @@ from typing import Any
 
 import distributed
 
-from runner import archive, sandbox
+from runner import archive, ramptest, sandbox
 from runner.config import PATH_KEYS, ConfigError, WorkerSection
 from runner.dask import task as dask_task
 from runner.errors import EventError, SubmissionError
@@ -168,6 +168,10 @@ class DaskWorker(BaseWorker):
                 self._kill_remote(cancel=False)
                 self._done.wait(KILL_GRACE_SECONDS)
             outcome = self._result() if self._future.done() else {}
+            self._judge_sandbox(outcome)
+            if outcome.get("status") == "event_error":
+                raise EventError(ramptest.bounded(
+                    f"on Dask worker {outcome.get('worker')}: {outcome.get('message')}"))
             self.peak_memory_mb = outcome.get("peak_memory_mb")
             log_file = self.scratch / "log"
             log_file.write_bytes(outcome.get("log", b""))
@@ -264,6 +268,17 @@ class DaskWorker(BaseWorker):
         if self._outcome is None:
             self._outcome = self._future.result() if self._future.status == "finished" else {}
         return self._outcome
+
+    def _judge_sandbox(self, outcome: dict[str, Any]) -> None:
+        """``sandbox: required`` where the Dask worker could not sandbox is the event's
+        EventError; ``auto`` warns here, once per Dask worker (``runner.sandbox``)."""
+        why = outcome.get("no_sandbox")
+        if why is None:
+            return
+        # One line, as for SSH hosts: bubblewrap's last words say why.
+        last = str(why).strip().splitlines()[-1:] or ["the sandbox check failed"]
+        sandbox.use_sandbox(self.settings.sandbox, type(self).__name__, (False, last[0][:500]),
+                            where=f"Dask worker {outcome.get('worker')}")
 
     def _kill_remote(self, cancel: bool) -> None:
         """Kill the run's process tree on every Dask worker that has it (best effort)."""
