@@ -276,3 +276,18 @@ def test_verify_accepts_real_scores_and_refuses_a_forged_one(event, output_copy)
     with pytest.raises(SubmissionError, match="forged scores refused: "
                                                "bagged_scores.csv says valid acc = 1"):
         ramptest.verify_results(output_copy, kit, data, 2**30)
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ("step,n_bag,acc,nll,f1_70,acc\nvalid,0,0.9,0.1,0.5,1.0\n", "a column is named twice"),
+    ("step,n_bag,acc,nll,f1_70\nvalid,0,0.9,0.1,0.5,1.0\n", "line 2 has 6 fields"),
+    ("step,n_bag,acc,nll,f1_70\nvalid,0,0.9,0.1\n", "line 2 has 4 fields"),
+    ("step,n_bag,acc,nll,f1_70\nvalid,0,1_0,0.1,0.5\n", "not a number"),
+    (b"step,n_bag,acc,nll,f1_70\nvalid,0,0.9,0.1,\xff\n", "malformed"),
+])
+def test_strict_parse_refuses_ragged_or_ambiguous_tables(output_copy, content, words):
+    """A score file read one way by the dispatcher and another by a person is refused."""
+    path = output_copy / "bagged_scores.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=f"{path}: .*{words}"):
+        ramptest.read_results(output_copy, IRIS_TYPES)
