@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runner.config import load_event_config
-from runner.dispatcher import Dispatcher, MachineFault
+from runner.dispatcher import IDLE_RESCAN_SECONDS, Dispatcher, MachineFault, prepare_data
 from runner.ledger import Ledger
 from runner.source import DispatcherBusy, FolderSource
 from tests.events import EXAMPLE, make_event
@@ -166,21 +166,43 @@ def test_a_ledger_on_a_full_disk_is_one_line(tmp_path):
 
 # -- intake -----------------------------------------------------------------------------
 
+def _upload_slowly(target: Path, seconds: float, ledger_path: Path) -> list[str]:
+    """Create ``target`` and write a file into it piece by piece for ``seconds`` (a slow
+    upload, never still for more than a tenth of a second), then the classifier; returns
+    the states the ledger gave ``target`` meanwhile (none while it was incomplete)."""
+    seen = []
+    target.mkdir(parents=True)
+    deadline = time.monotonic() + seconds
+    with open(target / "weights.bin", "wb") as upload:
+        while time.monotonic() < deadline:
+            upload.write(b"\0" * 1024)
+            upload.flush()
+            with Ledger(ledger_path) as ledger:
+                state = ledger.get(target.name).state if target.name in ledger.names() else None
+                if state is not None and state not in seen:
+                    seen.append(state)
+            time.sleep(0.1)
+    shutil.copy(EXAMPLE / "submissions" / "random_forest" / "classifier.py", target)
+    return seen
+
+
 def test_a_folder_copied_in_slowly_is_run_only_once_complete(tmp_path):
-    config = load_event_config(make_event(tmp_path, (), dispatcher={"hunger_policy": None}))
+    config = load_event_config(make_event(tmp_path, (), worker={"timeout": 60},
+                                          dispatcher={"hunger_policy": None}))
+    # Prepared beforehand, so that the dispatcher is in its loop at once (the ledger made).
+    prepare_data(config.worker.data_dir)
     dispatcher = Dispatcher(config)
     thread = threading.Thread(target=dispatcher.run)
     thread.start()
     try:
-        target = Path(config.worker.submissions_dir) / "late"
-        target.mkdir(parents=True)
-        # A copy that stalls between files, as a slow upload does (below the quiet time).
-        for source in sorted((EXAMPLE / "submissions" / "random_forest").iterdir()):
-            time.sleep(0.6)
-            with Ledger(config.ledger_path) as ledger:
-                assert "late" not in ledger.names()
-            if source.is_file():
-                shutil.copy(source, target / source.name)
+        deadline = time.monotonic() + 10
+        while not config.ledger_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Longer than two rescans: the dispatcher looks at the half-copied folder (no
+        # classifier.py yet) at least twice, woken by its creation and by its rescans.
+        seen = _upload_slowly(Path(config.worker.submissions_dir) / "late",
+                              2 * IDLE_RESCAN_SECONDS + 1, config.ledger_path)
+        assert seen == [], f"taken in while half-copied: {seen}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with Ledger(config.ledger_path) as ledger:
