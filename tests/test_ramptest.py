@@ -291,3 +291,13 @@ def test_strict_parse_refuses_ragged_or_ambiguous_tables(output_copy, content, w
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=f"{path}: .*{words}"):
         ramptest.read_results(output_copy, IRIS_TYPES)
+
+
+def test_a_time_file_that_is_a_link_is_refused(output_copy, tmp_path):
+    """A run cannot make the dispatcher read another file as its time."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("1.5\n")
+    (output_copy / "fold_0" / "train_time").unlink()
+    (output_copy / "fold_0" / "train_time").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="fold_0/train_time: malformed, not a regular file"):
+        ramptest.read_results(output_copy)
