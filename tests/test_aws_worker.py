@@ -29,6 +29,7 @@ from tests.sshd import (
     aws,
     aws_worker_section,
     dispatch_within,
+    free_port,
     inject_fault,
     instance_at_sshd,
     live_instances,
@@ -280,3 +281,25 @@ def test_a_failed_poll_or_collect_leaves_no_instance_running(tmp_path, sshd, rem
     assert submission.state == "checking_error", submission.error_msg
     assert len(all_instances(instance_at_sshd)) == 1
     assert live_instances(instance_at_sshd) == []
+
+
+def test_a_closed_endpoint_at_dispatch_is_one_line_and_launches_nothing(
+        tmp_path, sshd, remote_kit, instance_at_sshd):
+    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit),
+                      submissions=("starting_kit",))
+    closed = f"http://127.0.0.1:{free_port()}"
+    # The organiser's shell: keys in the environment, EC2's endpoint closed.
+    key_id = "AKIACLOSEDENDPOINT01"
+    env = {**os.environ, "AWS_ENDPOINT_URL_EC2": closed, "AWS_ACCESS_KEY_ID": key_id}
+    completed = subprocess.run([str(Path(sys.executable).parent / "ramp-runner"), "dispatch",
+                                "-e", str(path)], capture_output=True, text=True, env=env,
+                               timeout=120, check=False, start_new_session=True)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 1, output
+    assert "Traceback" not in output and key_id not in output, output
+    assert [line for line in output.splitlines() if line.strip()] == [
+        f'error: EndpointConnectionError: Could not connect to the endpoint URL: "{closed}/"']
+    # Nothing launched at the real endpoint, and no submission touched.
+    assert all_instances(instance_at_sshd) == []
+    rows = _ledger(load_event_config(path))
+    assert all((row.state, row.attempts) == ("new", 0) for row in rows.values()), rows
