@@ -102,12 +102,12 @@ def run_queue(config_path: str, budget: float, profile_out: str | None = None) -
         original = threading.Thread.run
 
         def profiled(thread):
-            profile = cProfile.Profile()
+            profile = cProfile.Profile(time.thread_time)
             profiles.append(profile)
             profile.runcall(original, thread)
 
         threading.Thread.run = profiled
-        profiles.append(cProfile.Profile())
+        profiles.append(cProfile.Profile(time.thread_time))
         profiles[-1].enable()
     dispatcher = Dispatcher(config)
     # A slow dispatcher is measured on the submissions it finishes within the budget: with

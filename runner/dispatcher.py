@@ -7,21 +7,25 @@ and sleeps on a queue that slots, signals and timers wake: it never spins.
 
 from __future__ import annotations
 
+import copy
 import errno
 import itertools
 import logging
+import math
 import os
 import queue
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from functools import partial
 from pathlib import Path
 
@@ -40,6 +44,8 @@ IDLE_RESCAN_SECONDS = 2.0
 SLEEP_POLICY_SECONDS = 5.0
 # A slot is given this long to tear its worker down after a shutdown signal.
 SHUTDOWN_GRACE_SECONDS = 120.0
+# What a source's watch puts on the wake-up queue (slots put their submission's name).
+ARRIVAL = "arrival"
 
 
 # Errors of the event's own disks and folders: no run can be recorded while they last.
@@ -98,8 +104,10 @@ class Dispatcher:
         # against n_workers, so the next submission starts without waiting for them.
         self._collecting: set[int] = set()
         self._slots_lock = threading.Lock()
-        # What the worker class found once for all runs (worker.prepare), set at start.
+        # What the worker class found once for all runs (worker.prepare), set at start, and
+        # the worker dict made with it, copied for each run.
         self._prepared: dict = {}
+        self._run_config: dict = {}
         # What stops the dispatcher from a slot's thread (a ledger gone, a full disk).
         self._fatal: Exception | None = None
         # The dispatcher's own scratch space, beside the ledger: every run's scratch folder
@@ -127,11 +135,12 @@ class Dispatcher:
             if reaped:
                 logger.warning("released what earlier runs left: %s", ", ".join(reaped))
             self._prepared = self.worker_class.prepare(self._worker_dict())
+            self._run_config = self._worker_dict()
             watch = getattr(self.source, "watch", None)
             if watch is not None:  # sources without one are rescanned every few seconds
-                stack.enter_context(watch(lambda: self._wakeups.put("arrival")))
+                stack.enter_context(watch(lambda: self._wakeups.put(ARRIVAL)))
             try:
-                self._loop()
+                self._loop(watched=watch is not None)
             finally:
                 self._shutdown()
             if self._fatal is not None:
@@ -167,10 +176,17 @@ class Dispatcher:
 
     # -- main loop ----------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, watched: bool) -> None:
         policy = self.config.dispatcher.hunger_policy
+        reason: str | None = ARRIVAL
+        last_intake = -math.inf
         while not self._stopping.is_set() and self._fatal is None:
-            self.source.intake()
+            # A watched source is looked at when the watch saw an arrival, not at each
+            # slot's wake-up; and every rescan period anyway, should the watch miss one.
+            now = time.monotonic()
+            if not watched or reason in (ARRIVAL, None) or now - last_intake >= IDLE_RESCAN_SECONDS:
+                self.source.intake()
+                last_intake = now
             self._fill_slots()
             busy = self._busy_slots()
             if not busy and self.source.count_new() == 0:
@@ -181,9 +197,9 @@ class Dispatcher:
             else:
                 wait = IDLE_RESCAN_SECONDS
             try:
-                self._wakeups.get(timeout=wait)
+                reason = self._wakeups.get(timeout=wait)
             except queue.Empty:
-                pass
+                reason = None
 
     def _busy_slots(self) -> int:
         with self._slots_lock:
@@ -211,7 +227,8 @@ class Dispatcher:
         requeue: Callable[[], None] | None = None
         try:
             self._clear_previous(name)
-            worker = self.worker_class(self._worker_dict(), name)
+            # A copy each: a worker may change its dict.
+            worker = self.worker_class(copy.copy(self._run_config), name)
             with self._slots_lock:
                 self._slots[run] = (name, self._slots[run][1], worker)
             requeue = self._run_worker(run, name, worker)
@@ -242,12 +259,17 @@ class Dispatcher:
     def _clear_previous(self, name: str) -> None:
         """Remove what an earlier run of ``name`` left (a re-run, a retry): the log and
         predictions in place must always be those of the state the ledger gives."""
-        predictions = Path(self.config.worker.predictions_dir) / name
-        if predictions.is_dir() and not predictions.is_symlink():
+        predictions = os.path.join(self.config.worker.predictions_dir, name)
+        try:
+            mode = os.lstat(predictions).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
             shutil.rmtree(predictions)
-        elif predictions.is_symlink() or predictions.exists():
-            predictions.unlink()
-        (Path(self.config.worker.logs_dir) / name / "log").unlink(missing_ok=True)
+        elif mode is not None:
+            os.unlink(predictions)
+        with suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.config.worker.logs_dir, name, "log"))
 
     def _stop_for(self, error: Exception) -> None:
         """Stop the dispatcher because of ``error`` (raised by ``run`` once all stopped)."""
@@ -327,7 +349,6 @@ class Dispatcher:
             self._record(name, "training_error", self.source.mark_training_error, name,
                          error_msg or f"ramp-test exited with {returncode}", run_time, peak)
             return
-        self._record(name, "tested", self.source.mark_tested, name, run_time, peak)
         output = Path(self.config.worker.predictions_dir) / name
         try:
             results = worker.verified_results or ramptest.read_results(output)
@@ -337,7 +358,14 @@ class Dispatcher:
             self._record(name, "training_error", self.source.mark_training_error, name,
                          f"unusable results: {error}", run_time, peak)
             return
-        self._record(name, "scored", self.source.record_scores, name, results, output)
+        record_run = getattr(self.source, "record_run", None)
+        if record_run is None:
+            self._record(name, "tested", self.source.mark_tested, name, run_time, peak)
+            self._record(name, "scored", self.source.record_scores, name, results, output)
+            return
+        record_run(name, run_time, peak, results, output)
+        self._changed(name, "tested")
+        self._changed(name, "scored")
 
     def _machine_fault(self, error: BaseException) -> str | None:
         """The real cause when ``error`` is a fault of the event's disks or folders."""

@@ -291,6 +291,18 @@ class Ledger:
             _move(db, name, ("tested",), "scored", scores=json.dumps(scores), error_msg="",
                   **{f"{step}_time": value for step, value in times.items()})
 
+    def mark_tested_and_scored(self, name: str, run_time: float | None,
+                               peak_memory_mb: float | None,
+                               scores: dict[str, dict[str, float]],
+                               times: dict[str, float]) -> None:
+        """``mark_tested`` then ``mark_scored`` in one transaction: both transitions are
+        in the history, for one commit."""
+        with self._transaction() as db:
+            _move(db, name, ("training",), "tested", run_time=run_time,
+                  peak_memory_mb=peak_memory_mb)
+            _move(db, name, ("tested",), "scored", scores=json.dumps(scores), error_msg="",
+                  **{f"{step}_time": value for step, value in times.items()})
+
     def mark_training_error(self, name: str, error_msg: str, run_time: float | None,
                             peak_memory_mb: float | None) -> None:
         """The submission failed, ran past its timeout or left unusable results."""

@@ -77,9 +77,12 @@ class SubmissionSource(Protocol):
         is ``checking_error``, "the dispatcher died N times while running this submission".
         Return their names."""
 
-    # Optional (the dispatcher calls it when the source has it):
+    # Optional (the dispatcher calls them when the source has them):
     # def watch(self, wake: Callable[[], None]) -> AbstractContextManager[None]:
     #     """Call ``wake()`` soon after new submissions may have arrived, while inside."""
+    # def record_run(self, name: str, run_time: float | None, peak_memory_mb: float | None,
+    #                results: RunResults, output_dir: Path) -> None:
+    #     """``mark_tested`` then ``record_scores`` in one transaction."""
 
 
 class FolderSource(Ledger):
@@ -153,9 +156,18 @@ class FolderSource(Ledger):
 
     def record_scores(self, name: str, results: RunResults, output_dir: Path) -> None:
         """Store the bagged scores and the summed times of the run."""
-        times = {"train": results.train_time, "valid": results.valid_time,
-                 "test": results.test_time}
-        self.mark_scored(name, results.bagged_scores, times)
+        self.mark_scored(name, results.bagged_scores, _times(results))
+
+    def record_run(self, name: str, run_time: float | None, peak_memory_mb: float | None,
+                   results: RunResults, output_dir: Path) -> None:
+        """The run succeeded: ``tested`` then ``scored``, one commit for both."""
+        self.mark_tested_and_scored(name, run_time, peak_memory_mb, results.bagged_scores,
+                                    _times(results))
+
+
+def _times(results: RunResults) -> dict[str, float]:
+    return {"train": results.train_time, "valid": results.valid_time,
+            "test": results.test_time}
 
 
 @contextmanager

@@ -62,6 +62,30 @@ def test_the_happy_path_records_scores_and_times(ledger):
         "new", "sent_to_training", "training", "tested", "scored"]
 
 
+def test_tested_and_scored_in_one_commit_keep_both_transitions(ledger):
+    """RAMP's tested -> scored stays in the history; the dispatcher pays one commit."""
+    ledger.add(["a", "b"])
+    ledger.claim(2, worker="d")
+    ledger.mark_training("a")
+    statements: list[str] = []
+    ledger._connection.set_trace_callback(statements.append)
+    ledger.mark_tested_and_scored("a", 3.5, 120.0, {"test": {"acc": 0.9}},
+                                  {"train": 1.0, "valid": 0.1, "test": 0.2})
+    ledger._connection.set_trace_callback(None)
+    assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == [
+        "BEGIN IMMEDIATE", "COMMIT"]
+    submission = ledger.get("a")
+    assert (submission.state, submission.scores, submission.run_time,
+            submission.peak_memory_mb, submission.train_time) == (
+        "scored", {"test": {"acc": 0.9}}, 3.5, 120.0, 1.0)
+    assert [t.to_state for t in ledger.transitions("a")][-2:] == ["tested", "scored"]
+    # Not in training: neither transition happens.
+    with pytest.raises(TransitionError, match="'b' is 'sent_to_training'"):
+        ledger.mark_tested_and_scored("b", 1.0, None, {}, {})
+    assert ledger.get("b").state == "sent_to_training"
+    assert [t.to_state for t in ledger.transitions("b")] == ["new", "sent_to_training"]
+
+
 def test_a_transition_from_the_wrong_state_changes_nothing(ledger):
     ledger.add(["a"])
     with pytest.raises(TransitionError, match="'a' is 'new'; cannot move it to 'scored'"):
