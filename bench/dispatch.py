@@ -34,6 +34,7 @@ from common import BENCH, lanes, ramp_test_wrapper, read_spans, run_measured, wr
 from runner import ramptest
 from runner.config import load_event_config
 from runner.dispatcher import prepare_data
+from runner.submissions import submit
 from tests.events import EXAMPLE, GOOD_SUBMISSIONS, make_event
 
 SLOTS = 2
@@ -102,7 +103,10 @@ def run_ramp_runner(root: Path, sources: Path, data: Path) -> dict:
     config = make_event(root / "event", (), worker={"timeout": 120},
                         dispatcher={"n_workers": SLOTS, "hunger_policy": "exit"})
     shutil.copytree(data, root / "event" / "ramp-data" / "iris" / "data")
-    shutil.copytree(sources, root / "event" / "submissions")
+    # Queued with submit before the clock starts, as ramp-engine's database is built before
+    # its dispatcher starts (a folder copied in place instead waits one quiet period).
+    for source in sorted(sources.iterdir()):
+        submit(load_event_config(config), source)
     env = {**os.environ, "CONDA_EXE": str(conda), "PYTHONPATH": str(BENCH.parent)}
     measured = run_measured([sys.executable, "-c", RUNNER_CHILD, str(config)], root, env)
     ledger = next((root / "event").rglob("*.sqlite3"))

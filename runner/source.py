@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -22,6 +23,8 @@ from runner.ramptest import RunResults
 from runner.submissions import Intake
 
 logger = logging.getLogger("runner.source")
+
+SETTLE_MARGIN_SECONDS = 0.02
 
 
 class DispatcherBusy(RuntimeError):
@@ -94,6 +97,10 @@ class FolderSource(Ledger):
         self.submissions_dir = Path(config.worker.submissions_dir)
         self.max_attempts = config.dispatcher.max_attempts
         self._intake: Intake | None = None
+        # While watched: what wakes the dispatcher, and the timer that wakes it when a
+        # folder still settling may have become quiet.
+        self._wake: Callable[[], None] | None = None
+        self._settled: threading.Timer | None = None
 
     @contextmanager
     def opened(self) -> Iterator[None]:
@@ -108,6 +115,14 @@ class FolderSource(Ledger):
         ready = self._intake.ready()
         if ready:
             self.add(ready)
+        delay = self._intake.next_judgement()
+        if delay is not None and self._wake is not None:
+            if self._settled is not None:
+                self._settled.cancel()
+            # A little late rather than early: a change time is a clock tick coarse.
+            self._settled = threading.Timer(delay + SETTLE_MARGIN_SECONDS, self._wake)
+            self._settled.daemon = True
+            self._settled.start()
 
     def count_new(self) -> int:
         """Submissions waiting to run: new in the ledger, and folders still being copied
@@ -138,6 +153,7 @@ class FolderSource(Ledger):
                     source._intake.arrived_by_rename(name.name)
                 wake()
 
+        self._wake = wake
         observer = Observer()
         try:
             self.submissions_dir.mkdir(parents=True, exist_ok=True)
@@ -146,13 +162,16 @@ class FolderSource(Ledger):
         except OSError as error:  # e.g. the inotify watch limit: the rescans still run
             logger.warning("cannot watch %s (%s): new submissions are noticed at the next "
                            "rescan", self.submissions_dir, error)
-            yield
-            return
+            observer = None
         try:
             yield
         finally:
-            observer.stop()
-            observer.join()
+            self._wake = None
+            if self._settled is not None:
+                self._settled.cancel()
+            if observer is not None:
+                observer.stop()
+                observer.join()
 
     def record_scores(self, name: str, results: RunResults, output_dir: Path) -> None:
         """Store the bagged scores and the summed times of the run."""

@@ -74,6 +74,15 @@ class Intake:
             return sorted(e.name for e in entries
                           if e.name not in self.known and e.name not in self.pending)
 
+    def next_judgement(self) -> float | None:
+        """Seconds until a folder not quiet yet may be (None when none waits)."""
+        if not self.pending:
+            return None
+        now_ns, now = time.time_ns(), time.monotonic()
+        return max(0.0, min(min((QUIET_SECONDS * 1e9 - (now_ns - signature[2])) / 1e9,
+                                QUIET_SECONDS - (now - seen))
+                            for signature, seen in self.pending.values()))
+
     def _judge(self, name: str) -> bool:
         """True when ``name`` is ready; refused names are remembered and said once."""
         if name.startswith("."):

@@ -81,3 +81,24 @@ def _wait_until(config, name, state, timeout=60.0):
                     return
         time.sleep(0.2)
     raise AssertionError(f"{name} did not reach {state} within {timeout} s")
+
+
+def test_a_folder_still_settling_wakes_the_dispatcher_once_it_can_be_quiet(tmp_path):
+    """A folder created in place is judged again as soon as it can have been quiet for
+    QUIET_SECONDS, not at the next rescan (2 s later): a queue copied in just before the
+    dispatcher starts waits one quiet period, no more."""
+    from runner.dispatcher import IDLE_RESCAN_SECONDS
+    from runner.source import FolderSource
+
+    config = load_event_config(make_event(tmp_path / "event", ()))
+    woken = threading.Event()
+    source = FolderSource(config)
+    with source.opened(), source.watch(woken.set):
+        (Path(config.worker.submissions_dir) / "copied").mkdir()
+        time.sleep(0.2)  # the watch saw the mkdir: only the intake's timer may wake it now
+        woken.clear()
+        source.intake()
+        assert source.count_new() == 1  # pending, not ready yet
+        assert woken.wait(IDLE_RESCAN_SECONDS - 0.3)
+        source.intake()
+        assert source.names() == {"copied"}
