@@ -445,5 +445,5 @@ def test_a_sandbox_that_cannot_start_the_run_on_a_dask_worker_is_checking_error(
         finally:
             client.run(h.restore_sandbox, paths)
     assert (row.state, row.attempts) == ("checking_error", 0), (row.state, row.error_msg)
-    assert "could not start the run" in row.error_msg
+    assert "could not start the run" in row.error_msg and "uid map" in row.error_msg
     assert "Dask worker tcp://127.0.0.1:" in row.error_msg

@@ -169,9 +169,11 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
             status = "killed"
         reason = run.stop_reason if status == "ended" else None
         if reason is not None and reason.get("fault") == "event":
-            return {"status": "event_error", "message": str(reason.get("message")),
-                    "no_sandbox": no_sandbox, "log": log_path.read_bytes(),
-                    "worker": worker.address}
+            # The log holds bubblewrap's words only (nothing of the submission ran), and
+            # it is not installed: its last line goes with the message.
+            said = log_path.read_bytes()[-500:].decode(errors="replace").strip().splitlines()
+            return {"status": "event_error", "no_sandbox": no_sandbox, "worker": worker.address,
+                    "message": f"{reason.get('message')} ({(said or ['no output'])[-1]})"}
         stopped = reason.get("message") if reason is not None else None
         output = submissions / submission / "training_output"
         ok = status == "ended" and run.returncode == 0 and stopped is None \
