@@ -108,6 +108,7 @@ class Dispatcher:
         # the worker dict made with it, copied for each run.
         self._prepared: dict = {}
         self._run_config: dict = {}
+        self._warmed = False
         # What stops the dispatcher from a slot's thread (a ledger gone, a full disk).
         self._fatal: Exception | None = None
         # The dispatcher's own scratch space, beside the ledger: every run's scratch folder
@@ -286,6 +287,7 @@ class Dispatcher:
             return partial(self._release, name)
         self._record(name, "training", self.source.mark_training, name)
         worker.launch_submission()
+        self._warm_up_once()
         while (status := worker.status) is WorkerStatus.RUNNING:
             if self._stopping.is_set():
                 # The shutdown's kill came while the run was starting, before it could stop it.
@@ -310,6 +312,16 @@ class Dispatcher:
                            or "the run was interrupted (spot reclaim, lost host or worker)")
         self._collect(name, worker)
         return None
+
+    def _warm_up_once(self) -> None:
+        """Once a first run is going, load what collecting needs (worker.warm_up) beside it,
+        rather than on the first collection."""
+        with self._slots_lock:
+            if self._warmed:
+                return
+            self._warmed = True
+        threading.Thread(target=self.worker_class.warm_up, args=(self._run_config,),
+                         name="warm-up", daemon=True).start()
 
     def _failed(self, name: str, error: Exception) -> Callable[[], None] | None:
         """Record what a failure means: who is at fault decides the state (runner.errors);

@@ -436,6 +436,20 @@ def verify_results(output_dir: str | os.PathLike[str], kit_dir: str | os.PathLik
     return results
 
 
+def warm(kit_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> None:
+    """Load the kit's problem, its ground truth and rampwf's scoring code now (about a
+    second of imports), so that the first run's check does not wait for them; what fails
+    here is said when a run is checked."""
+    if not (Path(kit_dir) / "problem.py").is_file():
+        return
+    try:
+        score_types(kit_dir)
+        _ground_truth(str(kit_dir), str(data_dir))
+        from rampwf.utils.io import load_y_pred  # noqa: F401 - imported for its cost
+    except Exception as error:  # noqa: BLE001 - verify_results says it, once, if it lasts
+        logger.debug("warming the scoring code of %s failed: %s", kit_dir, error)
+
+
 @functools.cache
 def _unverified(kit_dir: str, why: str) -> None:
     logger.warning("scores are not recomputed from the predictions (%s: %s): a submission "

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from runner import ramptest
 from runner.config import (
     DEFAULT_TIMEOUT,
     PATH_KEYS,
@@ -377,6 +378,13 @@ class BaseWorker:
         environment's prefix); the dispatcher hands it to each worker as
         ``config['prepared']``. Workers with nothing to share keep this default."""
         return {}
+
+    @classmethod
+    def warm_up(cls, config: dict[str, Any]) -> None:
+        """Load what collecting will need, in a thread of its own while the first runs go:
+        by default the kit's scoring code, with which ``runner.results`` re-scores each
+        run. A worker that installs its results some other way overrides it."""
+        ramptest.warm(config["kit_dir"], config["data_dir"])
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

@@ -301,3 +301,15 @@ def test_a_time_file_that_is_a_link_is_refused(output_copy, tmp_path):
     (output_copy / "fold_0" / "train_time").symlink_to(elsewhere)
     with pytest.raises(ValueError, match="fold_0/train_time: malformed, not a regular file"):
         ramptest.read_results(output_copy)
+
+
+def test_warm_loads_the_scoring_code_before_the_first_check(event, output_copy):
+    """The dispatcher warms the kit's problem and ground truth while the first runs go:
+    the first check then finds them loaded, and a kit it cannot load is not an error yet."""
+    kit, data = event / "ramp-kits" / "iris", event / "ramp-data" / "iris"
+    ramptest._ground_truth.cache_clear()
+    ramptest.warm(kit, data)
+    assert ramptest._ground_truth.cache_info().currsize == 1
+    ramptest.verify_results(output_copy, kit, data, 2**30)
+    assert ramptest._ground_truth.cache_info().hits >= 1
+    ramptest.warm(event / "no-kit", data)  # nothing to load, nothing raised
