@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import stat
+import threading
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ BAGGED_STEPS = ("valid", "test")
 MAX_SCORES_BYTES = 256 * 1024
 # Scores recomputed from the predictions and those ramp-test wrote agree to this.
 SCORE_TOLERANCE = 1e-9
+# Collecting threads and the warm-up load a kit's problem and ground truth once, not each
+# its own copy while the first load runs.
+_LOADING = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,13 @@ def score_types(kit_dir: str | os.PathLike[str]) -> tuple[ScoreType, ...]:
     )
 
 
-@functools.lru_cache(maxsize=4)
 def _problem(kit_dir: str) -> Any:
+    with _LOADING:
+        return _load_problem(kit_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_problem(kit_dir: str) -> Any:
     # Imported here: rampwf pulls in scikit-learn, which only the kit's problem needs.
     from rampwf.utils import assert_read_problem
 
@@ -456,9 +465,14 @@ def _unverified(kit_dir: str, why: str) -> None:
                    "could forge them", kit_dir, why)
 
 
-@functools.lru_cache(maxsize=4)
 def _ground_truth(kit_dir: str, data_dir: str) -> tuple[Any, Any, Any, list]:
     """The kit's problem, its targets and folds, as ramp-test computes them."""
+    with _LOADING:
+        return _load_ground_truth(kit_dir, data_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_ground_truth(kit_dir: str, data_dir: str) -> tuple[Any, Any, Any, list]:
     problem = _problem(kit_dir)
     X_train, y_train = problem.get_train_data(path=data_dir)
     try:

@@ -307,9 +307,9 @@ def test_warm_loads_the_scoring_code_before_the_first_check(event, output_copy):
     """The dispatcher warms the kit's problem and ground truth while the first runs go:
     the first check then finds them loaded, and a kit it cannot load is not an error yet."""
     kit, data = event / "ramp-kits" / "iris", event / "ramp-data" / "iris"
-    ramptest._ground_truth.cache_clear()
+    ramptest._load_ground_truth.cache_clear()
     ramptest.warm(kit, data)
-    assert ramptest._ground_truth.cache_info().currsize == 1
+    assert ramptest._load_ground_truth.cache_info().currsize == 1
     ramptest.verify_results(output_copy, kit, data, 2**30)
-    assert ramptest._ground_truth.cache_info().hits >= 1
+    assert ramptest._load_ground_truth.cache_info().hits >= 1
     ramptest.warm(event / "no-kit", data)  # nothing to load, nothing raised
