@@ -86,13 +86,11 @@ def vandal(targets: dict[str, Path], rival_scores: Path, wait_seconds: float) ->
         f'    attempt("VANDAL: {label}", lambda: OPEN({str(path)!r}, "ab").write(b"#vandal\\n"))'
         for label, path in targets.items())
     return PRELUDE + f'''
-DONE = []
-
-
 def attack_in_fit():
-    if DONE:
-        return  # fit runs once per fold: attack once
-    DONE.append(True)
+    # ramp-test imports the submission afresh for each fold: the mark must outlive the module.
+    if OS.environ.get("VANDAL_DONE"):
+        return
+    OS.environ["VANDAL_DONE"] = "1"
 {appends}
     sleep = f("time", "sl", "eep")
     rival = {str(rival_scores)!r}
