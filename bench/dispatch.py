@@ -166,7 +166,10 @@ def summarise(run: dict) -> dict:
     """Makespan, busy time, utilisation, start delays and end-to-scored of one run."""
     launched = run["started"]
     spans = sorted(run["runs"].items(), key=lambda item: item[1][0])
-    done = list(run["scored"].values()) or [end for _, (_, end) in spans]
+    # A system is done when its results are recorded (scored) and, for the pool, when its
+    # last ramp-test has exited: the runs' ends are written before their interpreters'
+    # half-second teardown, which the dispatchers wait for before they can collect.
+    done = list(run["scored"].values()) or [launched + run["wall"]]
     makespan = max(done) - launched
     busy = sum(end - start for _, (start, end) in spans)
     lane_of = lanes([span for _, span in spans], SLOTS)
