@@ -303,3 +303,55 @@ def test_a_closed_endpoint_at_dispatch_is_one_line_and_launches_nothing(
     assert all_instances(instance_at_sshd) == []
     rows = _ledger(load_event_config(path))
     assert all((row.state, row.attempts) == ("new", 0) for row in rows.values()), rows
+
+
+# The real CLI, with each instance answering at the test's sshd and botocore's retries cut
+# to two attempts (the endpoint stays closed: eight would only wait longer).
+CLI = """
+import sys
+from runner.aws import ec2
+config, port = sys.argv[1], int(sys.argv[2])
+ec2.instance_address = lambda client, instance_id: ("127.0.0.1", port)
+ec2.API_MAX_ATTEMPTS = 2
+from runner.cli import main
+sys.argv = ["ramp-runner", "dispatch", "-e", config]
+main()
+"""
+
+
+def test_an_endpoint_closed_mid_run_is_one_line_naming_the_instance_left(
+        tmp_path, sshd, remote_kit, instance_at_sshd):
+    from moto.server import ThreadedMotoServer
+
+    # A second endpoint of the same moto account: closing it leaves the instances visible.
+    port = free_port()
+    endpoint = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    endpoint.start()
+    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, timeout=4),
+                      submissions=("hanging",))
+    config = load_event_config(path)
+    dispatcher = subprocess.Popen(
+        [sys.executable, "-c", CLI, str(path), str(sshd.port)], cwd=REPO, text=True,
+        env={**os.environ, "AWS_ENDPOINT_URL_EC2": f"http://127.0.0.1:{port}"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (config.ledger_path.exists() and _ledger(config).get("hanging")
+                   and _ledger(config)["hanging"].state == "training"):
+            assert time.monotonic() < deadline and dispatcher.poll() is None, \
+                dispatcher.communicate()
+            time.sleep(0.2)
+        endpoint.stop()
+        _, stderr = dispatcher.communicate(timeout=120)
+    finally:
+        dispatcher.kill()
+        left = live_instances(instance_at_sshd)
+        if left:
+            instance_at_sshd.terminate_instances(InstanceIds=[i["InstanceId"] for i in left])
+    # The submission's own outcome stands; the cloud's fault is said once, in one line.
+    assert (_ledger(config)["hanging"].state, dispatcher.returncode) == ("training_error", 0)
+    assert "Traceback" not in stderr, stderr
+    [instance] = left
+    said = [line for line in stderr.splitlines() if instance["InstanceId"] in line]
+    assert len(said) == 1, stderr
+    assert "could not terminate" in said[0] and "invoke reap" in said[0]

@@ -17,9 +17,11 @@ import socket
 from typing import Any
 
 import psutil
+from botocore.exceptions import BotoCoreError, ClientError
 
 from runner.aws import ec2
 from runner.config import ConfigError, secret
+from runner.errors import InfrastructureError
 from runner.ssh.remote_worker import (
     RemoteWorker,
     RemoteWorkerSection,
@@ -167,10 +169,20 @@ class AWSWorker(RemoteWorker):
         super().setup()
 
     def _terminate(self) -> None:
+        """Close the session and terminate the instance; when EC2 cannot be reached or
+        refuses, say so in one line (the instance's own timer and ``reap`` remain)."""
         self._close_session()
-        if self.instance is not None:
-            ec2.terminate(self._ec2, [self.instance.instance_id])
-            self.instance = None
+        if self.instance is None:
+            return
+        instance_id, self.instance = self.instance.instance_id, None
+        try:
+            ec2.terminate(self._ec2, [instance_id])
+        except (BotoCoreError, ClientError, InfrastructureError) as error:
+            lifetime = self.timeout + self.settings.self_destruct_margin
+            logger.error("%r: could not terminate instance %s: %s; it halts itself %g s "
+                         "after its boot at the latest, and the next dispatch or `invoke reap` "
+                         "terminates it once EC2 answers", self, instance_id,
+                         " ".join(str(error).split()), lifetime)
 
     def teardown(self) -> None:
         """Terminate the instance, whatever happened before (after a failed collect too)."""
