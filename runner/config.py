@@ -11,6 +11,7 @@ import difflib
 import logging
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -35,6 +36,13 @@ PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_
 MAX_DEPTH = 32
 MAX_VALUES = 10_000
 HIDDEN = "<hidden>"
+# Credentials that can reach a log without being in the config: botocore's debug output
+# names the access key id it signs with and sends the session token as a header, whether
+# they came from the config, the environment or ~/.aws/credentials.
+CREDENTIAL_PATTERNS = (
+    re.compile(r"(Credential=)[^/\s,'\"]+"),
+    re.compile(r"(X-Amz-Security-Token['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s,}]+", re.IGNORECASE),
+)
 
 
 class ConfigError(EventError):
@@ -224,14 +232,14 @@ class RedactSecrets(logging.Filter):
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
-        """``text`` with every secret replaced by ``<hidden>``."""
+        """``text`` with every secret and every signed credential replaced by ``<hidden>``."""
         for value in self.secrets:
             text = text.replace(value, HIDDEN)
+        for pattern in CREDENTIAL_PATTERNS:
+            text = pattern.sub(rf"\g<1>{HIDDEN}", text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
         record.msg, record.args = self.redact(record.getMessage()), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

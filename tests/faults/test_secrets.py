@@ -48,8 +48,9 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def _botocore_debug_log(redactor: logging.Filter | None) -> str:
-    """What botocore logs at DEBUG for one call to a closed endpoint on 127.0.0.1."""
+def _botocore_debug_log(redactor: logging.Filter | None, from_environment=False) -> str:
+    """What botocore logs at DEBUG for one call to a closed endpoint on 127.0.0.1, signed
+    with KEY_ID and SECRET, or with the credentials of the environment."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
@@ -60,9 +61,9 @@ def _botocore_debug_log(redactor: logging.Filter | None) -> str:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     try:
-        client = boto3.session.Session(
-            aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, region_name="us-west-2",
-        ).client("ec2", endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+        keys = {} if from_environment else {"aws_access_key_id": KEY_ID,
+                                            "aws_secret_access_key": SECRET}
+        client = boto3.session.Session(**keys, region_name="us-west-2").client("ec2", endpoint_url=f"http://127.0.0.1:{_closed_port()}",
                  config=botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=1))
         try:
             client.describe_instances()
@@ -124,3 +125,20 @@ def test_check_config_never_prints_the_secrets(tmp_path):
     assert completed.returncode == 0, output
     assert "worker.region_name" in output  # the table was printed
     assert KEY_ID not in output and SECRET not in output
+
+
+def test_credentials_from_the_environment_are_redacted_in_botocore_debug_output(
+        tmp_path, monkeypatch):
+    # The organiser's shell holds the keys; the config has none to know them by.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEfault-suite-session-token")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    config = load_event_config(make_event(tmp_path / "event", ("starting_kit",)))
+    assert config.secret_values() == set()
+
+    logged = _botocore_debug_log(RedactSecrets(config.secret_values()), from_environment=True)
+    assert "Credential=<hidden>/" in logged
+    assert "EndpointConnectionError" in logged
+    for value in (KEY_ID, SECRET, "fault-suite-session-token"):
+        assert value not in logged
