@@ -256,10 +256,16 @@ def _read_small(path: str, limit: int) -> bytes | None:
         if error.errno == errno.ELOOP:
             raise ValueError(f"{path}: malformed, not a regular file") from None
         raise ValueError(f"{path}: unreadable ({error.strerror})") from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{path}: malformed, not a regular file")
-        return handle.read(limit + 1)
+        chunks, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _read_table(path: str) -> tuple[list[str], list[list[str]]]:
