@@ -138,7 +138,13 @@ class FolderSource(Ledger):
     def watch(self, wake: Callable[[], None]) -> Iterator[None]:
         """Call ``wake()`` as soon as an entry is created in or renamed into the
         submissions folder (inotify where the system has it, through watchdog)."""
-        from watchdog.events import FileSystemEventHandler
+        from watchdog.events import (
+            DirCreatedEvent,
+            DirMovedEvent,
+            FileCreatedEvent,
+            FileMovedEvent,
+            FileSystemEventHandler,
+        )
         from watchdog.observers import Observer
 
         source = self
@@ -157,7 +163,11 @@ class FolderSource(Ledger):
         observer = Observer()
         try:
             self.submissions_dir.mkdir(parents=True, exist_ok=True)
-            observer.schedule(Arrivals(), str(self.submissions_dir), recursive=False)
+            # Only arrivals: the default mask also wakes the watch on every open and read
+            # of an entry (IN_OPEN, IN_CLOSE_NOWRITE), i.e. at each run's copy.
+            observer.schedule(Arrivals(), str(self.submissions_dir), recursive=False,
+                              event_filter=[DirCreatedEvent, FileCreatedEvent, DirMovedEvent,
+                                            FileMovedEvent])
             observer.start()
         except OSError as error:  # e.g. the inotify watch limit: the rescans still run
             logger.warning("cannot watch %s (%s): new submissions are noticed at the next "
