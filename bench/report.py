@@ -120,6 +120,7 @@ def scale_rows(part: dict) -> list[list[str]]:
     label = " / ".join(f"{r['queued']:,}" for r in sizes)
     costs = " / ".join(f"{r['wall_ms_per_submission']:.1f}" for r in sizes)
     cpu = " / ".join(f"{r['cpu_ms_per_submission']:.1f}" for r in sizes)
+    worker = " / ".join(f"{r.get('worker_cpu_ms_per_submission', 0):.1f}" for r in sizes)
     rss = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in sizes)
     partial = [r for r in sizes if r["done"] < r["queued"]]
     note = (" (" + ", ".join(f"{r['done']:,} of {r['queued']:,} done in the time budget"
@@ -131,7 +132,8 @@ def scale_rows(part: dict) -> list[list[str]]:
     return [
         [f"dispatcher wall ms per submission, instant worker, {label} queued{note}", costs,
          "-", "-"],
-        [f"dispatcher CPU ms per submission, {label} queued", cpu, "-", "-"],
+        [f"dispatcher CPU ms per submission, {label} queued (the instant worker's own "
+         f"output link, not counted: {worker})", cpu, "-", "-"],
         [f"dispatcher peak RSS MiB, {label} queued", rss, "-", "-"],
         [f"arrival -> start with a free slot s (median of {len(part['arrival_to_start'])})",
          latency, "-", "-"],
