@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS submissions (
 );
 CREATE INDEX IF NOT EXISTS submissions_by_state ON submissions (state, created_at, name);
 CREATE TABLE IF NOT EXISTS transitions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     name TEXT NOT NULL REFERENCES submissions(name),
     from_state TEXT,
     to_state TEXT NOT NULL,
@@ -374,6 +374,16 @@ def _identity(path: Path) -> tuple[int, int]:
 
 def _move(db: sqlite3.Connection, name: str, sources: tuple[str, ...], target: str,
           detail: str = "", **columns: Any) -> None:
+    now = time.time()
+    columns.update(state=target, updated_at=now)
+    assignments = ", ".join(f"{column} = ?" for column in columns)
+    if len(sources) == 1:
+        # The usual case, one statement: the state it starts from is the one it must be in.
+        moved = db.execute(f"UPDATE submissions SET {assignments} WHERE name = ? AND state = ?",
+                           (*columns.values(), name, sources[0])).rowcount
+        if moved:
+            _log(db, name, sources[0], target, now, detail)
+            return
     row = db.execute("SELECT state FROM submissions WHERE name = ?", (name,)).fetchone()
     if row is None:
         raise TransitionError(f"no submission {name!r}")
@@ -382,9 +392,6 @@ def _move(db: sqlite3.Connection, name: str, sources: tuple[str, ...], target: s
             f"submission {name!r} is {row[0]!r}; cannot move it to {target!r} "
             f"(only from {', '.join(sources)})"
         )
-    now = time.time()
-    columns.update(state=target, updated_at=now)
-    assignments = ", ".join(f"{column} = ?" for column in columns)
     db.execute(f"UPDATE submissions SET {assignments} WHERE name = ?", (*columns.values(), name))
     _log(db, name, row[0], target, now, detail)
 

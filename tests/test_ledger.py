@@ -149,3 +149,15 @@ def test_the_schema_refuses_a_state_ramp_does_not_know(ledger):
     ledger.add(["a"])
     with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint"):
         ledger._connection.execute("UPDATE submissions SET state = 'done' WHERE name = 'a'")
+
+
+def test_transitions_are_numbered_in_order_without_a_sequence_table(ledger):
+    """Row ids, not AUTOINCREMENT (whose sqlite_sequence is one more page written at each
+    transition): transitions are never deleted, so the ids still follow their order."""
+    ledger.add(["a", "b"])
+    ledger.claim(2, worker="d")
+    tables = {row[0] for row in ledger._connection.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "sqlite_sequence" not in tables
+    assert [(t.name, t.to_state) for t in ledger.transitions()] == [
+        ("a", "new"), ("b", "new"), ("a", "sent_to_training"), ("b", "sent_to_training")]
