@@ -56,7 +56,9 @@ def test_aws_event_scores_like_the_local_worker(tmp_path, sshd, remote_kit, inst
     Dispatcher(config).run()
     remote = _ledger(config)
 
-    local_path = events.make_event(tmp_path / "local", submissions=SUBMISSIONS,
+    # The local reference needs no hanging run: its timeout is checked on the remote side.
+    finishing = tuple(name for name in SUBMISSIONS if name != "hanging")
+    local_path = events.make_event(tmp_path / "local", submissions=finishing,
                                    worker={"timeout": 15})
     local_config = load_event_config(local_path)
     Dispatcher(local_config).run()
@@ -66,7 +68,7 @@ def test_aws_event_scores_like_the_local_worker(tmp_path, sshd, remote_kit, inst
         "starting_kit": "scored", "random_forest": "scored", "gradient_boosting": "scored",
         "raising_error": "training_error", "hanging": "training_error"}
     assert {name: s.state for name, s in local.items()} == {
-        name: s.state for name, s in remote.items()}
+        name: remote[name].state for name in finishing}
     for name in ("starting_kit", "random_forest", "gradient_boosting"):
         assert remote[name].scores == local[name].scores, name
         assert remote[name].peak_memory_mb > 0

@@ -148,8 +148,13 @@ def test_plain_cluster_without_shared_paths_scores_as_the_local_worker(
 
 
 def test_tls_cluster_scores_as_the_local_worker(tls_cluster, local_scores, tmp_path):
-    rows = h.dispatch(_dask_event(tmp_path / "event", tls_cluster))
-    _assert_same_outcome(rows, local_scores)
+    # What TLS changes is the transport: one scored run and one failed run show it.
+    two = ("starting_kit", "raising_error")
+    rows = h.dispatch(_dask_event(tmp_path / "event", tls_cluster, submissions=two))
+    assert rows["starting_kit"].state == "scored"
+    assert rows["starting_kit"].scores == local_scores["starting_kit"].scores
+    assert rows["raising_error"].state == "training_error"
+    assert "RuntimeError: raising_error" in rows["raising_error"].error_msg
 
 
 def test_tls_cluster_refuses_clients_without_its_certificates(tls_cluster, tmp_path):
