@@ -260,8 +260,11 @@ def _read_small(path: str, limit: int) -> bytes | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{path}: malformed, not a regular file")
         chunks, left = [], limit + 1
-        while left > 0 and (chunk := os.read(fd, left)):
+        while left > 0:
+            chunk = os.read(fd, left)
             chunks.append(chunk)
+            if len(chunk) < left:  # a short read of a regular file is its end
+                break
             left -= len(chunk)
         return b"".join(chunks)
     finally:
