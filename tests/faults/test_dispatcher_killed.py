@@ -31,8 +31,9 @@ from tests.faults.helpers import (
 KILL_POINTS = [
     ("at claim", "claim", "after", "sent_to_training"),
     ("in flight", "mark_training", "after", "training"),
-    ("at collect", "mark_tested", "after", "tested"),
-    ("at score", "record_scores", "before", "tested"),
+    # tested and scored are one transaction of the ledger: killed before it, nothing of
+    # the run is recorded.
+    ("at collect", "record_run", "before", "training"),
 ]
 
 
