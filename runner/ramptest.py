@@ -442,15 +442,20 @@ def verify_results(output_dir: str | os.PathLike[str], kit_dir: str | os.PathLik
     if (y_test is None) != ("test" not in claimed) or len(folds) != len(results.fold_scores):
         raise SubmissionError(f"unusable results: {len(results.fold_scores)} folds and steps "
                               f"{sorted(claimed)}, expected {len(folds)} folds of the kit")
-    recomputed = _bagged_from_predictions(Path(output_dir), str(data_dir), problem, y_train,
-                                          y_test, folds, max_prediction_bytes)
-    for step, scores in recomputed.items():
-        for name, value in scores.items():
-            said = claimed[step][name]
-            if not math.isclose(said, value, rel_tol=SCORE_TOLERANCE, abs_tol=SCORE_TOLERANCE):
-                raise SubmissionError(
-                    f"forged scores refused: {BAGGED_SCORES_FILE} says {step} {name} = "
-                    f"{said:.6g}, but the saved predictions score {value:.6g}")
+    folds_scored, bagged = _scores_from_predictions(
+        Path(output_dir), str(data_dir), problem, y_train, y_test, folds, max_prediction_bytes)
+    said = [(f"{FOLD_PREFIX}{i}/{FOLD_SCORES_FILE}", results.fold_scores[i], scores)
+            for i, scores in enumerate(folds_scored)]
+    for where, claimed_scores, recomputed in [*said, (BAGGED_SCORES_FILE, claimed, bagged)]:
+        for step, scores in recomputed.items():
+            for name, value in scores.items():
+                written = claimed_scores.get(step, {}).get(name)
+                if written is None or not math.isclose(written, value, rel_tol=SCORE_TOLERANCE,
+                                                       abs_tol=SCORE_TOLERANCE):
+                    shown = "nothing" if written is None else f"{written:.6g}"
+                    raise SubmissionError(
+                        f"forged scores refused: {where} says {step} {name} = {shown}, but "
+                        f"the saved predictions score {value:.6g}")
     return results
 
 
@@ -491,39 +496,56 @@ def _load_ground_truth(kit_dir: str, data_dir: str) -> tuple[Any, Any, Any, list
     return problem, y_train, y_test, list(problem.get_cv(X_train, y_train))
 
 
-def _bagged_from_predictions(output_dir: Path, data_dir: str, problem: Any, y_train: Any,
+Scores = dict[str, dict[str, float]]  # step -> score type -> value
+
+
+def _scores_from_predictions(output_dir: Path, data_dir: str, problem: Any, y_train: Any,
                              y_test: Any, folds: list,
-                             max_bytes: int) -> dict[str, dict[str, float]]:
+                             max_bytes: int) -> tuple[list[Scores], Scores]:
+    """Each fold's train/valid/test scores and the all-folds bag of valid and test, computed
+    from the run's saved predictions with the kit's score types, as ramp-test computes them."""
     from rampwf.utils.io import load_y_pred
 
-    steps = {"valid": ([], y_train, [valid for _, valid in folds])}
-    if y_test is not None:
-        steps["test"] = ([], y_test, None)
-    for i, (_, valid_is) in enumerate(folds):
-        fold_dir = output_dir / f"{FOLD_PREFIX}{i}"
-        for step, suffix in (("valid", "train"), ("test", "test")):
-            if step not in steps:
-                continue
-            _check_npz(fold_dir / f"y_pred_{suffix}.npz", max_bytes)
-            try:
-                y_pred = load_y_pred(problem, data_path=data_dir, input_path=str(fold_dir),
-                                     suffix=suffix)
-                fold_is = valid_is if step == "valid" else None
-                steps[step][0].append(problem.Predictions(y_pred=y_pred, fold_is=fold_is))
-            except Exception as error:  # noqa: BLE001 - a prediction file is the run's
-                raise SubmissionError(bounded(
-                    f"unusable results: {fold_dir.name}/y_pred_{suffix}: "
-                    f"{type(error).__name__}: {error}")) from None
-    recomputed = {}
-    for step, (predictions, y_true, test_is) in steps.items():
+    def load(fold_dir: Path, suffix: str) -> Any:
+        _check_npz(fold_dir / f"y_pred_{suffix}.npz", max_bytes)
         try:
-            recomputed[step] = _all_folds_bagged(problem, predictions,
-                                                 problem.Predictions(y_true=y_true), test_is)
-        except Exception as error:  # noqa: BLE001 - predictions of the wrong shape
+            return load_y_pred(problem, data_path=data_dir, input_path=str(fold_dir),
+                               suffix=suffix)
+        except Exception as error:  # noqa: BLE001 - a prediction file is the run's
             raise SubmissionError(bounded(
-                f"unusable results: the saved {step} predictions cannot be scored: "
+                f"unusable results: {fold_dir.name}/y_pred_{suffix}: "
                 f"{type(error).__name__}: {error}")) from None
-    return recomputed
+
+    predictions = problem.Predictions
+    folds_scored, valid_bag, test_bag = [], [], []
+    try:
+        for i, (train_is, valid_is) in enumerate(folds):
+            fold_dir = output_dir / f"{FOLD_PREFIX}{i}"
+            y_pred_train = load(fold_dir, "train")
+            pairs = {step: (predictions(y_true=y_train, fold_is=indexes),
+                            predictions(y_pred=y_pred_train, fold_is=indexes))
+                     for step, indexes in (("train", train_is), ("valid", valid_is))}
+            valid_bag.append(pairs["valid"][1])
+            if y_test is not None:
+                test_bag.append(predictions(y_pred=load(fold_dir, "test")))
+                pairs["test"] = (predictions(y_true=y_test), test_bag[-1])
+            # rampwf's score_matrix, without the DataFrame it builds around the numbers.
+            folds_scored.append({
+                step: {str(score_type.name): float(score_type.score_function(truth, pred))
+                       for score_type in problem.score_types}
+                for step, (truth, pred) in pairs.items()})
+        bagged = {"valid": _all_folds_bagged(problem, valid_bag, predictions(y_true=y_train),
+                                             [valid_is for _, valid_is in folds])}
+        if y_test is not None:
+            bagged["test"] = _all_folds_bagged(problem, test_bag, predictions(y_true=y_test),
+                                               None)
+    except SubmissionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - predictions of the wrong shape
+        raise SubmissionError(bounded(
+            f"unusable results: the saved predictions cannot be scored: "
+            f"{type(error).__name__}: {error}")) from None
+    return folds_scored, bagged
 
 
 def _all_folds_bagged(problem: Any, predictions: list, truth: Any,

@@ -278,6 +278,19 @@ def test_verify_accepts_real_scores_and_refuses_a_forged_one(event, output_copy)
         ramptest.verify_results(output_copy, kit, data, 2**30)
 
 
+@pytest.mark.parametrize("step", ["train", "valid", "test"])
+def test_verify_refuses_a_forged_fold_score(event, output_copy, step):
+    # The per-fold scores go to the ledger and to a RAMP board's fold table as well.
+    kit, data = event / "ramp-kits" / "iris", event / "ramp-data" / "iris"
+    path = output_copy / "fold_1" / "scores.csv"
+    frame = pd.read_csv(path, index_col=0)
+    frame.loc[step, "acc"] = 0.123
+    frame.to_csv(path)
+    with pytest.raises(SubmissionError, match=f"forged scores refused: fold_1/scores.csv says "
+                                               f"{step} acc = 0.123, but the saved predictions"):
+        ramptest.verify_results(output_copy, kit, data, 2**30)
+
+
 @pytest.mark.parametrize(("content", "words"), [
     ("step,n_bag,acc,nll,f1_70,acc\nvalid,0,0.9,0.1,0.5,1.0\n", "a column is named twice"),
     ("step,n_bag,acc,nll,f1_70\nvalid,0,0.9,0.1,0.5,1.0\n", "line 2 has 6 fields"),
