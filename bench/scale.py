@@ -37,23 +37,13 @@ from runner import ramptest
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher, prepare_data
 from runner.submissions import QUIET_SECONDS
-from tests.events import make_event
+from tests.events import make_event, register_worker
 
 WORKER_TYPE = "bench-instant"
 PROFILE_SIZE = 1000
 PROFILE_TOP = 25
 WAITS = ("acquire", "SimpleQueue", "sleep", "(wait)", "waitpid", "select")
 FINAL_STATES = ("scored", "training_error", "checking_error")
-
-
-def register(site: Path) -> None:
-    """A dist-info folder declaring InstantWorker in the workers' entry-point group."""
-    info = site / "ramp_runner_bench-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ramp-runner-bench\n"
-                                   "Version: 1.0\n")
-    (info / "entry_points.txt").write_text(
-        f"[ramp_runner.workers]\n{WORKER_TYPE} = instant_worker:InstantWorker\n")
 
 
 def real_output(root: Path) -> Path:
@@ -208,7 +198,7 @@ def measure(sizes: list[int], drops: int, budget: float, profile: bool = True) -
     with tempfile.TemporaryDirectory(prefix="rr-bench-scale-") as scratch:
         root = Path(scratch)
         site = root / "site"
-        register(site)
+        register_worker(site, WORKER_TYPE, "instant_worker:InstantWorker")
         output = real_output(root / "real")
         data = root / "real" / "ramp-data" / "iris" / "data"
         rows = []

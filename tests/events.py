@@ -64,6 +64,19 @@ def make_event(root: Path, submissions=GOOD_SUBMISSIONS, worker=None, dispatcher
     return path
 
 
+def register_worker(site: Path, worker_type: str, target: str, source: str | None = None) -> None:
+    """Declare ``target`` ("module:Class") as worker ``worker_type`` in the workers'
+    entry-point group, in a dist-info folder under ``site`` (put ``site`` on sys.path);
+    ``source`` is written as the module when given."""
+    info = site / f"ramp_runner_{worker_type.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: ramp-runner-{worker_type}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[ramp_runner.workers]\n{worker_type} = {target}\n")
+    if source is not None:
+        (site / f"{target.partition(':')[0]}.py").write_text(source)
+
+
 def install_fake_conda(folder: Path, envs: dict[str, Path]) -> Path:
     """Write a ``conda`` answering ``conda info --envs --json`` (conda cannot be installed here).
 

@@ -22,7 +22,7 @@ import yaml
 
 from runner.cli import namespace
 from runner.ledger import Ledger
-from tests.events import make_event
+from tests.events import make_event, register_worker
 
 REPO = Path(__file__).resolve().parent.parent
 PROGRAM = str(Path(sys.executable).with_name("ramp-runner"))
@@ -304,12 +304,7 @@ class LicenceServerDown(BaseWorker):
 
 def test_dispatch_exits_1_when_a_submission_ends_in_checking_error(tmp_path):
     site = tmp_path / "site"
-    (site / "brokenworker-1.0.dist-info").mkdir(parents=True)
-    (site / "brokenworker-1.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: brokenworker\nVersion: 1.0\n")
-    (site / "brokenworker-1.0.dist-info" / "entry_points.txt").write_text(
-        "[ramp_runner.workers]\nbroken = broken_worker:LicenceServerDown\n")
-    (site / "broken_worker.py").write_text(BROKEN_WORKER)
+    register_worker(site, "broken", "broken_worker:LicenceServerDown", BROKEN_WORKER)
     path = make_event(tmp_path / "event", ("starting_kit",), worker={"worker_type": "broken"})
     result = ramp_runner("dispatch", "-e", str(path), env={"PYTHONPATH": str(site)})
     assert result.returncode == 1, result.stderr

@@ -17,7 +17,7 @@ from runner.config import load_event_config
 from runner.dispatcher import Dispatcher, DispatcherBusy
 from runner.ledger import Ledger
 from runner.worker import BaseWorker
-from tests.events import EXAMPLE, make_event
+from tests.events import EXAMPLE, make_event, register_worker
 from tests.faults.helpers import processes_under, wait_for_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,13 +57,8 @@ def test_example_event_end_to_end(tmp_path):
 
 def test_seed_style_custom_worker_runs_through_an_entry_point(tmp_path, monkeypatch):
     site = tmp_path / "site"
-    (site / "seedworker-1.0.dist-info").mkdir(parents=True)
-    (site / "seedworker-1.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: seedworker\nVersion: 1.0\n")
-    (site / "seedworker-1.0.dist-info" / "entry_points.txt").write_text(
-        "[ramp_runner.workers]\nseed = seed_worker_plugin:SeedStyleWorker\n")
-    (site / "seed_worker_plugin.py").write_text(
-        (Path(__file__).parent / "seed_worker.py").read_text())
+    register_worker(site, "seed", "seed_worker_plugin:SeedStyleWorker",
+                    (Path(__file__).parent / "seed_worker.py").read_text())
     monkeypatch.syspath_prepend(str(site))
     config = load_event_config(make_event(
         tmp_path / "event", ("starting_kit", "raising_error"), worker={"worker_type": "seed"}))
