@@ -104,9 +104,8 @@ class Dispatcher:
         # against n_workers, so the next submission starts without waiting for them.
         self._collecting: set[int] = set()
         self._slots_lock = threading.Lock()
-        # What the worker class found once for all runs (worker.prepare), set at start, and
-        # the worker dict made with it, copied for each run.
-        self._prepared: dict = {}
+        # The worker dict with what the worker class found once for all runs
+        # (worker.prepare), made at start and copied for each run.
         self._run_config: dict = {}
         self._warmed = False
         # What stops the dispatcher from a slot's thread (a ledger gone, a full disk).
@@ -135,8 +134,8 @@ class Dispatcher:
             reaped = self.worker_class.reap_leftovers(self._worker_dict())
             if reaped:
                 logger.warning("released what earlier runs left: %s", ", ".join(reaped))
-            self._prepared = self.worker_class.prepare(self._worker_dict())
-            self._run_config = self._worker_dict()
+            prepared = self.worker_class.prepare(self._worker_dict())
+            self._run_config = self._worker_dict(prepared)
             watch = getattr(self.source, "watch", None)
             if watch is not None:  # sources without one are rescanned every few seconds
                 stack.enter_context(watch(lambda: self._wakeups.put(ARRIVAL)))
@@ -370,12 +369,7 @@ class Dispatcher:
             self._record(name, "training_error", self.source.mark_training_error, name,
                          f"unusable results: {error}", run_time, peak)
             return
-        record_run = getattr(self.source, "record_run", None)
-        if record_run is None:
-            self._record(name, "tested", self.source.mark_tested, name, run_time, peak)
-            self._record(name, "scored", self.source.record_scores, name, results, output)
-            return
-        record_run(name, run_time, peak, results, output)
+        self.source.record_run(name, run_time, peak, results, output)
         self._changed(name, "tested")
         self._changed(name, "scored")
 
@@ -422,10 +416,10 @@ class Dispatcher:
         logger.info("%s: %s", name, state)
         self._on_change(name, state)
 
-    def _worker_dict(self) -> dict:
+    def _worker_dict(self, prepared: dict | None = None) -> dict:
         return self.config.worker_dict(dispatcher_id=self.dispatcher_id,
                                        scratch_dir=str(self.scratch_dir),
-                                       prepared=self._prepared)
+                                       prepared=prepared or {})
 
     # -- shutdown -----------------------------------------------------------------------
 

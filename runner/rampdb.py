@@ -287,6 +287,13 @@ class RampSource:
         self._transaction(work)
         self._finished(name)
 
+    def record_run(self, name: str, run_time: float | None, peak_memory_mb: float | None,
+                   results: RunResults, output_dir: Path) -> None:
+        """``mark_tested``, then ``record_scores``: two transactions, since ramp-database's
+        setters commit on their own."""
+        self.mark_tested(name, run_time, peak_memory_mb)
+        self.record_scores(name, results, output_dir)
+
     def mark_training_error(self, name: str, error_msg: str, run_time: float | None,
                             peak_memory_mb: float | None) -> None:
         """The submission failed or timed out; the participant reads its traceback."""

@@ -53,12 +53,10 @@ class SubmissionSource(Protocol):
     def mark_training(self, name: str) -> None:
         """The worker is set up and the run starts."""
 
-    def mark_tested(self, name: str, run_time: float | None,
-                    peak_memory_mb: float | None) -> None:
-        """The run succeeded and its output was collected."""
-
-    def record_scores(self, name: str, results: RunResults, output_dir: Path) -> None:
-        """Store the scores and times read from ``output_dir``; the submission is scored."""
+    def record_run(self, name: str, run_time: float | None, peak_memory_mb: float | None,
+                   results: RunResults, output_dir: Path) -> None:
+        """The run succeeded: ``tested``, then ``scored`` with the scores and times read
+        from ``output_dir``."""
 
     def mark_training_error(self, name: str, error_msg: str, run_time: float | None,
                             peak_memory_mb: float | None) -> None:
@@ -83,9 +81,6 @@ class SubmissionSource(Protocol):
     # Optional (the dispatcher calls them when the source has them):
     # def watch(self, wake: Callable[[], None]) -> AbstractContextManager[None]:
     #     """Call ``wake()`` soon after new submissions may have arrived, while inside."""
-    # def record_run(self, name: str, run_time: float | None, peak_memory_mb: float | None,
-    #                results: RunResults, output_dir: Path) -> None:
-    #     """``mark_tested`` then ``record_scores`` in one transaction."""
 
 
 class FolderSource(Ledger):
@@ -182,10 +177,6 @@ class FolderSource(Ledger):
             if observer is not None:
                 observer.stop()
                 observer.join()
-
-    def record_scores(self, name: str, results: RunResults, output_dir: Path) -> None:
-        """Store the bagged scores and the summed times of the run."""
-        self.mark_scored(name, results.bagged_scores, _times(results))
 
     def record_run(self, name: str, run_time: float | None, peak_memory_mb: float | None,
                    results: RunResults, output_dir: Path) -> None:
