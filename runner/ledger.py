@@ -281,15 +281,13 @@ class Ledger:
     def mark_tested(self, name: str, run_time: float | None, peak_memory_mb: float | None) -> None:
         """The run succeeded and its output was collected."""
         with self._transaction() as db:
-            _move(db, name, ("training",), "tested", run_time=run_time,
-                  peak_memory_mb=peak_memory_mb)
+            _tested(db, name, run_time, peak_memory_mb)
 
     def mark_scored(self, name: str, scores: dict[str, dict[str, float]],
                     times: dict[str, float]) -> None:
         """The collected output was read into scores and times."""
         with self._transaction() as db:
-            _move(db, name, ("tested",), "scored", scores=json.dumps(scores), error_msg="",
-                  **{f"{step}_time": value for step, value in times.items()})
+            _scored(db, name, scores, times)
 
     def mark_tested_and_scored(self, name: str, run_time: float | None,
                                peak_memory_mb: float | None,
@@ -298,10 +296,8 @@ class Ledger:
         """``mark_tested`` then ``mark_scored`` in one transaction: both transitions are
         in the history, for one commit."""
         with self._transaction() as db:
-            _move(db, name, ("training",), "tested", run_time=run_time,
-                  peak_memory_mb=peak_memory_mb)
-            _move(db, name, ("tested",), "scored", scores=json.dumps(scores), error_msg="",
-                  **{f"{step}_time": value for step, value in times.items()})
+            _tested(db, name, run_time, peak_memory_mb)
+            _scored(db, name, scores, times)
 
     def mark_training_error(self, name: str, error_msg: str, run_time: float | None,
                             peak_memory_mb: float | None) -> None:
@@ -370,6 +366,17 @@ class Ledger:
 def _identity(path: Path) -> tuple[int, int]:
     stat = os.stat(path)
     return stat.st_dev, stat.st_ino
+
+
+def _tested(db: sqlite3.Connection, name: str, run_time: float | None,
+            peak_memory_mb: float | None) -> None:
+    _move(db, name, ("training",), "tested", run_time=run_time, peak_memory_mb=peak_memory_mb)
+
+
+def _scored(db: sqlite3.Connection, name: str, scores: dict[str, dict[str, float]],
+            times: dict[str, float]) -> None:
+    _move(db, name, ("tested",), "scored", scores=json.dumps(scores), error_msg="",
+          **{f"{step}_time": value for step, value in times.items()})
 
 
 def _move(db: sqlite3.Connection, name: str, sources: tuple[str, ...], target: str,
