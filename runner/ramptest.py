@@ -141,6 +141,9 @@ SCORE_TOLERANCE = 1e-9
 _LOADING = threading.RLock()
 
 
+Scores = dict[str, dict[str, float]]  # step -> score type -> value
+
+
 @dataclass(frozen=True)
 class ScoreType:
     """One score of the problem, named as in ramp-test's output."""
@@ -154,9 +157,9 @@ class RunResults:
     """The scores and times of one successful ramp-test run."""
 
     # Per fold: {'train': {score: value}, 'valid': {...}, 'test': {...}}.
-    fold_scores: tuple[dict[str, dict[str, float]], ...]
+    fold_scores: tuple[Scores, ...]
     # The scores of all folds bagged: {'valid': {score: value}, 'test': {...}}.
-    bagged_scores: dict[str, dict[str, float]]
+    bagged_scores: Scores
     # Summed over folds, in seconds.
     train_time: float
     valid_time: float
@@ -346,13 +349,13 @@ def _column(header: list[str], name: str, path: str) -> int:
     return header.index(name)
 
 
-def _read_fold_scores(fold_dir: str, names: list[str] | None) -> dict[str, dict[str, float]]:
+def _read_fold_scores(fold_dir: str, names: list[str] | None) -> Scores:
     path = os.path.join(fold_dir, FOLD_SCORES_FILE)
     header, rows = _read_table(path)
     step_at = _column(header, "step", path)
     # "time" is per step, not a score; the *_time files give the same numbers.
     columns = _score_columns(header, names, ("step", "time"), path)
-    scores: dict[str, dict[str, float]] = {}
+    scores: Scores = {}
     for row in rows:
         step = row[step_at]
         if step in scores:
@@ -366,7 +369,7 @@ def _read_fold_scores(fold_dir: str, names: list[str] | None) -> dict[str, dict[
     return scores
 
 
-def _read_bagged_scores(path: str, names: list[str] | None) -> dict[str, dict[str, float]]:
+def _read_bagged_scores(path: str, names: list[str] | None) -> Scores:
     header, rows = _read_table(path)
     step_at, n_bag_at = _column(header, "step", path), _column(header, "n_bag", path)
     columns = _score_columns(header, names, ("step", "n_bag"), path)
@@ -494,9 +497,6 @@ def _load_ground_truth(kit_dir: str, data_dir: str) -> tuple[Any, Any, Any, list
     except (FileNotFoundError, OSError):
         y_test = None
     return problem, y_train, y_test, list(problem.get_cv(X_train, y_train))
-
-
-Scores = dict[str, dict[str, float]]  # step -> score type -> value
 
 
 def _scores_from_predictions(output_dir: Path, data_dir: str, problem: Any, y_train: Any,
