@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from invoke import task  # noqa: F401  (for the repository-only tasks below)
-
 # Every task of the installed program, by name: invoke collects the tasks it finds in
 # this module, imported ones included.
 from runner.cli import (  # noqa: F401
@@ -24,6 +22,7 @@ from runner.cli import (  # noqa: F401
     serve,
     status,
     submit,
+    task,  # the command line's task, behind its error boundary, for the tasks below
     test,
     update_conda_env,
 )

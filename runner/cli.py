@@ -6,22 +6,46 @@ The tasks parse options and call runner/; what they print is drawn by runner.dis
 Exit codes: 0 done; 1 the run failed (a submission of this dispatch ended in
 ``checking_error``, a build failed, tests failed); 2 usage or configuration (nothing was
 started); 130 interrupted (Ctrl+C or SIGTERM; the dispatcher gave every claim back).
+Errors are handled in one place, ``BoundedTask``, which every task is: any of the
+project's own (``runner.errors.RunnerError``: a config, a ledger, a source, a worker) is one
+line naming what is at fault, with its exit code; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-from invoke import Collection, Program, task
+import invoke
+from invoke import Collection, Program
 from invoke.exceptions import Exit, ParseError
+
+from runner.errors import RunnerError
 
 ENV_EVENT_CONFIG = "RAMP_EVENT_CONFIG"
 EVENT_CONFIG_HELP = {"event_config": f"the event's config.yml (default: ${ENV_EVENT_CONFIG})"}
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class BoundedTask(invoke.Task):
+    """A task behind the command line's one error boundary: the project's own errors
+    become one ``error:`` line and their exit code, however the task is run (the
+    ``ramp-runner`` program, ``invoke`` in a clone, or called from Python)."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except RunnerError as error:
+            raise Exit(f"error: {error}", code=error.exit_code) from None
+
+
+task = functools.partial(invoke.task, klass=BoundedTask)
 
 
 def _config_path(event_config: str | None) -> str:
@@ -33,35 +57,17 @@ def _config_path(event_config: str | None) -> str:
 
 
 def _load(event_config: str | None):
-    from runner.config import ConfigError, load_event_config
+    from runner.config import load_event_config
 
-    try:
-        return load_event_config(_config_path(event_config))
-    except ConfigError as error:
-        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
-
-
-def _load_ramp_event(ramp_config: str, event_config: str | None):
-    """The event config read as ``ramp-launch`` reads it, and its RAMP board source."""
-    from runner.config import ConfigError
-    from runner.ramp_server import load_ramp_event
-
-    try:
-        return load_ramp_event(ramp_config, _config_path(event_config))
-    except ConfigError as error:
-        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    return load_event_config(_config_path(event_config))
 
 
 def _checked(event_config: str | None, console, config=None):
     """The loaded config, after every preflight check; warnings printed once."""
-    from runner.errors import EventError
     from runner.preflight import preflight
 
     config = config or _load(event_config)
-    try:
-        warnings = preflight(config)
-    except EventError as error:
-        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    warnings = preflight(config)
     for warning in warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
     return config
@@ -79,9 +85,12 @@ def check_config(c, event_config=None):
 
     Prints what the config resolves to."""
     from runner.display import config_table
+    from runner.ledger import Ledger
 
     out, err = _consoles()
     config = _checked(event_config, err)
+    if config.ledger_path.exists():  # a ledger is made by dispatch; one already there must open
+        Ledger(config.ledger_path).close()
     out.print(config_table(config))
 
 
@@ -97,9 +106,11 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
     from runner.config import install_redaction
     from runner.dispatcher import Dispatcher, DispatcherBusy
     from runner.display import DispatchView, configure_logging
+    from runner.ramp_server import load_ramp_event
 
     out, err = _consoles()
-    config, source = _load_ramp_event(ramp_config, event_config) if ramp_config else (None, None)
+    config, source = (load_ramp_event(ramp_config, _config_path(event_config)) if ramp_config
+                      else (None, None))
     config = _checked(event_config, err, config)
     log_file = config.ledger_path.with_suffix(".log")
     configure_logging(out if out.is_terminal else err, verbose, log_file)
@@ -107,8 +118,8 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
     view = DispatchView(out, live=out.is_terminal)
     try:
         interrupted = view.run(Dispatcher(config, on_change=view.on_change, source=source))
-    except DispatcherBusy as error:
-        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    except DispatcherBusy:
+        raise
     except Exception as error:  # the event could not be dispatched at all
         raise Exit(f"error: {type(error).__name__}: {error}", code=EXIT_FAILED) from None
     out.print(view.summary(), markup=False, highlight=False)
@@ -132,7 +143,6 @@ def serve(c, ramp_config=None, events_dir=None):
         raise Exit("error: give --ramp-config FILE and --events-dir FOLDER", code=EXIT_USAGE)
     from rich.text import Text
 
-    from runner.config import ConfigError
     from runner.display import configure_logging
     from runner.ramp_server import serve as serve_board
 
@@ -142,10 +152,7 @@ def serve(c, ramp_config=None, events_dir=None):
     def status_line(event: str, line: str) -> None:
         out.print(Text(f"{time.strftime('%H:%M:%S')}  {event}: {line}"))
 
-    try:
-        serve_board(ramp_config, events_dir, on_status=status_line)
-    except ConfigError as error:
-        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    serve_board(ramp_config, events_dir, on_status=status_line)
 
 
 @task(help={**EVENT_CONFIG_HELP, "folder": "the submission folder to copy into the event",
@@ -223,12 +230,12 @@ def rerun(c, submission=None, event_config=None):
     if not submission:
         raise Exit("error: give the submission: --submission/-s NAME", code=EXIT_USAGE)
     config = _load(event_config)
-    from runner.ledger import Ledger, TransitionError
+    from runner.ledger import Ledger
 
     with Ledger(config.ledger_path) as ledger:
         try:
             ledger.rerun(submission)
-        except (KeyError, TransitionError) as error:
+        except KeyError as error:
             raise Exit(f"error: {error}", code=EXIT_USAGE) from None
     print(f"{submission} queued again")
 
@@ -258,13 +265,25 @@ def _conda_env(event_config, action):
     raise Exit(code=subprocess.call(argv))
 
 
-@task(help={"k": "only tests matching this expression"})
-def test(c, k=None):
+@task(help={"k": "only tests matching this expression",
+            "latest": "run the suite on the newest versions pyproject.toml allows (in "
+                      ".venv-latest, made by `.ci/bootstrap --latest`) instead of the lock"})
+def test(c, k=None, latest=False):
     """Run the test suite; options after `--` go to pytest (`test -- -x tests/test_cli.py`)."""
     # invoke keeps what follows `--` to itself (its parse result's remainder), out of a
     # task's reach: read it from argv, which both `invoke` and `ramp-runner` leave intact.
     extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
-    argv = [sys.executable, "-m", "pytest", *(["-k", k] if k else []), *extra]
+    python = sys.executable
+    if latest:
+        clone = Path(__file__).resolve().parents[1]
+        bootstrap = clone / ".ci" / "bootstrap"
+        if not bootstrap.exists():
+            raise Exit(f"error: --latest: {bootstrap}: not found (it needs a clone of the "
+                       "repository)", code=EXIT_USAGE)
+        if subprocess.call(["bash", str(bootstrap), "--latest"]) != 0:
+            raise Exit("error: --latest: .ci/bootstrap --latest failed", code=EXIT_FAILED)
+        python = str(clone / ".venv-latest" / "bin" / "python")
+    argv = [python, "-m", "pytest", *(["-k", k] if k else []), *extra]
     raise Exit(code=subprocess.call(argv))
 
 
@@ -277,7 +296,7 @@ def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False
     """Run the AMI pipeline, follow the image and print the AMI (exit 1 if it fails)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from runner.aws.imagebuilder import ImageBuildError, make_client, start_build, wait_for_image
+    from runner.aws.imagebuilder import make_client, start_build, wait_for_image
 
     pipeline_arn = pipeline_arn or _stack_pipeline_arn(outputs_file, stack)
     try:
@@ -300,8 +319,6 @@ def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False
 
         try:
             ami = wait_for_image(client, image_arn, on_progress=progress, poll_seconds=float(poll))
-        except ImageBuildError as error:
-            raise Exit(f"error: {error}", code=EXIT_FAILED) from None
         except (ClientError, BotoCoreError) as error:
             raise Exit(f"error: lost track of {image_arn}: {error}", code=EXIT_FAILED) from None
     console.print(f"AVAILABLE {ami.ami_id} {ami.ami_name} ({ami.region})", markup=False)
@@ -312,28 +329,18 @@ def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False
             "stack": "Pulumi stack to read outputs from (default: the selected one)"})
 def aws_config(c, event_config=None, outputs_file=None, stack=None):
     """Write the stack outputs (AMI name, security group, key, region) into the worker section."""
-    from runner.aws.stack_outputs import (
-        StackOutputsError,
-        read_stack_outputs,
-        write_worker_settings,
-    )
+    from runner.aws.stack_outputs import read_stack_outputs, write_worker_settings
 
-    try:
-        written = write_worker_settings(_config_path(event_config),
-                                        read_stack_outputs(outputs_file, stack=stack))
-    except StackOutputsError as error:
-        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    written = write_worker_settings(_config_path(event_config),
+                                    read_stack_outputs(outputs_file, stack=stack))
     for key, value in written.items():
         print(f"worker.{key}: {value}")
 
 
 def _stack_pipeline_arn(outputs_file, stack):
-    from runner.aws.stack_outputs import StackOutputsError, pipeline_arn, read_stack_outputs
+    from runner.aws.stack_outputs import pipeline_arn, read_stack_outputs
 
-    try:
-        return pipeline_arn(read_stack_outputs(outputs_file, stack=stack))
-    except StackOutputsError as error:
-        raise Exit(f"error: {error}", code=EXIT_USAGE) from None
+    return pipeline_arn(read_stack_outputs(outputs_file, stack=stack))
 
 
 @task(help={**EVENT_CONFIG_HELP, "dry_run": "only list what would be released"})

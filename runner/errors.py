@@ -1,19 +1,29 @@
 """Who is at fault when a run ends without scores: the outcomes the dispatcher records.
 
 Workers raise these on purpose; the dispatcher maps each to one state, so what becomes of a
-submission depends on what happened, not on which library raised what.
+submission depends on what happened, not on which library raised what. The command line
+turns any ``RunnerError`` into one line and its ``exit_code`` (runner.cli).
 """
 
 from __future__ import annotations
 
 
-class SubmissionError(Exception):
+class RunnerError(Exception):
+    """An error ramp-runner explains in one line that names what is at fault: the command
+    line prints its message, not a traceback, and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class SubmissionError(RunnerError):
     """The participant's code failed or left unusable results: ``training_error``."""
 
 
-class EventError(ValueError):
+class EventError(RunnerError, ValueError):
     """The event's configuration or files cannot be used: ``checking_error``, not retried."""
 
+    exit_code = 2
 
-class InfrastructureError(RuntimeError):
+
+class InfrastructureError(RunnerError, RuntimeError):
     """The machine, the network or the cloud failed: the submission is run again."""

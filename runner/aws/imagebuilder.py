@@ -13,6 +13,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from runner.errors import RunnerError
+
 # Image Builder throttles with its own code; the others are the generic AWS spellings.
 RETRYABLE_ERRORS = frozenset(
     {
@@ -29,7 +31,7 @@ IN_PROGRESS = frozenset(
 ProgressCallback = Callable[[str, float], None]
 
 
-class ImageBuildError(RuntimeError):
+class ImageBuildError(RunnerError, RuntimeError):
     """The image ended in a state other than AVAILABLE; carries Image Builder's reason."""
 
     def __init__(self, image_arn: str, status: str, reason: str | None):

@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+from runner.config import load_yaml
+from runner.errors import RunnerError
+
 INFRA_DIR = Path(__file__).resolve().parents[2] / "infra"
 # Stack output -> key of the event's worker section (seed names). The first four are required.
 WORKER_KEYS = {
@@ -26,8 +29,10 @@ WORKER_KEYS = {
 REQUIRED_OUTPUTS = ("amiBaseName", "securityGroupName", "keyName", "region")
 
 
-class StackOutputsError(RuntimeError):
+class StackOutputsError(RunnerError, RuntimeError):
     """Stack outputs could not be read, or do not fit the event config."""
+
+    exit_code = 2
 
 
 def read_stack_outputs(
@@ -88,9 +93,11 @@ def write_worker_settings(event_config: str | Path, outputs: Mapping[str, Any]) 
     path = Path(event_config)
     settings = worker_settings(outputs)
     try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise StackOutputsError(f"cannot read {path}: {error}") from None
+        data = path.read_bytes()
+    except OSError as error:
+        raise StackOutputsError(f"cannot read {path}: {error.strerror}") from None
+    # The event config's own strict reading: a broken file is one ConfigError naming it.
+    document = load_yaml(data, str(path)) or {}
     if not isinstance(document, dict):
         raise StackOutputsError(f"{path} is not a YAML mapping")
     worker = document.get("worker") or {}
