@@ -31,7 +31,7 @@ from pathlib import Path
 
 from runner import ramptest
 from runner.config import EventConfig
-from runner.errors import EventError, SubmissionError
+from runner.errors import EventError, RunnerError, SubmissionError
 from runner.ledger import LedgerError
 from runner.source import DispatcherBusy, FolderSource, SubmissionSource
 from runner.worker import BaseWorker, WorkerStatus, worker_class
@@ -57,7 +57,7 @@ PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 __all__ = ["Dispatcher", "DispatcherBusy", "MachineFault", "prepare_data"]
 
 
-class MachineFault(RuntimeError):
+class MachineFault(RunnerError, RuntimeError):
     """The event's disks or folders failed (full, read-only, not writable): the dispatcher
     stopped, since no further run could be recorded either."""
 
@@ -129,7 +129,7 @@ class Dispatcher:
             prepare_data(self.config.worker.data_dir)
             recovered = self.source.recover_abandoned()
             if recovered:
-                logger.warning("back from a dead dispatcher (an attempt each): %s",
+                logger.warning("back from a dead dispatcher: %s",
                                ", ".join(recovered))
             reaped = self.worker_class.reap_leftovers(self._worker_dict())
             if reaped:
@@ -284,7 +284,7 @@ class Dispatcher:
         worker.setup()
         if self._stopping.is_set():
             return partial(self._release, name)
-        self._record(name, "training", self.source.mark_training, name)
+        self._record(name, "training", self.source.mark_training, name, worker.sandboxed)
         worker.launch_submission()
         self._warm_up_once()
         while (status := worker.status) is WorkerStatus.RUNNING:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from runner.errors import EventError
+from runner.errors import EventError, RunnerError
 
 STATES = (
     "new",
@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS submissions (
     run_time REAL,
     peak_memory_mb REAL,
     worker TEXT NOT NULL DEFAULT '',
+    sandboxed INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -71,8 +72,10 @@ class Transition(NamedTuple):
     at: float
 
 
-class TransitionError(RuntimeError):
+class TransitionError(RunnerError, RuntimeError):
     """A state change asked of a submission that is not in the state it starts from."""
+
+    exit_code = 2
 
 
 class LedgerError(EventError):
@@ -102,6 +105,7 @@ class Submission:
     worker: str
     created_at: float
     updated_at: float
+    sandboxed: bool = False
 
 
 class Ledger:
@@ -131,6 +135,7 @@ class Ledger:
             # FULL cost 2-6 ms of fsync per submission here, NORMAL 0.4-0.7 ms.
             self._connection.execute("PRAGMA synchronous=NORMAL")
             self._connection.executescript(SCHEMA)
+            _add_missing_columns(self._connection)
         # The file opened, by identity: a ledger deleted or replaced while in use would take
         # every later transition into a file nobody will read again.
         self.identity = _identity(self.path)
@@ -273,10 +278,11 @@ class Ledger:
                 _move(db, name, ("new",), "sent_to_training", worker=worker)
         return names
 
-    def mark_training(self, name: str) -> None:
-        """The worker is set up and the run starts."""
+    def mark_training(self, name: str, sandboxed: bool = False) -> None:
+        """The worker is set up and the run starts, ``sandboxed`` or not."""
         with self._transaction() as db:
-            _move(db, name, ("sent_to_training",), "training")
+            _move(db, name, ("sent_to_training",), "training", sandboxed=int(sandboxed),
+                  detail="sandboxed" if sandboxed else "not sandboxed")
 
     def mark_tested(self, name: str, run_time: float | None, peak_memory_mb: float | None) -> None:
         """The run succeeded and its output was collected."""
@@ -337,13 +343,21 @@ class Ledger:
     def recover_abandoned(self, max_attempts: int | None = None) -> list[str]:
         """Put back to ``new`` what a dead dispatcher left running; return their names.
 
-        A run its dispatcher died in counts as an attempt (the submission may have killed
-        it): with ``max_attempts``, one whose attempts reach it is ``checking_error``.
+        A run that had started unsandboxed counts as an attempt, since the submission may
+        have killed its dispatcher: with ``max_attempts``, one whose attempts reach it is
+        ``checking_error``. A sandboxed run cannot reach the dispatcher, and one still in
+        ``sent_to_training`` had not started: those go back at no cost, so that restarts
+        (a deploy, the OOM killer, a reboot) never cost the queue's first teams their run.
         """
         with self._transaction() as db:
-            rows = db.execute("SELECT name, attempts FROM submissions WHERE state IN (?, ?, ?)",
-                              RUNNING_STATES).fetchall()
-            for name, attempts in rows:
+            rows = db.execute("SELECT name, state, attempts, sandboxed FROM submissions"
+                              " WHERE state IN (?, ?, ?)", RUNNING_STATES).fetchall()
+            for name, state, attempts, sandboxed in rows:
+                if sandboxed or state == "sent_to_training":
+                    why = "sandboxed" if sandboxed else "not started yet"
+                    _move(db, name, RUNNING_STATES, "new",
+                          detail=f"left running by a dead dispatcher ({why}: no attempt)")
+                    continue
                 attempts += 1
                 if max_attempts is not None and attempts >= max_attempts:
                     message = (f"the dispatcher died {attempts} times while running this "
@@ -361,6 +375,13 @@ class Ledger:
             _move(db, name, FINAL_STATES, "new", attempts=0, error_msg="", scores=None,
                   train_time=None, valid_time=None, test_time=None, run_time=None,
                   peak_memory_mb=None, detail="rerun asked")
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a ledger written by an earlier version up to the schema's columns."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(submissions)")}
+    if "sandboxed" not in columns:
+        db.execute("ALTER TABLE submissions ADD COLUMN sandboxed INTEGER NOT NULL DEFAULT 0")
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -414,4 +435,5 @@ def _log(db: sqlite3.Connection, name: str, source: str | None, target: str, at:
 def _submission(row: sqlite3.Row) -> Submission:
     values = dict(row)
     values["scores"] = json.loads(values["scores"]) if values["scores"] else None
+    values["sandboxed"] = bool(values["sandboxed"])
     return Submission(**values)

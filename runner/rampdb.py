@@ -244,8 +244,9 @@ class RampSource:
         self._held.update(claimed)
         return [submission_name(key) for key in claimed]
 
-    def mark_training(self, name: str) -> None:
-        """The worker is set up and the run starts: out of the queue."""
+    def mark_training(self, name: str, sandboxed: bool = False) -> None:
+        """The worker is set up and the run starts: out of the queue. (A dead dispatcher
+        costs a RAMP board's runs no attempt, ``sandboxed`` or not: see recover_abandoned.)"""
         def work(session: Session, retried: bool) -> None:
             submission = self._moving(session, name, ("sent_to_training",), "training",
                                       retried)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.config import EventConfig
+from runner.errors import RunnerError
 from runner.ledger import Ledger, LedgerError
 from runner.ramptest import RunResults
 from runner.submissions import Intake
@@ -27,8 +28,10 @@ logger = logging.getLogger("runner.source")
 SETTLE_MARGIN_SECONDS = 0.02
 
 
-class DispatcherBusy(RuntimeError):
+class DispatcherBusy(RunnerError, RuntimeError):
     """Another dispatcher already runs this event."""
+
+    exit_code = 2
 
 
 class SubmissionSource(Protocol):
@@ -50,8 +53,9 @@ class SubmissionSource(Protocol):
     def still_claimed(self, name: str, worker: str) -> bool:
         """Whether ``name`` is still running under ``worker`` (nobody else changed it)."""
 
-    def mark_training(self, name: str) -> None:
-        """The worker is set up and the run starts."""
+    def mark_training(self, name: str, sandboxed: bool = False) -> None:
+        """The worker is set up and the run starts, ``sandboxed`` out of the dispatcher's
+        reach or not (a dead dispatcher then costs the run no attempt)."""
 
     def record_run(self, name: str, run_time: float | None, peak_memory_mb: float | None,
                    results: RunResults, output_dir: Path) -> None:
@@ -73,10 +77,10 @@ class SubmissionSource(Protocol):
         """Give a claimed submission back without counting an attempt (shutdown)."""
 
     def recover_abandoned(self) -> list[str]:
-        """Put back what a dead dispatcher left running, counting an attempt (the
-        submission may have killed it): after ``dispatcher.max_attempts`` such recoveries it
-        is ``checking_error``, "the dispatcher died N times while running this submission".
-        Return their names."""
+        """Put back what a dead dispatcher left running. A run that had started unsandboxed
+        counts an attempt (the submission may have killed it): after
+        ``dispatcher.max_attempts`` such recoveries it is ``checking_error``, "the
+        dispatcher died N times while running this submission". Return their names."""
 
     # Optional (the dispatcher calls them when the source has them):
     # def watch(self, wake: Callable[[], None]) -> AbstractContextManager[None]:

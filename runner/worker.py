@@ -107,6 +107,10 @@ class BaseWorker:
         self.verified_results: RunResults | None = None
         # Why a check of the run failed (the status is then ``retry``).
         self.interruption: str | None = None
+        # Whether the run is confined out of the dispatcher's reach (set at setup): a
+        # dispatcher that dies while it runs is then not the run's doing, and costs it no
+        # attempt. Unknown (a custom worker) counts as not confined.
+        self.sandboxed = False
 
     @classmethod
     def settings_of(cls, config: dict[str, Any]) -> WorkerSection:

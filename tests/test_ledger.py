@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from runner.ledger import Ledger, TransitionError
+from runner.ledger import SCHEMA, Ledger, TransitionError
 
 
 @pytest.fixture
@@ -117,20 +117,30 @@ def test_retries_are_counted_and_bounded(ledger):
     assert submission.error_msg == "gave up after 3 attempts; last: spot instance reclaimed"
 
 
-def test_release_does_not_count_an_attempt_recovery_does(ledger):
-    ledger.add(["a", "b", "c"])
-    ledger.claim(3, worker="d")
-    ledger.mark_training("b")
-    ledger.release("a", "shutdown")
-    assert sorted(ledger.recover_abandoned(max_attempts=2)) == ["b", "c"]
+def test_recovery_counts_an_attempt_only_for_a_started_unsandboxed_run(ledger):
+    ledger.add(["a", "b", "c", "d"])
+    for _ in range(2):
+        ledger.claim(4, worker="d")
+        ledger.mark_training("b")  # started, not sandboxed: it may have killed its dispatcher
+        ledger.mark_training("d", sandboxed=True)
+        ledger.release("a", "shutdown")
+        # c was claimed but had not started
+        assert sorted(ledger.recover_abandoned(max_attempts=2)) == ["b", "c", "d"]
     assert {s.name: (s.state, s.attempts) for s in ledger.all()} == {
-        "a": ("new", 0), "b": ("new", 1), "c": ("new", 1)}
-    ledger.claim(3, worker="d")
-    assert sorted(ledger.recover_abandoned(max_attempts=2)) == ["a", "b", "c"]
-    b = ledger.get("b")
-    assert (b.state, b.attempts) == ("checking_error", 2)
-    assert b.error_msg == "the dispatcher died 2 times while running this submission"
-    assert (ledger.get("a").state, ledger.get("a").attempts) == ("new", 1)
+        "a": ("new", 0), "b": ("checking_error", 2), "c": ("new", 0), "d": ("new", 0)}
+    assert ledger.get("b").error_msg == "the dispatcher died 2 times while running this submission"
+    assert ledger.get("d").sandboxed and not ledger.get("b").sandboxed
+
+
+def test_a_ledger_of_an_earlier_version_gains_the_new_columns(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema before runs recorded their sandbox
+        db.executescript(SCHEMA.replace("    sandboxed INTEGER NOT NULL DEFAULT 0,\n", ""))
+        db.execute("INSERT INTO submissions (name, state, created_at, updated_at)"
+                   " VALUES ('a', 'training', 0, 0)")
+    with Ledger(path) as ledger:
+        assert ledger.recover_abandoned(max_attempts=3) == ["a"]
+        assert (ledger.get("a").state, ledger.get("a").attempts) == ("new", 1)
 
 
 def test_rerun_only_from_a_final_state(ledger):

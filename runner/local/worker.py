@@ -92,6 +92,7 @@ class CondaEnvWorker(BaseWorker):
             self.config, type(self).__name__,
             read_only=[self.config["kit_dir"], self.config["data_dir"]],
             writable=[copy], tmp=self.scratch / "tmp")
+        self.sandboxed = self._confinement.sandbox
         super().setup()
 
     def launch_submission(self) -> None:

@@ -104,7 +104,6 @@ class RemoteWorker(BaseWorker):
         self.conda_env: str | None = None
         self.path_prefix: str | None = None
         self.memory_profiling = bool(config.get("memory_profiling"))
-        self.sandboxed = False
         self._poll_at = float("-inf")
         self._poll_state = ("running", None, False)
         self._exit_code: int | None = None

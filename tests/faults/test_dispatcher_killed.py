@@ -1,11 +1,13 @@
 """A dispatcher SIGKILLed at any point of a submission's life, then restarted: every
 submission ends in exactly one final state, none is scored twice, no run and no scratch
-folder is left behind; a submission that kills its dispatcher is given up after
-``max_attempts``."""
+folder is left behind, and a sandboxed run loses no attempt; an unsandboxed submission
+that kills its dispatcher is given up after ``max_attempts``."""
 
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import signal
 import time
 
@@ -48,7 +50,8 @@ def test_sigkill_then_restart_scores_once_and_leaves_nothing(tmp_path, method, w
 
     Dispatcher(config).run()
 
-    assert states(config.ledger_path) == {"starting_kit": ("scored", 1, "")}
+    # Sandboxed (or not started yet): the dispatcher's death was not the run's doing.
+    assert states(config.ledger_path) == {"starting_kit": ("scored", 0, "")}
     assert scored_transitions(config.ledger_path) == {"starting_kit": 1}
     scratch = config.ledger_path.with_name(config.ledger_path.name + ".scratch")
     assert list(scratch.iterdir()) == []
@@ -65,6 +68,29 @@ def test_sigkill_during_recovery_then_restart(tmp_path):
     assert {n: s[0] for n, s in states(config.ledger_path).items()} == {
         "starting_kit": "scored", "random_forest": "scored"}
     assert scored_transitions(config.ledger_path) == {"starting_kit": 1, "random_forest": 1}
+
+
+def test_five_sigkills_at_random_moments_cost_no_sandboxed_run_an_attempt(tmp_path):
+    """A deploy, the OOM killer or a reboot, five times in an evening: the submissions in
+    flight at each kill (the oldest, claimed first after every restart) are run again at no
+    cost, and every one is scored exactly once."""
+    path = make_event(tmp_path, ("starting_kit",), dispatcher={"n_workers": 2})
+    names = ["starting_kit"] + [f"team_{i}" for i in range(1, 6)]
+    for name in names[1:]:
+        shutil.copytree(tmp_path / "submissions" / "starting_kit", tmp_path / "submissions" / name)
+    config = load_event_config(path)
+    moments = random.Random(24)
+    for _ in range(5):
+        process = start_dispatch(path)
+        wait_for_state(config.ledger_path, "training")
+        time.sleep(moments.uniform(0.0, 1.5))
+        os.kill(process.pid, signal.SIGKILL)  # the dispatcher alone, as the OOM killer does
+        process.wait()
+        assert wait_until_gone(tmp_path, 15) == []
+
+    assert dispatch(path).returncode == 0
+    assert states(config.ledger_path) == {name: ("scored", 0, "") for name in names}
+    assert scored_transitions(config.ledger_path) == dict.fromkeys(names, 1)
 
 
 def test_scratch_of_a_killed_run_is_reaped_at_the_next_start(tmp_path):
