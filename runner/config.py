@@ -35,6 +35,8 @@ PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_
 # recursion limit.
 MAX_DEPTH = 32
 MAX_VALUES = 10_000
+# What libyaml says when a document passes its own nesting limit (scanner or parser).
+LIBYAML_DEPTH_PROBLEM = "exceeded maximum nesting depth"
 HIDDEN = "<hidden>"
 # Credentials that can reach a log without being in the config: botocore's debug output
 # names the access key id it signs with and sends the session token as a header, whether
@@ -319,8 +321,23 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 def _check_depth(text: str, source: str) -> None:
     """Refuse nesting deeper than ``MAX_DEPTH`` from the parser's events, before PyYAML's
     composer (which recurses once per level: 5,000 brackets exhaust the stack) and its
-    scanner (slow on deep flow nesting) see the document; libyaml's parser when present."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    scanner (slow on deep flow nesting) see the document; libyaml's parser when present.
+
+    libyaml has a nesting limit of its own (1,000 levels in the one PyYAML 6.0.4 bundles),
+    and its scanner reads a whole flow collection ahead, so it can refuse a document before
+    the 33rd level is ever handed over. Then the pure-Python parser, which has no limit and
+    reads ahead at most 1,024 characters (0.2 s for the worst document), finds the line:
+    the sentence and its line are the same with or without libyaml, whatever its limit.
+    """
+    try:
+        _check_depth_with(getattr(yaml, "CSafeLoader", yaml.SafeLoader), text, source)
+    except yaml.MarkedYAMLError as error:
+        if error.problem != LIBYAML_DEPTH_PROBLEM:
+            raise
+        _check_depth_with(yaml.SafeLoader, text, source)
+
+
+def _check_depth_with(loader: type, text: str, source: str) -> None:
     depth = 0
     for event in yaml.parse(text, Loader=loader):
         if isinstance(event, yaml.CollectionStartEvent):

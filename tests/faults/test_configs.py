@@ -43,6 +43,17 @@ def test_event_config_gives_its_one_line(path):
     assert message == f"{path}: {_expected(path)}"
 
 
+@pytest.mark.parametrize("name", ["deep_brackets", "deep_block_mappings"])
+def test_deep_nesting_gives_the_same_line_without_libyaml(name, monkeypatch):
+    # libyaml stops at its own depth before ramp-runner's check; without it, the
+    # pure-Python parser must give the very same line.
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    path = CORPUS / f"event-{name}.yml"
+    with pytest.raises(ConfigError) as caught:
+        load_event_config(path)
+    assert str(caught.value) == f"{path}: {_expected(path)}"
+
+
 def _pulumi_config(document: dict) -> tuple[dict[str, str], list[str]]:
     """The stack file's values as Pulumi hands them to a program: strings, structured
     values as JSON, ``secure:`` values as secrets."""
