@@ -33,7 +33,8 @@ def _config_path(event_config: str | None) -> str:
 
 
 def _load(event_config: str | None):
-    from runner.config import ConfigError, load_event_config
+    from runner.config import load_event_config
+    from runner.errors import ConfigError
 
     try:
         return load_event_config(_config_path(event_config))
@@ -43,7 +44,7 @@ def _load(event_config: str | None):
 
 def _load_ramp_event(ramp_config: str, event_config: str | None):
     """The event config read as ``ramp-launch`` reads it, and its RAMP board source."""
-    from runner.config import ConfigError
+    from runner.errors import ConfigError
     from runner.ramp_server import load_ramp_event
 
     try:
@@ -94,9 +95,9 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
 
     Exit 1 when a submission of this dispatch ended in checking_error, 130 when interrupted.
     """
-    from runner.config import install_redaction
     from runner.dispatcher import Dispatcher, DispatcherBusy
     from runner.display import DispatchView, configure_logging
+    from runner.redaction import install_redaction
 
     out, err = _consoles()
     config, source = _load_ramp_event(ramp_config, event_config) if ramp_config else (None, None)
@@ -132,8 +133,8 @@ def serve(c, ramp_config=None, events_dir=None):
         raise Exit("error: give --ramp-config FILE and --events-dir FOLDER", code=EXIT_USAGE)
     from rich.text import Text
 
-    from runner.config import ConfigError
     from runner.display import configure_logging
+    from runner.errors import ConfigError
     from runner.ramp_server import serve as serve_board
 
     out, err = _consoles()
@@ -339,8 +340,8 @@ def _stack_pipeline_arn(outputs_file, stack):
 @task(help={**EVENT_CONFIG_HELP, "dry_run": "only list what would be released"})
 def reap(c, event_config=None, dry_run=False):
     """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts."""
-    from runner.config import install_redaction
     from runner.display import configure_logging
+    from runner.redaction import install_redaction
     from runner.worker import worker_class
 
     config = _load(event_config)

@@ -24,7 +24,8 @@ from ramp_database.model import Event
 from ramp_utils import generate_ramp_config, read_config
 from sqlalchemy.orm import Session
 
-from runner.config import PATH_KEYS, ConfigError, EventConfig, parse_event_config
+from runner.config import PATH_KEYS, EventConfig, parse_event_config
+from runner.errors import ConfigError
 from runner.rampdb import RampSource, board_engine
 
 logger = logging.getLogger("runner.ramp_server")

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from infra import stack_config
-from runner.config import ConfigError, load_event_config
+from runner.config import load_event_config
+from runner.errors import ConfigError
 
 CORPUS = Path(__file__).parent / "configs"
 EVENTS = sorted(CORPUS.glob("event-*.yml"))
