@@ -198,7 +198,7 @@ def leaderboard(c, event_config=None, split="test"):
     from runner.display import leaderboard_table
     from runner.leaderboard import SPLITS, rank
     from runner.ledger import Ledger
-    from runner.ramptest import score_types
+    from runner.rescoring import score_types
 
     if split not in SPLITS:
         raise Exit(f"error: --split {split!r}: expected one of {', '.join(SPLITS)}",

@@ -29,7 +29,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from functools import partial
 from pathlib import Path
 
-from runner import ramptest
+from runner import training_output
 from runner.config import EventConfig
 from runner.errors import EventError, SubmissionError
 from runner.ledger import LedgerError
@@ -362,7 +362,7 @@ class Dispatcher:
             return
         output = Path(self.config.worker.predictions_dir) / name
         try:
-            results = worker.verified_results or ramptest.read_results(output)
+            results = worker.verified_results or training_output.read_results(output)
         except (SubmissionError, ValueError) as error:
             # What ramp-test left was written where the submission's code ran: unreadable
             # results are the submission's fault, not a reason to run it again.

@@ -28,7 +28,7 @@ from rich.text import Text
 from runner.config import EventConfig
 from runner.leaderboard import Entry
 from runner.ledger import FINAL_STATES, Submission, Transition
-from runner.ramptest import STEPS, ScoreType
+from runner.training_output import STEPS, ScoreType
 
 if TYPE_CHECKING:
     from runner.dispatcher import Dispatcher
