@@ -103,10 +103,10 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
 
     Exit 1 when a submission of this dispatch ended in checking_error, 130 when interrupted.
     """
-    from runner.config import install_redaction
     from runner.dispatcher import Dispatcher, DispatcherBusy
     from runner.display import DispatchView, configure_logging
     from runner.ramp_server import load_ramp_event
+    from runner.redaction import install_redaction
 
     out, err = _consoles()
     config, source = (load_ramp_event(ramp_config, _config_path(event_config)) if ramp_config
@@ -204,7 +204,7 @@ def leaderboard(c, event_config=None, split="test"):
     from runner.display import leaderboard_table
     from runner.leaderboard import SPLITS, rank
     from runner.ledger import Ledger
-    from runner.ramptest import score_types
+    from runner.rescoring import score_types
 
     if split not in SPLITS:
         raise Exit(f"error: --split {split!r}: expected one of {', '.join(SPLITS)}",
@@ -346,8 +346,8 @@ def _stack_pipeline_arn(outputs_file, stack):
 @task(help={**EVENT_CONFIG_HELP, "dry_run": "only list what would be released"})
 def reap(c, event_config=None, dry_run=False):
     """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts."""
-    from runner.config import install_redaction
     from runner.display import configure_logging
+    from runner.redaction import install_redaction
     from runner.worker import worker_class
 
     config = _load(event_config)

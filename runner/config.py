@@ -7,21 +7,18 @@ The keys are those of RAMP's event configuration (sections ``ramp``, ``worker`` 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import logging
-import math
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from runner import registry
-from runner.errors import EventError
+from runner.conversion import build, describe, did_you_mean, reject_unknown, require_mapping
+from runner.errors import ConfigError
+from runner.redaction import HIDDEN, is_secret
+from runner.strict_yaml import load_yaml
 
 DEFAULT_TIMEOUT = 7200
 DEFAULT_MAX_ATTEMPTS = 3
@@ -30,35 +27,6 @@ LEDGER_FILENAME = "ramp-runner.sqlite3"
 DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
                    "scratch_dir", "dispatcher_id", "prepared")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
-# A config is a few dozen values: these bounds refuse alias bombs and runaway nesting long
-# before they cost time or memory, and keep every walk of the document far from Python's
-# recursion limit.
-MAX_DEPTH = 32
-MAX_VALUES = 10_000
-HIDDEN = "<hidden>"
-# Credentials that can reach a log without being in the config: botocore's debug output
-# names the access key id it signs with and sends the session token as a header, whether
-# they came from the config, the environment or ~/.aws/credentials.
-CREDENTIAL_PATTERNS = (
-    re.compile(r"(Credential=)[^/\s,'\"]+"),
-    re.compile(r"(X-Amz-Security-Token['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s,}]+", re.IGNORECASE),
-)
-
-
-class ConfigError(EventError):
-    """An event configuration that cannot be used, with where and why."""
-
-    def __init__(self, source: str, key_path: str, expected: str, got: str | None = None):
-        self.source, self.key_path, self.expected = source, key_path, expected
-        message = f"{source}: {key_path}: expected {expected}"
-        if got is not None:
-            message += f", got {got}"
-        super().__init__(message)
-
-
-def secret(**kwargs: Any) -> Any:
-    """A dataclass field holding a credential: kept out of reprs and error messages."""
-    return dataclasses.field(repr=False, metadata={"secret": True}, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,49 +183,7 @@ class EventConfig:
 
 
 def _secret_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("secret")}
-
-
-class RedactSecrets(logging.Filter):
-    """A logging filter that replaces the given secret values by ``<hidden>`` in every
-    record's message and traceback (botocore's debug output carries the access key id).
-
-    Install it on each handler (``install_redaction``): filters on a logger do not see the
-    records its children propagate.
-    """
-
-    def __init__(self, secrets: typing.Iterable[str]):
-        super().__init__()
-        # Longest first, so that a secret containing another is hidden whole.
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-
-    def redact(self, text: str) -> str:
-        """``text`` with every secret and every signed credential replaced by ``<hidden>``."""
-        for value in self.secrets:
-            text = text.replace(value, HIDDEN)
-        for pattern in CREDENTIAL_PATTERNS:
-            text = pattern.sub(rf"\g<1>{HIDDEN}", text)
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = self.redact(record.getMessage()), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self.redact(record.exc_text)
-        # The traceback is now text; handlers must not format the raw exception again.
-        record.exc_info = None
-        if record.stack_info:
-            record.stack_info = self.redact(record.stack_info)
-        return True
-
-
-def install_redaction(config: EventConfig, logger: logging.Logger | None = None) -> None:
-    """Hide the config's secrets in everything the handlers of ``logger`` (the root logger
-    by default) write, whatever the level. Call it after the handlers are set up."""
-    redactor = RedactSecrets(config.secret_values())
-    for handler in (logger or logging.getLogger()).handlers:
-        handler.addFilter(redactor)
+    return {f.name for f in dataclasses.fields(cls) if is_secret(f)}
 
 
 def _plain(value: Any) -> Any:
@@ -282,121 +208,23 @@ def load_event_config(path: str | os.PathLike[str]) -> EventConfig:
     return parse_event_config(load_yaml(data, source), path)
 
 
-def load_yaml(data: bytes, source: str) -> Any:
-    """Parse a YAML document strictly: UTF-8, no key given twice, at most ``MAX_DEPTH``
-    levels and ``MAX_VALUES`` values once aliases are expanded (ConfigError otherwise)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(source, "<file>", "UTF-8 text",
-                          f"byte 0x{data[error.start]:02x} at offset {error.start}") from None
-    try:
-        _check_depth(text, source)
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _NodeCheck(source).walk(node, "", 0)
-            return loader.construct_document(node)
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as error:
-        raise ConfigError(source, "<file>", "a YAML mapping", _yaml_problem(error)) from None
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or getattr(error, "reason", None)
-    got = f"invalid YAML ({problem})" if problem else "invalid YAML"
-    if mark is not None:
-        got += f" at line {mark.line + 1}"
-    elif hasattr(error, "position"):
-        got += f" at character {error.position}"
-    return got
-
-
-def _check_depth(text: str, source: str) -> None:
-    """Refuse nesting deeper than ``MAX_DEPTH`` from the parser's events, before PyYAML's
-    composer (which recurses once per level: 5,000 brackets exhaust the stack) and its
-    scanner (slow on deep flow nesting) see the document; libyaml's parser when present."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    depth = 0
-    for event in yaml.parse(text, Loader=loader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise ConfigError(source, "<file>", f"at most {MAX_DEPTH} levels of nesting",
-                                  f"deeper at line {event.start_mark.line + 1}")
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-
-
-class _NodeCheck:
-    """One walk of the composed document, before anything is built from it: duplicate
-    keys, and the size and depth the document has once its aliases are expanded."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.sizes: dict[int, int] = {}
-        self.open: set[int] = set()
-
-    def walk(self, node: yaml.Node, key_path: str, depth: int) -> int:
-        """Return how many values ``node`` stands for, aliases expanded."""
-        where = key_path or "<top level>"
-        if depth > MAX_DEPTH:
-            raise ConfigError(self.source, where, f"at most {MAX_DEPTH} levels of nesting "
-                              "(aliases expanded)", f"deeper at line {node.start_mark.line + 1}")
-        if id(node) in self.open:
-            raise ConfigError(self.source, where, "no alias inside its own anchor",
-                              f"one at line {node.start_mark.line + 1}")
-        if id(node) in self.sizes:
-            return self.sizes[id(node)]
-        self.open.add(id(node))
-        size = 1
-        if isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                size += self.walk(item, f"{key_path}[{i}]", depth + 1)
-                self._bound(size, where, item)
-        elif isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for key, value in node.value:
-                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "<key>"
-                child = f"{key_path}.{name}" if key_path else name
-                if name in seen and name != "<<":
-                    raise ConfigError(self.source, child, "each key once",
-                                      f"it again at line {key.start_mark.line + 1} "
-                                      f"(first at line {seen[name]})")
-                seen[name] = key.start_mark.line + 1
-                size += self.walk(key, child, depth + 1) + self.walk(value, child, depth + 1)
-                self._bound(size, where, value)
-        self.open.discard(id(node))
-        self.sizes[id(node)] = size
-        return size
-
-    def _bound(self, size: int, where: str, node: yaml.Node) -> None:
-        if size > MAX_VALUES:
-            raise ConfigError(self.source, where,
-                              f"at most {MAX_VALUES} values once aliases are expanded",
-                              f"more by line {node.start_mark.line + 1}")
-
-
 def parse_event_config(document: Any, path: Path) -> EventConfig:
     """Validate an already-parsed document; ``path`` anchors relative paths and errors."""
     source = str(path)
-    document = _mapping(document, source, "<top level>")
-    _reject_unknown(document, ("ramp", "worker", "dispatcher"), source, "")
+    document = require_mapping(document, source, "<top level>")
+    reject_unknown(document, ("ramp", "worker", "dispatcher"), source, "")
     if "worker" not in document:
         raise ConfigError(source, "worker", "a 'worker' section")
 
-    ramp_values = _mapping(document.get("ramp", _default_ramp(path)), source, "ramp")
-    ramp = _build(RampSection, ramp_values, source, "ramp")
-    worker_values = dict(_mapping(document["worker"], source, "worker"))
-    dispatcher_values = dict(_mapping(document.get("dispatcher") or {}, source, "dispatcher"))
+    ramp_values = require_mapping(document.get("ramp", _default_ramp(path)), source, "ramp")
+    ramp = build(RampSection, ramp_values, source, "ramp")
+    worker_values = dict(require_mapping(document["worker"], source, "worker"))
+    dispatcher_values = dict(require_mapping(document.get("dispatcher") or {}, source,
+                                             "dispatcher"))
     # The seed's Dask example sets n_workers in the worker section.
     if "n_workers" not in dispatcher_values and "n_workers" in worker_values:
         dispatcher_values["n_workers"] = worker_values["n_workers"]
-    dispatcher = _build(DispatcherSection, dispatcher_values, source, "dispatcher")
+    dispatcher = build(DispatcherSection, dispatcher_values, source, "dispatcher")
     _check_dispatcher(dispatcher, source)
 
     worker = worker_section(worker_values, source, "worker")
@@ -410,7 +238,7 @@ def parse_event_config(document: Any, path: Path) -> EventConfig:
 
 def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> WorkerSection:
     """Validate a worker section through the settings class of its ``worker_type``."""
-    values = _mapping(values, source, key_path)
+    values = require_mapping(values, source, key_path)
     worker_type = values.get("worker_type")
     if worker_type is None:
         raise ConfigError(source, f"{key_path}.worker_type", "one of " + _types_text())
@@ -419,7 +247,7 @@ def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> Wor
     known = registry.registered_worker_types()
     if worker_type not in known:
         raise ConfigError(source, f"{key_path}.worker_type",
-                          "one of " + _types_text() + _suggestion(worker_type, known),
+                          "one of " + _types_text() + did_you_mean(worker_type, known),
                           repr(worker_type))
     try:
         worker = registry.worker_class(worker_type)
@@ -450,7 +278,7 @@ def _validate(section_class: type[WorkerSection], values: Mapping[str, Any], sou
     if issubclass(section_class, CustomWorkerSection):
         # A third party's worker: the common keys are checked, its own pass through.
         common = {f.name for f in dataclasses.fields(WorkerSection)}
-        section = _build(WorkerSection, {k: v for k, v in values.items() if k in common},
+        section = build(WorkerSection, {k: v for k, v in values.items() if k in common},
                          source, key_path)
         section.check(source, key_path)
         return section_class(
@@ -461,11 +289,11 @@ def _validate(section_class: type[WorkerSection], values: Mapping[str, Any], sou
     # The seed's Dask example puts n_workers in the worker section; it is the dispatcher's.
     if "n_workers" not in {f.name for f in dataclasses.fields(section_class)}:
         values.pop("n_workers", None)
-    section = _build(section_class, values, source, key_path)
+    section = build(section_class, values, source, key_path)
     for name in section_class.REQUIRED:
         if getattr(section, name) in ("", (), None):
             hint = typing.get_type_hints(section_class)[name]
-            raise ConfigError(source, f"{key_path}.{name}", _describe(hint))
+            raise ConfigError(source, f"{key_path}.{name}", describe(hint))
     section.check(source, key_path)
     return section
 
@@ -519,114 +347,7 @@ def _absolute(value: str, base: Path) -> Path:
     return candidate if candidate.is_absolute() else (base / candidate).resolve()
 
 
-def _mapping(value: Any, source: str, key_path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(source, key_path, "a mapping of keys to values", type(value).__name__)
-    return value
-
-
-def _reject_unknown(values: Mapping[str, Any], known: typing.Iterable[str], source: str,
-                    prefix: str) -> None:
-    known = list(known)
-    for key in values:
-        if key not in known:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(
-                source, where, "a known key" + _suggestion(str(key), known),
-                "an unknown key",
-            )
-
-
-def _suggestion(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _types_text() -> str:
     return ", ".join(repr(name) for name in sorted(registry.registered_worker_types()))
 
 
-def _build(cls: type, values: Mapping[str, Any], source: str, key_path: str) -> Any:
-    """Build dataclass ``cls`` from ``values``, checking names, presence and types."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
-    _reject_unknown(values, fields, source, key_path)
-    arguments = {}
-    for name, field in fields.items():
-        where = f"{key_path}.{name}"
-        if name not in values:
-            required = (field.default is dataclasses.MISSING
-                        and field.default_factory is dataclasses.MISSING)
-            if required:
-                raise ConfigError(source, where, _describe(hints[name]))
-            continue
-        arguments[name] = _convert(values[name], hints[name], source, where,
-                                   field.metadata.get("secret", False))
-    return cls(**arguments)
-
-
-def _convert(value: Any, hint: Any, source: str, where: str, is_secret: bool) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    shown = "<hidden>" if is_secret else repr(value)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        # YAML writes None as null, but the seed writes ``hunger_policy: None``.
-        if value == "None" and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        choices = typing.get_args(inner[0])
-        if typing.get_origin(inner[0]) is Literal and value not in choices:
-            expected = _describe(hint) + _suggestion(str(value), map(str, choices))
-            raise ConfigError(source, where, expected, shown)
-        return _convert(value, inner[0], source, where, is_secret)
-    if origin is Literal:
-        if value not in args:
-            expected = _describe(hint) + _suggestion(str(value), map(str, args))
-            raise ConfigError(source, where, expected, shown)
-        return value
-    if origin is tuple:
-        if not isinstance(value, list) or not value:
-            raise ConfigError(source, where, _describe(hint), type(value).__name__)
-        return tuple(
-            _convert(item, args[0], source, f"{where}[{i}]", is_secret)
-            for i, item in enumerate(value)
-        )
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, _mapping(value, source, where), source, where)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(source, where, "true or false", shown)
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(source, where, "an integer", shown)
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(source, where, "a number", shown)
-        if not math.isfinite(value):
-            raise ConfigError(source, where, "a finite number", shown)
-        return value
-    if hint is str:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(source, where, "a string", shown)
-        return str(value)
-    raise TypeError(f"no conversion for {hint!r}")  # a schema bug, not a user error
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if type(None) in args and typing.get_origin(inner[0]) is Literal:
-            return _describe(inner[0]) + " or None"
-        return _describe(inner[0])
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is tuple:
-        return f"a non-empty list of {_describe(args[0])}"
-    if dataclasses.is_dataclass(hint):
-        required = [f.name for f in dataclasses.fields(hint) if f.default is dataclasses.MISSING]
-        return f"a mapping with keys {', '.join(required)}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]

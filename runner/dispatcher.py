@@ -16,7 +16,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -24,15 +23,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
 from functools import partial
 from pathlib import Path
 
-from runner import ramptest
+from runner import training_output
 from runner.config import EventConfig
 from runner.errors import EventError, RunnerError, SubmissionError
 from runner.ledger import LedgerError
+from runner.signals import stop_on_signals
 from runner.source import DispatcherBusy, FolderSource, SubmissionSource
 from runner.worker import BaseWorker, WorkerStatus, worker_class
 
@@ -124,7 +124,7 @@ class Dispatcher:
         """
         with ExitStack() as stack:
             stack.enter_context(self.source.opened())
-            stack.enter_context(self._signals_handled())
+            stack.enter_context(stop_on_signals(self.stop))
             self._reap_scratch()
             prepare_data(self.config.worker.data_dir)
             recovered = self.source.recover_abandoned()
@@ -362,7 +362,7 @@ class Dispatcher:
             return
         output = Path(self.config.worker.predictions_dir) / name
         try:
-            results = worker.verified_results or ramptest.read_results(output)
+            results = worker.verified_results or training_output.read_results(output)
         except (SubmissionError, ValueError) as error:
             # What ramp-test left was written where the submission's code ran: unreadable
             # results are the submission's fault, not a reason to run it again.
@@ -434,20 +434,3 @@ class Dispatcher:
                 worker.kill()
         for _, thread, _ in slots:
             thread.join(SHUTDOWN_GRACE_SECONDS)
-
-    @contextmanager
-    def _signals_handled(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handle(signum: int, frame: object) -> None:
-            logger.warning("%s received: stopping", signal.Signals(signum).name)
-            self.stop()
-
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)

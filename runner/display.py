@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -28,12 +27,11 @@ from rich.text import Text
 from runner.config import EventConfig
 from runner.leaderboard import Entry
 from runner.ledger import FINAL_STATES, Submission, Transition
-from runner.ramptest import STEPS, ScoreType
+from runner.signals import stop_on_signals
+from runner.training_output import STEPS, ScoreType
 
 if TYPE_CHECKING:
     from runner.dispatcher import Dispatcher
-
-logger = logging.getLogger("runner.display")
 
 # Piped output (CI logs, files) gets wide tables rather than rich's default of 80 columns,
 # unless COLUMNS says otherwise.
@@ -235,21 +233,9 @@ class DispatchView:
         # The dispatcher runs in a thread so that this one draws; signals reach this
         # thread only, which asks the dispatcher to stop (it then gives its claims back).
         thread = threading.Thread(target=target, name="dispatcher", daemon=True)
-        interrupted = threading.Event()
-
-        def handle(signum: int, frame: object) -> None:
-            if not interrupted.is_set():
-                logger.warning("%s received: stopping", signal.Signals(signum).name)
-            interrupted.set()
-            dispatcher.stop()
-
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with stop_on_signals(dispatcher.stop) as interrupted:
             thread.start()
             self._follow(dispatcher, thread)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
         if failures:
             raise failures[0]
         return interrupted.is_set()

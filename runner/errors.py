@@ -25,5 +25,16 @@ class EventError(RunnerError, ValueError):
     exit_code = 2
 
 
+class ConfigError(EventError):
+    """An event configuration that cannot be used, with where and why."""
+
+    def __init__(self, source: str, key_path: str, expected: str, got: str | None = None):
+        self.source, self.key_path, self.expected = source, key_path, expected
+        message = f"{source}: {key_path}: expected {expected}"
+        if got is not None:
+            message += f", got {got}"
+        super().__init__(message)
+
+
 class InfrastructureError(RunnerError, RuntimeError):
     """The machine, the network or the cloud failed: the submission is run again."""

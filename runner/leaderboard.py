@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from runner.ledger import Submission
-from runner.ramptest import BAGGED_STEPS, ScoreType
+from runner.training_output import BAGGED_STEPS, ScoreType
 
 SPLITS = BAGGED_STEPS
 

@@ -12,7 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
-from runner.config import ConfigError, EventConfig
+from runner.config import EventConfig
+from runner.errors import ConfigError
 from runner.registry import worker_class
 
 # One short connection attempt: a scheduler that is not there must not cost minutes.

@@ -24,8 +24,10 @@ from ramp_database.model import Event
 from ramp_utils import generate_ramp_config, read_config
 from sqlalchemy.orm import Session
 
-from runner.config import PATH_KEYS, ConfigError, EventConfig, parse_event_config
+from runner.config import PATH_KEYS, EventConfig, parse_event_config
+from runner.errors import ConfigError
 from runner.rampdb import RampSource, board_engine
+from runner.signals import stop_on_signals
 
 logger = logging.getLogger("runner.ramp_server")
 
@@ -140,7 +142,7 @@ def serve(ramp_config_path: str | os.PathLike[str], events_dir: str | os.PathLik
     report = on_status or (lambda event, line: logger.info("%s: %s", event, line))
     stop = stop or threading.Event()
     children: dict[str, _Child] = {}
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop.set):
         try:
             while not stop.is_set():
                 _serve_once(ramp_config_path, events_dir, database, children, report)
@@ -214,19 +216,3 @@ def _exit_text(code: int) -> str:
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"exit status {code}"
-
-
-class _stop_on_signals:
-    """Set ``stop`` on SIGINT/SIGTERM while serving (main thread only)."""
-
-    def __init__(self, stop: threading.Event):
-        self.stop, self.previous = stop, {}
-
-    def __enter__(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, lambda *_: self.stop.set())
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)

@@ -47,8 +47,8 @@ from runner import ramptest
 from runner.config import EventConfig
 from runner.errors import EventError, SubmissionError
 from runner.ledger import TransitionError
-from runner.ramptest import RunResults
 from runner.source import exclusive
+from runner.training_output import RunResults
 
 logger = logging.getLogger("runner.rampdb")
 

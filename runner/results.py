@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import ramptest, supervise
+from runner import ramptest, rescoring, supervise
 from runner.errors import EventError, SubmissionError
+from runner.training_output import RunResults
 
 MIB = 1024 * 1024
 # Defaults of the worker keys (runner.config.WorkerSection) for a config dict without them.
@@ -41,7 +42,7 @@ class RunEnd:
 
 def install_run(config: dict[str, Any], submission: str, timeout: float, end: RunEnd,
                 log_file: Path, output_dir: Path | None
-                ) -> tuple[int, str, ramptest.RunResults | None]:
+                ) -> tuple[int, str, RunResults | None]:
     """Install the run's log and, when it succeeded, its ``training_output`` as predictions.
 
     ``log_file`` and ``output_dir`` are the worker's local copies, written by the untrusted
@@ -72,7 +73,7 @@ def install_run(config: dict[str, Any], submission: str, timeout: float, end: Ru
         limit_mb = int(config.get("output_limit_mb") or DEFAULT_OUTPUT_LIMIT_MB)
         results = install_predictions(
             output_dir, Path(config["predictions_dir"]) / submission, limit_mb * MIB,
-            check=lambda tree: ramptest.verify_results(
+            check=lambda tree: rescoring.verify_results(
                 tree, config["kit_dir"], config["data_dir"], limit_mb * MIB))
     return returncode, error_msg, results
 

@@ -20,8 +20,8 @@ from typing import Protocol
 from runner.config import EventConfig
 from runner.errors import RunnerError
 from runner.ledger import Ledger, LedgerError
-from runner.ramptest import RunResults
 from runner.submissions import Intake
+from runner.training_output import RunResults
 
 logger = logging.getLogger("runner.source")
 

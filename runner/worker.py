@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner import ramptest
+from runner import rescoring
 from runner.config import (
     DEFAULT_TIMEOUT,
     PATH_KEYS,
@@ -32,9 +32,9 @@ from runner.config import (
     worker_settings,
 )
 from runner.errors import EventError
-from runner.ramptest import RunResults
 from runner.registry import worker_class
 from runner.results import RunEnd, install_run
+from runner.training_output import RunResults
 
 __all__ = ["BaseWorker", "ContractError", "WorkerStatus", "worker_class"]
 
@@ -388,7 +388,7 @@ class BaseWorker:
         """Load what collecting will need, in a thread of its own while the first runs go:
         by default the kit's scoring code, with which ``runner.results`` re-scores each
         run. A worker that installs its results some other way overrides it."""
-        ramptest.warm(config["kit_dir"], config["data_dir"])
+        rescoring.warm(config["kit_dir"], config["data_dir"])
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

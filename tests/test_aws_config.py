@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from runner.aws.worker import AWSWorker
-from runner.config import ConfigError, load_event_config
+from runner.config import load_event_config
+from runner.errors import ConfigError
 from runner.ssh.worker import SSHWorker
 from tests.sshd import SSHServer, aws_worker_section, make_event, ssh_worker_section
 

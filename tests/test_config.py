@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from runner.aws.worker import AWSWorkerSection
-from runner.config import ConfigError, load_event_config, worker_section
+from runner.config import load_event_config, worker_section
 from runner.dask.worker import DaskWorkerSection
+from runner.errors import ConfigError
 from runner.local.worker import CondaWorkerSection
 
 SEEDS = Path(__file__).parent / "seed_configs"

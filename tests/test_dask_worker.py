@@ -19,11 +19,12 @@ import pytest
 import yaml
 
 from runner import archive
-from runner.config import ConfigError, load_event_config
+from runner.config import load_event_config
 from runner.dask import task as dask_task
 from runner.dask.cluster import LoopbackCluster, make_certificates
 from runner.dask.worker import DaskWorker
 from runner.dispatcher import prepare_data
+from runner.errors import ConfigError
 from tests import dask_helpers as h
 from tests import hostile
 from tests.events import (

@@ -9,7 +9,7 @@ from rich.console import Console
 from runner.display import leaderboard_table, status_table
 from runner.leaderboard import rank
 from runner.ledger import Submission
-from runner.ramptest import ScoreType
+from runner.training_output import ScoreType
 
 # A RAMP board's submission names are the participants' (runner.rampdb), not folder names.
 NAME = "[bold]x[/]"

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runner import ramptest, sandbox
+from runner import ramptest, sandbox, training_output
 from runner.config import load_event_config
 from runner.ledger import Ledger
 from tests import hostile
@@ -135,7 +135,7 @@ def test_kit_data_ledger_and_logs_cannot_be_written(event):
 def test_the_rivals_predictions_and_score_are_intact(event):
     config, rows, _, _ = event
     assert "VANDAL: rival scores DENIED" in _log(config, "x_vandal")
-    installed = ramptest.read_results(Path(config.worker.predictions_dir) / "starting_kit")
+    installed = training_output.read_results(Path(config.worker.predictions_dir) / "starting_kit")
     assert installed.bagged_scores == rows["starting_kit"].scores
     assert rows["starting_kit"].scores["test"]["acc"] > 0.5
 

@@ -13,7 +13,7 @@ import yaml
 from ramp_database.model import Event
 from ramp_database.tools.submission import get_submission_state
 
-from runner.config import ConfigError
+from runner.errors import ConfigError
 from runner.ramp_server import load_ramp_config, load_ramp_event, serve
 from tests.events import conda_knowing_ramp_iris
 from tests.rampboard import add_board_event, board_session, make_board, sqlite_database

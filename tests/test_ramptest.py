@@ -1,4 +1,5 @@
-"""runner.ramptest: the command line, the child environment, and parsing real ramp-test output.
+"""runner.ramptest, training_output and rescoring: the command line, the child environment,
+parsing real ramp-test output and recomputing its scores.
 
 The parsing tests run the real ramp-test (ramp-workflow) once per session on a temporary
 copy of the example iris event, so the repository stays clean.
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from runner import ramptest
+from runner import ramptest, rescoring, training_output
 from runner.errors import SubmissionError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "iris"
@@ -84,19 +85,19 @@ def output_of(event: Path, submission: str) -> Path:
 
 
 def test_score_types_follow_problem_order_and_direction():
-    types = ramptest.score_types(EXAMPLE / "ramp-kits" / "iris")
+    types = rescoring.score_types(EXAMPLE / "ramp-kits" / "iris")
     assert [t.name for t in types] == ["acc", "nll", "f1_70"]
     assert [t.lower_is_better for t in types] == [False, True, False]
 
 
 def test_score_types_without_problem_raises(tmp_path):
     with pytest.raises(ValueError, match="problem.py"):
-        ramptest.score_types(tmp_path)
+        rescoring.score_types(tmp_path)
 
 
 def test_read_results_of_a_real_run(event):
-    results = ramptest.read_results(output_of(event, "random_forest"))
-    names = {t.name for t in ramptest.score_types(event / "ramp-kits" / "iris")}
+    results = training_output.read_results(output_of(event, "random_forest"))
+    names = {t.name for t in rescoring.score_types(event / "ramp-kits" / "iris")}
     assert len(results.fold_scores) == 3  # problem.py: StratifiedShuffleSplit(n_splits=3)
     for fold in results.fold_scores:
         assert set(fold) == {"train", "valid", "test"}
@@ -117,19 +118,19 @@ def test_bagged_scores_are_the_last_bag(event):
     out = output_of(event, "starting_kit")
     frame = pd.read_csv(out / "bagged_scores.csv")
     last = frame[(frame["step"] == "test") & (frame["n_bag"] == frame["n_bag"].max())]
-    results = ramptest.read_results(out)
+    results = training_output.read_results(out)
     assert results.bagged_scores["test"]["acc"] == pytest.approx(float(last["acc"].iloc[0]))
 
 
 def test_times_are_the_sum_over_folds(event):
     out = output_of(event, "starting_kit")
     expected = sum(float((out / f"fold_{i}" / "train_time").read_text()) for i in range(3))
-    assert ramptest.read_results(out).train_time == pytest.approx(expected)
+    assert training_output.read_results(out).train_time == pytest.approx(expected)
 
 
 def test_better_models_beat_the_starting_kit(event):
-    kit = ramptest.read_results(output_of(event, "starting_kit")).bagged_scores["test"]
-    forest = ramptest.read_results(output_of(event, "random_forest")).bagged_scores["test"]
+    kit = training_output.read_results(output_of(event, "starting_kit")).bagged_scores["test"]
+    forest = training_output.read_results(output_of(event, "random_forest")).bagged_scores["test"]
     assert forest["acc"] > kit["acc"]
     assert forest["nll"] < kit["nll"]
 
@@ -148,23 +149,23 @@ def output_copy(event, tmp_path) -> Path:
 def test_missing_file_is_named(output_copy, relative):
     (output_copy / relative).unlink()
     with pytest.raises(ValueError, match=f"{output_copy / relative}: missing"):
-        ramptest.read_results(output_copy)
+        training_output.read_results(output_copy)
 
 
 def test_missing_middle_fold_is_named(output_copy):
     shutil.rmtree(output_copy / "fold_1")
     with pytest.raises(ValueError, match="fold_1: missing"):
-        ramptest.read_results(output_copy)
+        training_output.read_results(output_copy)
 
 
 def test_no_folds_at_all(tmp_path):
     with pytest.raises(ValueError, match="fold_0: missing"):
-        ramptest.read_results(tmp_path)
+        training_output.read_results(tmp_path)
 
 
 def test_missing_output_dir(tmp_path):
     with pytest.raises(ValueError, match="no such training_output"):
-        ramptest.read_results(tmp_path / "nope")
+        training_output.read_results(tmp_path / "nope")
 
 
 @pytest.mark.parametrize(
@@ -181,7 +182,7 @@ def test_missing_output_dir(tmp_path):
 def test_malformed_file_is_named(output_copy, relative, content):
     (output_copy / relative).write_text(content)
     with pytest.raises(ValueError, match=f"{output_copy / relative}: malformed"):
-        ramptest.read_results(output_copy)
+        training_output.read_results(output_copy)
 
 
 def test_failed_run_reports_the_error(tmp_path):
@@ -190,7 +191,7 @@ def test_failed_run_reports_the_error(tmp_path):
     (fold / "state.txt").write_text("training_error")
     (fold / "error.txt").write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
     with pytest.raises(ValueError, match=r"scores.csv: missing \(the run failed: .*boom"):
-        ramptest.read_results(tmp_path)
+        training_output.read_results(tmp_path)
 
 
 def test_problem_builds_the_same_split_as_prepare_data(event, monkeypatch):
@@ -225,8 +226,8 @@ def test_bare_kit_quick_test_runs_the_starting_kit(tmp_path):
 
 # --- strict parsing against the kit's score types, and the check of forged scores -------
 
-IRIS_TYPES = (ramptest.ScoreType("acc", False), ramptest.ScoreType("nll", True),
-              ramptest.ScoreType("f1_70", False))
+IRIS_TYPES = (training_output.ScoreType("acc", False), training_output.ScoreType("nll", True),
+              training_output.ScoreType("f1_70", False))
 
 
 def _rewrite_bagged(copy: Path, edit) -> None:
@@ -245,37 +246,37 @@ def test_strict_parse_refuses_a_score_that_is_not_a_finite_number(output_copy, v
     _rewrite_bagged(output_copy, lambda frame: frame.__setitem__(
         "acc", frame["acc"].astype(object).where(frame.index != 0, value)))
     with pytest.raises(ValueError, match=words):
-        ramptest.read_results(output_copy, IRIS_TYPES)
+        training_output.read_results(output_copy, IRIS_TYPES)
 
 
 def test_strict_parse_wants_every_score_of_the_kit_and_keeps_only_them(output_copy):
     _rewrite_bagged(output_copy, lambda frame: frame.__setitem__("extra", 1.0))
-    results = ramptest.read_results(output_copy, IRIS_TYPES)
+    results = training_output.read_results(output_copy, IRIS_TYPES)
     assert set(results.bagged_scores["test"]) == {"acc", "nll", "f1_70"}
     _rewrite_bagged(output_copy, lambda frame: frame.drop(columns=["f1_70"], inplace=True))
     with pytest.raises(ValueError, match="no column for score 'f1_70' of the kit"):
-        ramptest.read_results(output_copy, IRIS_TYPES)
+        training_output.read_results(output_copy, IRIS_TYPES)
 
 
 def test_strict_parse_refuses_a_big_or_special_scores_file(output_copy):
     big = output_copy / "bagged_scores.csv"
-    big.write_text("step,n_bag,acc\n" + "9" * (ramptest.MAX_SCORES_BYTES + 1))
+    big.write_text("step,n_bag,acc\n" + "9" * (training_output.MAX_SCORES_BYTES + 1))
     with pytest.raises(ValueError, match="a scores file holds at most"):
-        ramptest.read_results(output_copy, IRIS_TYPES)
+        training_output.read_results(output_copy, IRIS_TYPES)
     big.unlink()
     big.symlink_to("/dev/zero")
     with pytest.raises(ValueError, match="not a regular file"):
-        ramptest.read_results(output_copy, IRIS_TYPES)
+        training_output.read_results(output_copy, IRIS_TYPES)
 
 
 def test_verify_accepts_real_scores_and_refuses_a_forged_one(event, output_copy):
     kit, data = event / "ramp-kits" / "iris", event / "ramp-data" / "iris"
-    results = ramptest.verify_results(output_copy, kit, data, 2**30)
-    assert results.bagged_scores == ramptest.read_results(output_copy).bagged_scores
+    results = rescoring.verify_results(output_copy, kit, data, 2**30)
+    assert results.bagged_scores == training_output.read_results(output_copy).bagged_scores
     _rewrite_bagged(output_copy, lambda frame: frame.__setitem__("acc", 1.0))
     with pytest.raises(SubmissionError, match="forged scores refused: "
                                                "bagged_scores.csv says valid acc = 1"):
-        ramptest.verify_results(output_copy, kit, data, 2**30)
+        rescoring.verify_results(output_copy, kit, data, 2**30)
 
 
 @pytest.mark.parametrize("step", ["train", "valid", "test"])
@@ -288,7 +289,7 @@ def test_verify_refuses_a_forged_fold_score(event, output_copy, step):
     frame.to_csv(path)
     with pytest.raises(SubmissionError, match=f"forged scores refused: fold_1/scores.csv says "
                                                f"{step} acc = 0.123, but the saved predictions"):
-        ramptest.verify_results(output_copy, kit, data, 2**30)
+        rescoring.verify_results(output_copy, kit, data, 2**30)
 
 
 @pytest.mark.parametrize(("content", "words"), [
@@ -303,7 +304,7 @@ def test_strict_parse_refuses_ragged_or_ambiguous_tables(output_copy, content, w
     path = output_copy / "bagged_scores.csv"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=f"{path}: .*{words}"):
-        ramptest.read_results(output_copy, IRIS_TYPES)
+        training_output.read_results(output_copy, IRIS_TYPES)
 
 
 def test_a_time_file_that_is_a_link_is_refused(output_copy, tmp_path):
@@ -313,16 +314,16 @@ def test_a_time_file_that_is_a_link_is_refused(output_copy, tmp_path):
     (output_copy / "fold_0" / "train_time").unlink()
     (output_copy / "fold_0" / "train_time").symlink_to(elsewhere)
     with pytest.raises(ValueError, match="fold_0/train_time: malformed, not a regular file"):
-        ramptest.read_results(output_copy)
+        training_output.read_results(output_copy)
 
 
 def test_warm_loads_the_scoring_code_before_the_first_check(event, output_copy):
     """The dispatcher warms the kit's problem and ground truth while the first runs go:
     the first check then finds them loaded, and a kit it cannot load is not an error yet."""
     kit, data = event / "ramp-kits" / "iris", event / "ramp-data" / "iris"
-    ramptest._load_ground_truth.cache_clear()
-    ramptest.warm(kit, data)
-    assert ramptest._load_ground_truth.cache_info().currsize == 1
-    ramptest.verify_results(output_copy, kit, data, 2**30)
-    assert ramptest._load_ground_truth.cache_info().hits >= 1
-    ramptest.warm(event / "no-kit", data)  # nothing to load, nothing raised
+    rescoring._load_ground_truth.cache_clear()
+    rescoring.warm(kit, data)
+    assert rescoring._load_ground_truth.cache_info().currsize == 1
+    rescoring.verify_results(output_copy, kit, data, 2**30)
+    assert rescoring._load_ground_truth.cache_info().hits >= 1
+    rescoring.warm(event / "no-kit", data)  # nothing to load, nothing raised

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from runner.config import load_yaml
 from runner.errors import RunnerError
+from runner.strict_yaml import load_yaml
 
 INFRA_DIR = Path(__file__).resolve().parents[2] / "infra"
 # Stack output -> key of the event's worker section (seed names). The first four are required.

@@ -20,8 +20,8 @@ import psutil
 from botocore.exceptions import BotoCoreError, ClientError
 
 from runner.aws import ec2
-from runner.config import ConfigError, secret
-from runner.errors import InfrastructureError
+from runner.errors import ConfigError, InfrastructureError
+from runner.redaction import secret
 from runner.ssh.remote_worker import (
     RemoteWorker,
     RemoteWorkerSection,

@@ -23,9 +23,9 @@ from typing import Any
 import distributed
 
 from runner import archive, ramptest, sandbox
-from runner.config import PATH_KEYS, ConfigError, WorkerSection
+from runner.config import PATH_KEYS, WorkerSection
 from runner.dask import task as dask_task
-from runner.errors import EventError, SubmissionError
+from runner.errors import ConfigError, EventError, SubmissionError
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.results import RunEnd
 from runner.worker import BaseWorker, WorkerStatus

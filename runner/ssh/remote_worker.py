@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from runner import ramptest, sandbox, supervise
-from runner.config import ConfigError, WorkerSection
-from runner.errors import EventError
+from runner.config import WorkerSection
+from runner.errors import ConfigError, EventError
 from runner.results import read_reason, run_end
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
 from runner.worker import BaseWorker, WorkerStatus

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from runner.config import ConfigError
+from runner.errors import ConfigError
 from runner.ssh.remote_worker import (
     KILL_SESSION,
     RUN_FOLDER,

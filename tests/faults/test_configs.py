@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from infra import stack_config
-from runner.config import ConfigError, load_event_config
+from runner.config import load_event_config
+from runner.errors import ConfigError
 
 CORPUS = Path(__file__).parent / "configs"
 EVENTS = sorted(CORPUS.glob("event-*.yml"))
@@ -41,6 +42,17 @@ def test_event_config_gives_its_one_line(path):
     message = str(caught.value)
     assert "\n" not in message
     assert message == f"{path}: {_expected(path)}"
+
+
+@pytest.mark.parametrize("name", ["deep_brackets", "deep_block_mappings"])
+def test_deep_nesting_gives_the_same_line_without_libyaml(name, monkeypatch):
+    # libyaml stops at its own depth before ramp-runner's check; without it, the
+    # pure-Python parser must give the very same line.
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    path = CORPUS / f"event-{name}.yml"
+    with pytest.raises(ConfigError) as caught:
+        load_event_config(path)
+    assert str(caught.value) == f"{path}: {_expected(path)}"
 
 
 def _pulumi_config(document: dict) -> tuple[dict[str, str], list[str]]:

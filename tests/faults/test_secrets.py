@@ -14,7 +14,8 @@ import botocore.config
 import pytest
 import yaml
 
-from runner.config import RedactSecrets, install_redaction, load_event_config
+from runner.config import load_event_config
+from runner.redaction import RedactSecrets, install_redaction
 from tests.events import make_event
 
 SEEDS = Path(__file__).resolve().parent.parent / "seed_configs"
