@@ -97,6 +97,7 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
     from runner.config import install_redaction
     from runner.dispatcher import Dispatcher, DispatcherBusy
     from runner.display import DispatchView, configure_logging
+    from runner.states import SubmissionState
 
     out, err = _consoles()
     config, source = _load_ramp_event(ramp_config, event_config) if ramp_config else (None, None)
@@ -115,7 +116,7 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
     out.print(f"log: {log_file}", style="dim", markup=False, highlight=False)
     if interrupted:
         raise Exit(code=EXIT_INTERRUPTED)
-    if view.finals["checking_error"]:
+    if view.finals[SubmissionState.CHECKING_ERROR]:
         raise Exit(code=EXIT_FAILED)
 
 
@@ -223,7 +224,8 @@ def rerun(c, submission=None, event_config=None):
     if not submission:
         raise Exit("error: give the submission: --submission/-s NAME", code=EXIT_USAGE)
     config = _load(event_config)
-    from runner.ledger import Ledger, TransitionError
+    from runner.ledger import Ledger
+    from runner.states import TransitionError
 
     with Ledger(config.ledger_path) as ledger:
         try:
