@@ -31,9 +31,9 @@ from pathlib import Path
 
 from runner import ramptest
 from runner.config import EventConfig
-from runner.errors import EventError, SubmissionError
-from runner.ledger import LedgerError
-from runner.source import DispatcherBusy, FolderSource, SubmissionSource
+from runner.errors import EventError, LedgerError, SubmissionError
+from runner.eventlock import DispatcherBusy
+from runner.source import FolderSource, SubmissionSource
 from runner.states import SubmissionState
 from runner.worker import BaseWorker, WorkerStatus, worker_class
 

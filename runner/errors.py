@@ -6,6 +6,8 @@ submission depends on what happened, not on which library raised what.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SubmissionError(Exception):
     """The participant's code failed or left unusable results: ``training_error``."""
@@ -17,3 +19,14 @@ class EventError(ValueError):
 
 class InfrastructureError(RuntimeError):
     """The machine, the network or the cloud failed: the submission is run again."""
+
+
+class LedgerError(EventError):
+    """The ledger file cannot be used (not SQLite, read-only, disk full, deleted or replaced
+    while in use): one line naming the file. Nothing the dispatcher does next can be
+    recorded, so it stops. Here rather than in the ledger: the event's lock, which every
+    source holds, is taken on that file too."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from runner.errors import EventError
+from runner.errors import LedgerError
 from runner.states import RUNNING_STATES, Move, SubmissionState, TransitionError, check_move
 
 _STATE_NAMES = ", ".join(f"'{state}'" for state in SubmissionState)
@@ -59,16 +59,6 @@ class Transition(NamedTuple):
     to_state: str
     detail: str
     at: float
-
-
-class LedgerError(EventError):
-    """The ledger file cannot be used (not SQLite, read-only, disk full, deleted or replaced
-    while in use): one line naming the file. Nothing the dispatcher does next can be
-    recorded, so it stops."""
-
-    def __init__(self, path: Path, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path = path
 
 
 @dataclass(frozen=True)

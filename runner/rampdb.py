@@ -46,8 +46,8 @@ from sqlalchemy.orm import Session
 from runner import ramptest
 from runner.config import EventConfig
 from runner.errors import EventError, SubmissionError
+from runner.eventlock import event_lock
 from runner.ramptest import RunResults
-from runner.source import exclusive
 from runner.states import (
     QUEUED_STATES,
     RUNNING_STATES,
@@ -167,7 +167,7 @@ class RampSource:
     @contextmanager
     def opened(self) -> Iterator[None]:
         """Hold the event (one dispatcher per event folder) and the board's engine."""
-        with exclusive(self.config.ledger_path):
+        with event_lock(self.config.ledger_path):
             try:
                 self._transaction(self._check_event)
                 yield
