@@ -137,9 +137,9 @@ class Dispatcher:
                 logger.warning("released what earlier runs left: %s", ", ".join(reaped))
             prepared = self.worker_class.prepare(self._worker_dict())
             self._run_config = self._worker_dict(prepared)
-            watch = getattr(self.source, "watch", None)
+            watch = self.source.watch(lambda: self._wakeups.put(ARRIVAL))
             if watch is not None:  # sources without one are rescanned every few seconds
-                stack.enter_context(watch(lambda: self._wakeups.put(ARRIVAL)))
+                stack.enter_context(watch)
             try:
                 self._loop(watched=watch is not None)
             finally:

@@ -212,6 +212,11 @@ class RampSource:
                 self._renumber(session, waiting)
         self._transaction(work)
 
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Nothing to watch: the board announces no arrival, so the dispatcher takes them in
+        at each of its wake-ups."""
+        return None
+
     def count_new(self) -> int:
         """How many non-sandbox submissions wait (as of the last intake or claim)."""
         return sum(1 for i in self._waiting or () if i not in self._held)

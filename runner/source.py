@@ -37,6 +37,11 @@ class SubmissionSource(Protocol):
     def intake(self) -> None:
         """Take in submissions that arrived since the last call."""
 
+    def watch(self, wake: Callable[[], None]) -> AbstractContextManager[None] | None:
+        """While inside, call ``wake()`` soon after new submissions may have arrived; None
+        when the source has nothing to watch (the dispatcher then takes them in at each of
+        its wake-ups)."""
+
     def count_new(self) -> int:
         """How many submissions wait to be run."""
 
@@ -73,10 +78,6 @@ class SubmissionSource(Protocol):
         submission may have killed it): after ``dispatcher.max_attempts`` such recoveries it
         is ``checking_error``, "the dispatcher died N times while running this submission".
         Return their names."""
-
-    # Optional (the dispatcher calls them when the source has them):
-    # def watch(self, wake: Callable[[], None]) -> AbstractContextManager[None]:
-    #     """Call ``wake()`` soon after new submissions may have arrived, while inside."""
 
 
 class FolderSource(Ledger):
