@@ -36,6 +36,7 @@ from common import BENCH, REPO, write_json
 from runner import ramptest
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher, prepare_data
+from runner.states import FINAL_STATES
 from runner.submissions import QUIET_SECONDS
 from tests.events import make_event, register_worker
 
@@ -43,7 +44,6 @@ WORKER_TYPE = "bench-instant"
 PROFILE_SIZE = 1000
 PROFILE_TOP = 25
 WAITS = ("acquire", "SimpleQueue", "sleep", "(wait)", "waitpid", "select")
-FINAL_STATES = ("scored", "training_error", "checking_error")
 
 
 def real_output(root: Path) -> Path:

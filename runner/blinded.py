@@ -29,6 +29,7 @@ import numpy as np
 
 from runner import ingest, rescoring, training_output
 from runner.errors import EventError, SubmissionError
+from runner.states import SubmissionState
 
 logger = logging.getLogger("runner.blinded")
 
@@ -180,7 +181,8 @@ def score(kit_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
         for step, seconds in zip(steps, times, strict=True):
             (target / f"{step}_time").write_text(str(seconds))
         scores.to_csv(target / training_output.FOLD_SCORES_FILE)
-        (target / "state.txt").write_text("scored")
+        # RAMP names a fold's states as it names a submission's.
+        (target / "state.txt").write_text(SubmissionState.SCORED)
     _write_bagged_scores(output_dir / training_output.BAGGED_SCORES_FILE, problem, truth, bags,
                          [valid_is for _, valid_is in blinded.folds], get_score_cv_bags)
 

@@ -107,6 +107,7 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
     from runner.display import DispatchView, configure_logging
     from runner.ramp_server import load_ramp_event
     from runner.redaction import install_redaction
+    from runner.states import SubmissionState
 
     out, err = _consoles()
     config, source = (load_ramp_event(ramp_config, _config_path(event_config)) if ramp_config
@@ -126,7 +127,7 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
     out.print(f"log: {log_file}", style="dim", markup=False, highlight=False)
     if interrupted:
         raise Exit(code=EXIT_INTERRUPTED)
-    if view.finals["checking_error"]:
+    if view.finals[SubmissionState.CHECKING_ERROR]:
         raise Exit(code=EXIT_FAILED)
 
 

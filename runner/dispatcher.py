@@ -30,10 +30,11 @@ from pathlib import Path
 
 from runner import training_output
 from runner.config import EventConfig
-from runner.errors import EventError, RunnerError, SubmissionError
-from runner.ledger import LedgerError
+from runner.errors import EventError, LedgerError, RunnerError, SubmissionError
+from runner.eventlock import DispatcherBusy
 from runner.signals import stop_on_signals
-from runner.source import DispatcherBusy, FolderSource, SubmissionSource
+from runner.source import FolderSource, SubmissionSource
+from runner.states import SubmissionState
 from runner.worker import BaseWorker, WorkerStatus, worker_class
 
 logger = logging.getLogger("runner.dispatcher")
@@ -136,9 +137,9 @@ class Dispatcher:
                 logger.warning("released what earlier runs left: %s", ", ".join(reaped))
             prepared = self.worker_class.prepare(self._worker_dict())
             self._run_config = self._worker_dict(prepared)
-            watch = getattr(self.source, "watch", None)
+            watch = self.source.watch(lambda: self._wakeups.put(ARRIVAL))
             if watch is not None:  # sources without one are rescanned every few seconds
-                stack.enter_context(watch(lambda: self._wakeups.put(ARRIVAL)))
+                stack.enter_context(watch)
             try:
                 self._loop(watched=watch is not None)
             finally:
@@ -210,7 +211,7 @@ class Dispatcher:
             running = len(self._slots) - len(self._collecting)
         free = self.config.dispatcher.slots - running
         for name in self.source.claim(free, worker=self.dispatcher_id):
-            self._changed(name, "sent_to_training")
+            self._changed(name, SubmissionState.SENT_TO_TRAINING)
             run = next(self._run_numbers)
             thread = threading.Thread(target=self._run_slot, args=(run, name),
                                       name=f"slot-{name}", daemon=True)
@@ -284,7 +285,8 @@ class Dispatcher:
         worker.setup()
         if self._stopping.is_set():
             return partial(self._release, name)
-        self._record(name, "training", self.source.mark_training, name, worker.sandboxed)
+        self._record(name, SubmissionState.TRAINING, self.source.mark_training, name,
+                     worker.sandboxed)
         worker.launch_submission()
         self._warm_up_once()
         while (status := worker.status) is WorkerStatus.RUNNING:
@@ -332,14 +334,15 @@ class Dispatcher:
             # Not the submission's fault, and not a lost run: every run would fail the same.
             message = (f"the event's files could not be written (not the submission's "
                        f"fault): {cause}")
-            self._record(name, "checking_error", self.source.mark_checking_error, name, message)
+            self._record(name, SubmissionState.CHECKING_ERROR, self.source.mark_checking_error,
+                         name, message)
             self._stop_for(MachineFault(f"{cause}; stopped: fix it and dispatch again"))
         elif isinstance(error, SubmissionError):
-            self._record(name, "training_error", self.source.mark_training_error, name,
-                         str(error), None, None)
+            self._record(name, SubmissionState.TRAINING_ERROR, self.source.mark_training_error,
+                         name, str(error), None, None)
         elif isinstance(error, EventError):
-            self._record(name, "checking_error", self.source.mark_checking_error, name,
-                         message)
+            self._record(name, SubmissionState.CHECKING_ERROR, self.source.mark_checking_error,
+                         name, message)
         elif self._stopping.is_set():  # a shutdown interrupted it: not an attempt
             return partial(self._release, name)
         else:
@@ -352,13 +355,14 @@ class Dispatcher:
         try:
             returncode, error_msg = worker.collect_results()
         except SubmissionError as error:  # refused results: the run's time and memory count
-            self._record(name, "training_error", self.source.mark_training_error, name,
-                         str(error), run_time, getattr(worker, "peak_memory_mb", None))
+            self._record(name, SubmissionState.TRAINING_ERROR, self.source.mark_training_error,
+                         name, str(error), run_time, getattr(worker, "peak_memory_mb", None))
             return
         peak = getattr(worker, "peak_memory_mb", None)
         if returncode != 0:
-            self._record(name, "training_error", self.source.mark_training_error, name,
-                         error_msg or f"ramp-test exited with {returncode}", run_time, peak)
+            self._record(name, SubmissionState.TRAINING_ERROR, self.source.mark_training_error,
+                         name, error_msg or f"ramp-test exited with {returncode}", run_time,
+                         peak)
             return
         output = Path(self.config.worker.predictions_dir) / name
         try:
@@ -366,12 +370,12 @@ class Dispatcher:
         except (SubmissionError, ValueError) as error:
             # What ramp-test left was written where the submission's code ran: unreadable
             # results are the submission's fault, not a reason to run it again.
-            self._record(name, "training_error", self.source.mark_training_error, name,
-                         f"unusable results: {error}", run_time, peak)
+            self._record(name, SubmissionState.TRAINING_ERROR, self.source.mark_training_error,
+                         name, f"unusable results: {error}", run_time, peak)
             return
         self.source.record_run(name, run_time, peak, results, output)
-        self._changed(name, "tested")
-        self._changed(name, "scored")
+        self._changed(name, SubmissionState.TESTED)
+        self._changed(name, SubmissionState.SCORED)
 
     def _machine_fault(self, error: BaseException) -> str | None:
         """The real cause when ``error`` is a fault of the event's disks or folders."""
@@ -410,7 +414,7 @@ class Dispatcher:
         self._changed(name, state)
 
     def _release(self, name: str) -> None:
-        self._record(name, "new", self.source.release, name, "dispatcher shut down")
+        self._record(name, SubmissionState.NEW, self.source.release, name, "dispatcher shut down")
 
     def _changed(self, name: str, state: str) -> None:
         logger.info("%s: %s", name, state)

@@ -26,8 +26,9 @@ from rich.text import Text
 
 from runner.config import EventConfig
 from runner.leaderboard import Entry
-from runner.ledger import FINAL_STATES, Submission, Transition
+from runner.ledger import Submission, Transition
 from runner.signals import stop_on_signals
+from runner.states import FINAL_STATES, SubmissionState
 from runner.training_output import STEPS, ScoreType
 
 if TYPE_CHECKING:
@@ -36,8 +37,10 @@ if TYPE_CHECKING:
 # Piped output (CI logs, files) gets wide tables rather than rich's default of 80 columns,
 # unless COLUMNS says otherwise.
 PIPED_WIDTH = 160
-STATE_STYLES = {"scored": "green", "training_error": "red", "checking_error": "magenta",
-                "training": "cyan", "tested": "cyan", "sent_to_training": "blue", "new": "dim"}
+STATE_STYLES = {SubmissionState.SCORED: "green", SubmissionState.TRAINING_ERROR: "red",
+                SubmissionState.CHECKING_ERROR: "magenta", SubmissionState.TRAINING: "cyan",
+                SubmissionState.TESTED: "cyan", SubmissionState.SENT_TO_TRAINING: "blue",
+                SubmissionState.NEW: "dim"}
 # How often the live view redraws (the elapsed times tick).
 REFRESH_SECONDS = 0.25
 
@@ -76,7 +79,7 @@ def last_line(message: str) -> str:
 
 def runs_per_submission(transitions: Iterable[Transition]) -> Counter[str]:
     """How many times each submission was sent to a worker (every run, lost or not)."""
-    return Counter(t.name for t in transitions if t.to_state == "sent_to_training")
+    return Counter(t.name for t in transitions if t.to_state == SubmissionState.SENT_TO_TRAINING)
 
 
 def _table(title: str) -> Table:

@@ -7,6 +7,8 @@ turns any ``RunnerError`` into one line and its ``exit_code`` (runner.cli).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class RunnerError(Exception):
     """An error ramp-runner explains in one line that names what is at fault: the command
@@ -38,3 +40,14 @@ class ConfigError(EventError):
 
 class InfrastructureError(RunnerError, RuntimeError):
     """The machine, the network or the cloud failed: the submission is run again."""
+
+
+class LedgerError(EventError):
+    """The ledger file cannot be used (not SQLite, read-only, disk full, deleted or replaced
+    while in use): one line naming the file. Nothing the dispatcher does next can be
+    recorded, so it stops. Here rather than in the ledger: the event's lock, which every
+    source holds, is taken on that file too."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path

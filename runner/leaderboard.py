@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from runner.ledger import Submission
+from runner.states import SubmissionState
 from runner.training_output import BAGGED_STEPS, ScoreType
 
 SPLITS = BAGGED_STEPS
@@ -33,7 +34,8 @@ def rank(submissions: Iterable[Submission], score_types: Sequence[ScoreType],
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if not score_types:
         raise ValueError("the kit declares no score type to rank by")
-    scored = [s for s in submissions if s.state == "scored" and s.scores and split in s.scores]
+    scored = [s for s in submissions
+              if s.state == SubmissionState.SCORED and s.scores and split in s.scores]
 
     def key(submission: Submission) -> tuple[float, ...]:
         return tuple(_oriented(submission.scores[split].get(t.name), t) for t in score_types)

@@ -18,21 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from runner.errors import EventError, RunnerError
+from runner.errors import LedgerError
+from runner.states import RUNNING_STATES, Move, SubmissionState, TransitionError, check_move
 
-STATES = (
-    "new",
-    "sent_to_training",
-    "training",
-    "tested",
-    "scored",
-    "training_error",
-    "checking_error",
-)
-RUNNING_STATES = ("sent_to_training", "training", "tested")
-FINAL_STATES = ("scored", "training_error", "checking_error")
-
-_STATE_NAMES = ", ".join(f"'{state}'" for state in STATES)
+_STATE_NAMES = ", ".join(f"'{state}'" for state in SubmissionState)
+_RUNNING_PLACEHOLDERS = ", ".join("?" for _ in RUNNING_STATES)
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS submissions (
     name TEXT PRIMARY KEY,
@@ -72,28 +62,12 @@ class Transition(NamedTuple):
     at: float
 
 
-class TransitionError(RunnerError, RuntimeError):
-    """A state change asked of a submission that is not in the state it starts from."""
-
-    exit_code = 2
-
-
-class LedgerError(EventError):
-    """The ledger file cannot be used (not SQLite, read-only, disk full, deleted or replaced
-    while in use): one line naming the file. Nothing the dispatcher does next can be
-    recorded, so it stops."""
-
-    def __init__(self, path: Path, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path = path
-
-
 @dataclass(frozen=True)
 class Submission:
     """One row of the ledger."""
 
     name: str
-    state: str
+    state: SubmissionState
     attempts: int
     error_msg: str
     scores: dict[str, dict[str, float]] | None
@@ -230,7 +204,7 @@ class Ledger:
         """Return how many submissions wait to be run."""
         with self._reading() as db:
             return db.execute(
-                "SELECT COUNT(*) FROM submissions WHERE state = 'new'"
+                "SELECT COUNT(*) FROM submissions WHERE state = ?", (SubmissionState.NEW,)
             ).fetchone()[0]
 
     def transitions(self, name: str | None = None) -> list[Transition]:
@@ -253,11 +227,11 @@ class Ledger:
                 now = time.time()
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO submissions (name, state, created_at, updated_at)"
-                    " VALUES (?, 'new', ?, ?)",
-                    (name, now, now),
+                    " VALUES (?, ?, ?, ?)",
+                    (name, SubmissionState.NEW, now, now),
                 )
                 if cursor.rowcount:
-                    _log(db, name, None, "new", now, "discovered")
+                    _log(db, name, None, SubmissionState.NEW, now, "discovered")
                     added.append(name)
         return added
 
@@ -269,19 +243,19 @@ class Ledger:
             names = [
                 row[0]
                 for row in db.execute(
-                    "SELECT name FROM submissions WHERE state = 'new'"
+                    "SELECT name FROM submissions WHERE state = ?"
                     " ORDER BY created_at, name LIMIT ?",
-                    (limit,),
+                    (SubmissionState.NEW, limit),
                 )
             ]
             for name in names:
-                _move(db, name, ("new",), "sent_to_training", worker=worker)
+                _move(db, name, Move.CLAIM, worker=worker)
         return names
 
     def mark_training(self, name: str, sandboxed: bool = False) -> None:
         """The worker is set up and the run starts, ``sandboxed`` or not."""
         with self._transaction() as db:
-            _move(db, name, ("sent_to_training",), "training", sandboxed=int(sandboxed),
+            _move(db, name, Move.START, sandboxed=int(sandboxed),
                   detail="sandboxed" if sandboxed else "not sandboxed")
 
     def mark_tested(self, name: str, run_time: float | None, peak_memory_mb: float | None) -> None:
@@ -309,15 +283,15 @@ class Ledger:
                             peak_memory_mb: float | None) -> None:
         """The submission failed, ran past its timeout or left unusable results."""
         with self._transaction() as db:
-            _move(db, name, RUNNING_STATES, "training_error", error_msg=error_msg,
-                  run_time=run_time, peak_memory_mb=peak_memory_mb)
+            _move(db, name, Move.FAIL, error_msg=error_msg, run_time=run_time,
+                  peak_memory_mb=peak_memory_mb)
 
     def mark_checking_error(self, name: str, error_msg: str) -> None:
         """The system could not run the submission; it will not be retried by itself."""
         with self._transaction() as db:
-            _move(db, name, RUNNING_STATES, "checking_error", error_msg=error_msg)
+            _move(db, name, Move.GIVE_UP, error_msg=error_msg)
 
-    def retry(self, name: str, reason: str, max_attempts: int) -> str:
+    def retry(self, name: str, reason: str, max_attempts: int) -> SubmissionState:
         """Count a lost attempt: back to ``new``, or ``checking_error`` once exhausted.
 
         Returns the new state.
@@ -328,17 +302,14 @@ class Ledger:
             ).fetchone()[0] + 1
             if attempts >= max_attempts:
                 message = f"gave up after {attempts} attempts; last: {reason}"
-                _move(db, name, RUNNING_STATES, "checking_error", attempts=attempts,
-                      error_msg=message)
-                return "checking_error"
-            _move(db, name, RUNNING_STATES, "new", attempts=attempts, error_msg=reason,
-                  detail=reason)
-            return "new"
+                return _move(db, name, Move.GIVE_UP, attempts=attempts, error_msg=message)
+            return _move(db, name, Move.REQUEUE, attempts=attempts, error_msg=reason,
+                         detail=reason)
 
     def release(self, name: str, reason: str) -> None:
         """Give a claimed submission back without counting an attempt (shutdown)."""
         with self._transaction() as db:
-            _move(db, name, RUNNING_STATES, "new", detail=reason)
+            _move(db, name, Move.REQUEUE, detail=reason)
 
     def recover_abandoned(self, max_attempts: int | None = None) -> list[str]:
         """Put back to ``new`` what a dead dispatcher left running; return their names.
@@ -350,29 +321,30 @@ class Ledger:
         (a deploy, the OOM killer, a reboot) never cost the queue's first teams their run.
         """
         with self._transaction() as db:
-            rows = db.execute("SELECT name, state, attempts, sandboxed FROM submissions"
-                              " WHERE state IN (?, ?, ?)", RUNNING_STATES).fetchall()
+            rows = db.execute(
+                "SELECT name, state, attempts, sandboxed FROM submissions"
+                f" WHERE state IN ({_RUNNING_PLACEHOLDERS})", RUNNING_STATES).fetchall()
             for name, state, attempts, sandboxed in rows:
-                if sandboxed or state == "sent_to_training":
+                if sandboxed or state == SubmissionState.SENT_TO_TRAINING:
                     why = "sandboxed" if sandboxed else "not started yet"
-                    _move(db, name, RUNNING_STATES, "new",
+                    _move(db, name, Move.REQUEUE,
                           detail=f"left running by a dead dispatcher ({why}: no attempt)")
                     continue
                 attempts += 1
                 if max_attempts is not None and attempts >= max_attempts:
                     message = (f"the dispatcher died {attempts} times while running this "
                                "submission")
-                    _move(db, name, RUNNING_STATES, "checking_error", attempts=attempts,
-                          error_msg=message, detail=message)
+                    _move(db, name, Move.GIVE_UP, attempts=attempts, error_msg=message,
+                          detail=message)
                 else:
-                    _move(db, name, RUNNING_STATES, "new", attempts=attempts,
+                    _move(db, name, Move.REQUEUE, attempts=attempts,
                           detail="left running by a dead dispatcher")
         return [row[0] for row in rows]
 
     def rerun(self, name: str) -> None:
         """Queue a finished submission again, forgetting its results and attempts."""
         with self._transaction() as db:
-            _move(db, name, FINAL_STATES, "new", attempts=0, error_msg="", scores=None,
+            _move(db, name, Move.RERUN, attempts=0, error_msg="", scores=None,
                   train_time=None, valid_time=None, test_time=None, run_time=None,
                   peak_memory_mb=None, detail="rerun asked")
 
@@ -391,37 +363,35 @@ def _identity(path: Path) -> tuple[int, int]:
 
 def _tested(db: sqlite3.Connection, name: str, run_time: float | None,
             peak_memory_mb: float | None) -> None:
-    _move(db, name, ("training",), "tested", run_time=run_time, peak_memory_mb=peak_memory_mb)
+    _move(db, name, Move.TEST, run_time=run_time, peak_memory_mb=peak_memory_mb)
 
 
 def _scored(db: sqlite3.Connection, name: str, scores: dict[str, dict[str, float]],
             times: dict[str, float]) -> None:
-    _move(db, name, ("tested",), "scored", scores=json.dumps(scores), error_msg="",
+    _move(db, name, Move.SCORE, scores=json.dumps(scores), error_msg="",
           **{f"{step}_time": value for step, value in times.items()})
 
 
-def _move(db: sqlite3.Connection, name: str, sources: tuple[str, ...], target: str,
-          detail: str = "", **columns: Any) -> None:
+def _move(db: sqlite3.Connection, name: str, move: Move, detail: str = "",
+          **columns: Any) -> SubmissionState:
+    """Make ``move`` with ``columns`` and log it; return the state it ended in."""
     now = time.time()
-    columns.update(state=target, updated_at=now)
+    columns.update(state=move.target, updated_at=now)
     assignments = ", ".join(f"{column} = ?" for column in columns)
-    if len(sources) == 1:
+    if len(move.sources) == 1:
         # The usual case, one statement: the state it starts from is the one it must be in.
         moved = db.execute(f"UPDATE submissions SET {assignments} WHERE name = ? AND state = ?",
-                           (*columns.values(), name, sources[0])).rowcount
+                           (*columns.values(), name, move.sources[0])).rowcount
         if moved:
-            _log(db, name, sources[0], target, now, detail)
-            return
+            _log(db, name, move.sources[0], move.target, now, detail)
+            return move.target
     row = db.execute("SELECT state FROM submissions WHERE name = ?", (name,)).fetchone()
     if row is None:
         raise TransitionError(f"no submission {name!r}")
-    if row[0] not in sources:
-        raise TransitionError(
-            f"submission {name!r} is {row[0]!r}; cannot move it to {target!r} "
-            f"(only from {', '.join(sources)})"
-        )
+    check_move(name, row[0], move)
     db.execute(f"UPDATE submissions SET {assignments} WHERE name = ?", (*columns.values(), name))
-    _log(db, name, row[0], target, now, detail)
+    _log(db, name, row[0], move.target, now, detail)
+    return move.target
 
 
 def _log(db: sqlite3.Connection, name: str, source: str | None, target: str, at: float,
@@ -434,6 +404,7 @@ def _log(db: sqlite3.Connection, name: str, source: str | None, target: str, at:
 
 def _submission(row: sqlite3.Row) -> Submission:
     values = dict(row)
+    values["state"] = SubmissionState(values["state"])
     values["scores"] = json.loads(values["scores"]) if values["scores"] else None
     values["sandboxed"] = bool(values["sandboxed"])
     return Submission(**values)

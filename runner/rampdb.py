@@ -46,13 +46,19 @@ from sqlalchemy.orm import Session
 from runner import ramptest
 from runner.config import EventConfig
 from runner.errors import EventError, SubmissionError
-from runner.ledger import TransitionError
-from runner.source import exclusive
+from runner.eventlock import event_lock
+from runner.states import (
+    QUEUED_STATES,
+    RUNNING_STATES,
+    Move,
+    SubmissionState,
+    TransitionError,
+    check_move,
+)
 from runner.training_output import RunResults
 
 logger = logging.getLogger("runner.rampdb")
 
-RUNNING_STATES = ("sent_to_training", "training", "tested")
 # How long the board may stay unreachable before a call gives up, and the longest pause
 # between two tries: a PostgreSQL restart takes seconds, a failover a minute or two.
 OUTAGE_SECONDS = 600.0
@@ -161,7 +167,7 @@ class RampSource:
     @contextmanager
     def opened(self) -> Iterator[None]:
         """Hold the event (one dispatcher per event folder) and the board's engine."""
-        with exclusive(self.config.ledger_path):
+        with event_lock(self.config.ledger_path):
             try:
                 self._transaction(self._check_event)
                 yield
@@ -206,6 +212,11 @@ class RampSource:
                 self._renumber(session, waiting)
         self._transaction(work)
 
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Nothing to watch: the board announces no arrival, so the dispatcher takes them in
+        at each of its wake-ups."""
+        return None
+
     def count_new(self) -> int:
         """How many non-sandbox submissions wait (as of the last intake or claim)."""
         return sum(1 for i in self._waiting or () if i not in self._held)
@@ -229,12 +240,13 @@ class RampSource:
 
         def work(session: Session, retried: bool) -> list[int]:
             chosen = []
-            for key, _, _ in get_submissions(session, self.event_name, state="new"):
+            for key, _, _ in get_submissions(session, self.event_name,
+                                             state=SubmissionState.NEW):
                 if len(chosen) == limit:
                     break
                 if key in self._held or not session.get(Submission, key).is_not_sandbox:
                     continue
-                set_submission_state(session, key, "sent_to_training")
+                set_submission_state(session, key, Move.CLAIM.target)
                 chosen.append(key)
             if chosen:
                 self._renumber(session, self._waiting_ids(session))
@@ -248,11 +260,10 @@ class RampSource:
         """The worker is set up and the run starts: out of the queue. (A dead dispatcher
         costs a RAMP board's runs no attempt, ``sandboxed`` or not: see recover_abandoned.)"""
         def work(session: Session, retried: bool) -> None:
-            submission = self._moving(session, name, ("sent_to_training",), "training",
-                                      retried)
+            submission = self._moving(session, name, Move.START, retried)
             if submission is None:
                 return
-            set_submission_state(session, submission.id, "training")
+            set_submission_state(session, submission.id, Move.START.target)
             submission.queue_position = -1
             self._renumber(session, self._waiting_ids(session))
         self._transaction(work)
@@ -261,10 +272,10 @@ class RampSource:
                     peak_memory_mb: float | None) -> None:
         """The run succeeded and its output was collected; its peak memory is kept."""
         def work(session: Session, retried: bool) -> None:
-            submission = self._moving(session, name, ("training",), "tested", retried)
+            submission = self._moving(session, name, Move.TEST, retried)
             if submission is None:
                 return
-            set_submission_state(session, submission.id, "tested")
+            set_submission_state(session, submission.id, Move.TEST.target)
             if peak_memory_mb is not None:
                 set_submission_max_ram(session, submission.id, peak_memory_mb)
         self._transaction(work)
@@ -273,7 +284,7 @@ class RampSource:
         """Store fold times, fold scores and bagged scores as ramp-database reads them from
         ``output_dir``; the submission is scored; the leaderboards are refreshed."""
         def work(session: Session, retried: bool) -> None:
-            submission = self._moving(session, name, ("tested",), "scored", retried)
+            submission = self._moving(session, name, Move.SCORE, retried)
             if submission is None:
                 return
             try:
@@ -284,7 +295,7 @@ class RampSource:
                 # Written where the participant's code ran: its fault, not a retry.
                 raise SubmissionError(f"unusable results: {type(error).__name__}: "
                                       f"{error}") from None
-            set_submission_state(session, submission.id, "scored")
+            set_submission_state(session, submission.id, Move.SCORE.target)
         self._transaction(work)
         self._finished(name)
 
@@ -301,11 +312,10 @@ class RampSource:
         message = public_error(error_msg, Path(self.config.worker.logs_dir) / name / "log")
 
         def work(session: Session, retried: bool) -> None:
-            submission = self._moving(session, name, ("training", "tested"), "training_error",
-                                      retried)
+            submission = self._moving(session, name, Move.FAIL, retried)
             if submission is None:
                 return
-            set_submission_state(session, submission.id, "training_error")
+            set_submission_state(session, submission.id, Move.FAIL.target)
             set_submission_error_msg(session, submission.id, message)
             if peak_memory_mb is not None:
                 set_submission_max_ram(session, submission.id, peak_memory_mb)
@@ -337,9 +347,9 @@ class RampSource:
         ``sent_to_training`` and ``training``; a ``tested`` one never got its scores)."""
         def work(session: Session, retried: bool) -> list[int]:
             keys = list(session.scalars(self._event_submissions().where(
-                Submission.state.in_(RUNNING_STATES))))
+                Submission.state.in_(Move.REQUEUE.sources))))
             for key in keys:
-                set_submission_state(session, key, "new")
+                set_submission_state(session, key, Move.REQUEUE.target)
             if keys:
                 self._renumber(session, self._waiting_ids(session))
             return keys
@@ -360,10 +370,10 @@ class RampSource:
             .join(EventTeam, Submission.event_team_id == EventTeam.id)
             .join(Event, EventTeam.event_id == Event.id)
             .where(Event.name == self.event_name,
-                   Submission.state.in_(("new", "sent_to_training")))
+                   Submission.state.in_(QUEUED_STATES))
             .order_by(Submission.submission_timestamp, Submission.id))
         rows = [row for row in rows if row.name != row.ramp_sandbox_name]
-        rows.sort(key=lambda row: row.state != "sent_to_training")
+        rows.sort(key=lambda row: row.state != SubmissionState.SENT_TO_TRAINING)
         return tuple(row.id for row in rows)
 
     def _renumber(self, session: Session, waiting: tuple[int, ...]) -> None:
@@ -376,45 +386,47 @@ class RampSource:
         update_all_user_leaderboards(session, self.event_name, new_only=True)
         self._waiting = waiting
 
-    def _moving(self, session: Session, name: str, sources: tuple[str, ...], target: str,
+    def _moving(self, session: Session, name: str, move: Move,
                 retried: bool) -> Submission | None:
-        """The submission if it may move to ``target``; None if an earlier try already
-        moved it; TransitionError if someone else changed it."""
+        """The submission if ``move`` may start from its state; None if an earlier try
+        already made it; TransitionError if someone else changed it."""
         submission = session.get(Submission, submission_id(name))
         if submission is None:
             raise TransitionError(f"no submission {name!r} on the board")
-        if submission.state in sources:
-            return submission
-        if retried and submission.state == target:
-            return None
-        self._held.discard(submission.id)
-        raise TransitionError(f"submission {name!r} is {submission.state!r} on the board; "
-                              f"cannot move it to {target!r} (someone else changed it)")
+        try:
+            check_move(name, submission.state, move)
+        except TransitionError:
+            if retried and submission.state == move.target:
+                return None
+            self._held.discard(submission.id)
+            raise
+        return submission
 
     def _requeue(self, name: str) -> str:
-        return self._end_claim(name, "new")
+        return self._end_claim(name, Move.REQUEUE)
 
     def _give_up(self, name: str) -> str:
-        state = self._end_claim(name, "checking_error")
+        state = self._end_claim(name, Move.GIVE_UP)
         self._finished(name)
         return state
 
-    def _end_claim(self, name: str, target: str) -> str:
-        """Move a claimed submission to ``new`` or ``checking_error``, unless someone else
-        changed it meanwhile (then it is left as they set it); return its state."""
+    def _end_claim(self, name: str, move: Move) -> str:
+        """Make ``move`` (back to the queue, or given up) on a claimed submission, unless
+        someone else changed it meanwhile (then it is left as they set it); return its
+        state."""
         key = submission_id(name)
         held = key in self._held
         self._held.discard(key)
 
         def work(session: Session, retried: bool) -> str:
             submission = session.get(Submission, key)
-            if submission is None or not held or submission.state not in RUNNING_STATES:
+            if submission is None or not held or submission.state not in move.sources:
                 return submission.state if submission is not None else "gone"
-            set_submission_state(session, key, target)
-            if target == "checking_error":
+            set_submission_state(session, key, move.target)
+            if move is Move.GIVE_UP:
                 set_submission_error_msg(session, key, CHECKING_ERROR_MESSAGE)
             self._renumber(session, self._waiting_ids(session))
-            return target
+            return move.target
         return self._transaction(work)
 
     def _finished(self, name: str) -> None:

@@ -8,7 +8,6 @@ starts from, so a submission is never claimed twice nor scored twice.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -18,20 +17,14 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.config import EventConfig
-from runner.errors import RunnerError
-from runner.ledger import Ledger, LedgerError
+from runner.eventlock import event_lock
+from runner.ledger import Ledger
 from runner.submissions import Intake
 from runner.training_output import RunResults
 
 logger = logging.getLogger("runner.source")
 
 SETTLE_MARGIN_SECONDS = 0.02
-
-
-class DispatcherBusy(RunnerError, RuntimeError):
-    """Another dispatcher already runs this event."""
-
-    exit_code = 2
 
 
 class SubmissionSource(Protocol):
@@ -43,6 +36,11 @@ class SubmissionSource(Protocol):
 
     def intake(self) -> None:
         """Take in submissions that arrived since the last call."""
+
+    def watch(self, wake: Callable[[], None]) -> AbstractContextManager[None] | None:
+        """While inside, call ``wake()`` soon after new submissions may have arrived; None
+        when the source has nothing to watch (the dispatcher then takes them in at each of
+        its wake-ups)."""
 
     def count_new(self) -> int:
         """How many submissions wait to be run."""
@@ -82,10 +80,6 @@ class SubmissionSource(Protocol):
         ``dispatcher.max_attempts`` such recoveries it is ``checking_error``, "the
         dispatcher died N times while running this submission". Return their names."""
 
-    # Optional (the dispatcher calls them when the source has them):
-    # def watch(self, wake: Callable[[], None]) -> AbstractContextManager[None]:
-    #     """Call ``wake()`` soon after new submissions may have arrived, while inside."""
-
 
 class FolderSource(Ledger):
     """The standalone source: the event's ledger, fed by its submissions folder
@@ -104,7 +98,7 @@ class FolderSource(Ledger):
     @contextmanager
     def opened(self) -> Iterator[None]:
         """Hold the ledger's lock (one dispatcher per ledger file); close the ledger after."""
-        with self, exclusive(self.path):
+        with self, event_lock(self.path):
             yield
 
     def intake(self) -> None:
@@ -192,33 +186,3 @@ class FolderSource(Ledger):
 def _times(results: RunResults) -> dict[str, float]:
     return {"train": results.train_time, "valid": results.valid_time,
             "test": results.test_time}
-
-
-@contextmanager
-def exclusive(ledger_path: Path) -> Iterator[None]:
-    """Hold the event's lock: two dispatchers on one ledger would steal each other's runs.
-
-    The lock is taken on the ledger file itself (created empty when missing: an empty file
-    is an empty SQLite database), so it is keyed by the file's identity, not by how its path
-    is spelled: a symlink, a hard link or ``..`` in the path reach the same lock. flock and
-    SQLite's own (POSIX) locks do not interact on a local file system, where a ledger
-    in WAL mode must live anyway.
-    """
-    ledger_path = Path(ledger_path)
-    try:
-        ledger_path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(ledger_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as error:
-        raise LedgerError(ledger_path, f"cannot open it to lock the event "
-                                       f"({error.strerror})") from None
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DispatcherBusy(
-                f"another dispatcher is running this event (it holds the lock on "
-                f"{os.path.realpath(ledger_path)})"
-            ) from None
-        yield
-    finally:
-        os.close(descriptor)

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from runner.ledger import SCHEMA, Ledger, TransitionError
+from runner.ledger import SCHEMA, Ledger
+from runner.states import TransitionError
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import distributed
 import psutil
 import pytest
 from ramp_database.model import Event, EventTeam, Submission
@@ -309,6 +310,34 @@ def test_organiser_stops_a_running_submission(sqlite_board):
     with board_session(sqlite_board.database) as session:
         assert get_submission_state(session, key) == "training_error"
         assert get_submission_error_msg(session, key) == "stopped by the organizers"
+
+
+def test_submission_refused_at_setup_is_a_training_error_on_the_board(sqlite_board):
+    """A Dask run the worker refuses during setup (a link in the submission folder) fails
+    from ``sent_to_training``: the board records it as the ledger would, at once."""
+    refused = (("alice", "with_link", "random_forest"),)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster:
+        event_config = add_board_event(
+            sqlite_board, "iris_refused", submissions=refused,
+            worker={"worker_type": "dask", "dask_scheduler": cluster.scheduler_address})
+        config, source = load_ramp_event(sqlite_board.ramp_config, event_config)
+        with board_session(sqlite_board.database) as session:
+            key = _by_name(session, "iris_refused")[("alice", "with_link")].id
+        folder = Path(config.worker.submissions_dir) / f"submission_{key:09d}"
+        (folder / "shadow").symlink_to("/etc/shadow")
+        dispatcher = Dispatcher(config, source=source)
+        thread = threading.Thread(target=dispatcher.run)
+        thread.start()
+        thread.join(60)
+        stuck = thread.is_alive()
+        if stuck:
+            dispatcher.stop()
+            thread.join(60)
+    with board_session(sqlite_board.database) as session:
+        assert get_submission_state(session, key) == "training_error"
+        assert "shadow is a symbolic link" in get_submission_error_msg(session, key)
+    assert not stuck  # hunger_policy: exit, nothing left waiting
 
 
 def test_public_error_never_shows_log_lines(tmp_path):

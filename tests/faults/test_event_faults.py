@@ -15,8 +15,9 @@ import pytest
 
 from runner.config import load_event_config
 from runner.dispatcher import IDLE_RESCAN_SECONDS, Dispatcher, MachineFault, prepare_data
+from runner.eventlock import DispatcherBusy
 from runner.ledger import Ledger
-from runner.source import DispatcherBusy, FolderSource
+from runner.source import FolderSource
 from tests.events import EXAMPLE, make_event
 from tests.faults.helpers import (
     RAMP_RUNNER,
