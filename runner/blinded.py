@@ -33,12 +33,6 @@ from runner.states import SubmissionState
 
 logger = logging.getLogger("runner.blinded")
 
-NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
-                      (2, 0): np.lib.format.read_array_header_2_0}
-# A fold's predictions hold one row per sample and at most this many values per row
-# (classes, outputs): what the scoring side loads is bounded by the kit, not by the run.
-MAX_VALUES_PER_ROW = 100_000
-
 
 class KitNotSplittable(EventError):
     """The kit cannot be run with hidden test labels (it needs its data or pickles in the
@@ -189,22 +183,14 @@ def score(kit_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
 
 def _load_predictions(fold_dir: Path, suffix: str, truth: Any) -> np.ndarray:
     """The run's ``y_pred_<suffix>.npy``, its header checked before its data is read."""
-    expected = np.asarray(truth.y_pred).shape
+    where = f"{fold_dir.name}/y_pred_{suffix}.npy"
     try:
         with open(fold_dir / f"y_pred_{suffix}.npy", "rb", opener=_no_follow) as handle:
-            header = NPY_HEADER_READERS.get(np.lib.format.read_magic(handle))
-            if header is None:
-                raise ValueError("not an .npy file of format 1.0 or 2.0")
-            shape, _, dtype = header(handle)
-            if (dtype.kind not in "biuf" or len(shape) != len(expected)
-                    or shape[0] != expected[0] or np.prod(shape[1:]) > MAX_VALUES_PER_ROW):
-                raise ValueError(f"an array of shape {shape} and type {dtype}, expected "
-                                 f"shape {expected} of numbers")
+            rescoring.check_predictions_header(handle, np.asarray(truth.y_pred).shape, where)
             handle.seek(0)
             return np.load(handle, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise SubmissionError(f"unusable results: {fold_dir.name}/y_pred_{suffix}.npy: "
-                              f"{error}") from None
+        raise SubmissionError(f"unusable results: {where}: {error}") from None
 
 
 def _no_follow(path: str, flags: int) -> int:

@@ -39,6 +39,9 @@ logger = logging.getLogger("runner.rescoring")
 
 # Scores recomputed from the predictions and those ramp-test wrote agree to this.
 SCORE_TOLERANCE = 1e-9
+# A fold's predictions hold one row per sample and at most this many values per row
+# (classes, outputs): what is loaded is bounded by the kit's ground truth, not by the run.
+MAX_VALUES_PER_ROW = 100_000
 # Collecting threads and the warm-up load a kit's problem and ground truth once, not each
 # its own copy while the first load runs.
 _LOADING = threading.RLock()
@@ -164,10 +167,11 @@ def _scores_from_predictions(output_dir: Path, data_dir: str, problem: Any, y_tr
                              max_bytes: int) -> tuple[list[Scores], Scores]:
     """Each fold's train/valid/test scores and the all-folds bag of valid and test, computed
     from the run's saved predictions with the kit's score types, as ramp-test computes them."""
+    import numpy as np
     from rampwf.utils.io import load_y_pred
 
     def load(fold_dir: Path, suffix: str) -> Any:
-        _check_npz(fold_dir / f"y_pred_{suffix}.npz", max_bytes)
+        _check_npz(fold_dir / f"y_pred_{suffix}.npz", max_bytes, shapes[suffix])
         try:
             return load_y_pred(problem, data_path=data_dir, input_path=str(fold_dir),
                                suffix=suffix)
@@ -177,6 +181,9 @@ def _scores_from_predictions(output_dir: Path, data_dir: str, problem: Any, y_tr
                 f"{type(error).__name__}: {error}")) from None
 
     predictions = problem.Predictions
+    shapes = {"train": np.asarray(predictions(y_true=y_train).y_pred).shape}
+    if y_test is not None:
+        shapes["test"] = np.asarray(predictions(y_true=y_test).y_pred).shape
     folds_scored, valid_bag, test_bag = [], [], []
     try:
         for i, (train_is, valid_is) in enumerate(folds):
@@ -228,8 +235,11 @@ def _all_folds_bagged(problem: Any, predictions: list, truth: Any,
             for score_type in problem.score_types}
 
 
-def _check_npz(path: Path, max_bytes: int) -> None:
-    """Refuse a prediction archive that is a link or unpacks to more than ``max_bytes``."""
+def _check_npz(path: Path, max_bytes: int, expected_shape: tuple[int, ...]) -> None:
+    """Refuse a prediction archive that is a link, unpacks to more than ``max_bytes``, or
+    holds anything but the one array ``y_pred`` ramp-test saves, of the shape the ground
+    truth implies (its header is read, not its data)."""
+    where = f"{path.parent.name}/{path.name}"
     try:
         info = os.lstat(path)
     except OSError:
@@ -238,10 +248,36 @@ def _check_npz(path: Path, max_bytes: int) -> None:
         raise SubmissionError(f"unusable results: {path.name} is not a regular file")
     try:
         with zipfile.ZipFile(path) as archive:
-            unpacked = sum(member.file_size for member in archive.infolist())
+            members = archive.infolist()
+            unpacked = sum(member.file_size for member in members)
+            if unpacked > max_bytes:
+                raise SubmissionError(f"unusable results: {where} unpacks to {unpacked} "
+                                      "bytes, more than output_limit_mb")
+            if [member.filename for member in members] != ["y_pred.npy"]:
+                raise SubmissionError(f"unusable results: {where}: expected the one array "
+                                      "y_pred that ramp-test saves")
+            with archive.open("y_pred.npy") as member:
+                check_predictions_header(member, expected_shape, where)
     except (zipfile.BadZipFile, OSError) as error:
-        raise SubmissionError(f"unusable results: {path.parent.name}/{path.name}: {error}") \
-            from None
-    if unpacked > max_bytes:
-        raise SubmissionError(f"unusable results: {path.parent.name}/{path.name} unpacks to "
-                              f"{unpacked} bytes, more than output_limit_mb")
+        raise SubmissionError(f"unusable results: {where}: {error}") from None
+
+
+def check_predictions_header(handle: Any, expected_shape: tuple[int, ...], where: str) -> None:
+    """Refuse predictions whose .npy header, read from ``handle`` at the array's start, is
+    not numbers of ``expected_shape`` (rows as in the ground truth, at most
+    ``MAX_VALUES_PER_ROW`` values a row): before any of the data is read."""
+    import numpy as np
+
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        reader = readers.get(np.lib.format.read_magic(handle))
+        if reader is None:
+            raise ValueError("not an .npy array of format 1.0 or 2.0")
+        shape, _, dtype = reader(handle)
+    except ValueError as error:
+        raise SubmissionError(f"unusable results: {where}: {error}") from None
+    if (dtype.kind not in "biuf" or len(shape) != len(expected_shape)
+            or shape[:1] != expected_shape[:1] or math.prod(shape[1:]) > MAX_VALUES_PER_ROW):
+        raise SubmissionError(f"unusable results: {where}: an array of shape {shape} and "
+                              f"type {dtype}, expected shape {expected_shape} of numbers")

@@ -20,7 +20,6 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 FOLD_PREFIX = "fold_"
 BAGGED_SCORES_FILE = "bagged_scores.csv"
@@ -30,6 +29,10 @@ BAGGED_STEPS = ("valid", "test")
 # A scores file holds a few rows of a few numbers: anything bigger is not ramp-test's, and
 # bounding the size bounds the time spent parsing it.
 MAX_SCORES_BYTES = 256 * 1024
+# Of a failed fold's error.txt, the end is read (the exception's last line is there), and
+# the end of that line is quoted: a hint, not the whole error.
+ERROR_HINT_BYTES = 4096
+ERROR_HINT_CHARACTERS = 300
 
 
 Scores = dict[str, dict[str, float]]  # step -> score type -> value
@@ -166,11 +169,33 @@ def _read_table(path: str) -> tuple[list[str], list[list[str]]]:
 
 def _failed_fold_hint(path: str) -> str:
     """When the run failed in this fold, why (its error.txt's last line), else ''."""
-    error = Path(path).parent / "error.txt"
-    if not error.is_file():
+    error = os.path.join(os.path.dirname(path), "error.txt")
+    try:
+        tail = read_tail(error, ERROR_HINT_BYTES)
+    except ValueError:  # a link, a FIFO: no hint from it
         return ""
-    last = error.read_text(errors="replace").strip().splitlines()[-1:]
-    return f" (the run failed: {error}: {last[0] if last else ''})"
+    if tail is None:
+        return ""
+    last = tail.decode(errors="replace").strip().splitlines()[-1:]
+    return f" (the run failed: {error}: {last[0][-ERROR_HINT_CHARACTERS:] if last else ''})"
+
+
+def read_tail(path: str, limit: int) -> bytes | None:
+    """The last ``limit`` bytes of the regular file ``path`` (a run's file may be any
+    size: a 600 MB one-line error.txt was read whole); None when it is missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ValueError(f"{path}: unreadable ({error.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: malformed, not a regular file")
+        return os.pread(fd, limit, max(0, info.st_size - limit))
+    finally:
+        os.close(fd)
 
 
 def _number(text: str, column: str, path: str) -> float:
