@@ -146,12 +146,13 @@ def serve(c, ramp_config=None, events_dir=None):
 
     from runner.display import configure_logging
     from runner.ramp_server import serve as serve_board
+    from runner.untrusted import visible
 
     out, err = _consoles()
     configure_logging(err, verbose=False)
 
     def status_line(event: str, line: str) -> None:
-        out.print(Text(f"{time.strftime('%H:%M:%S')}  {event}: {line}"))
+        out.print(Text(visible(f"{time.strftime('%H:%M:%S')}  {event}: {line}")))
 
     serve_board(ramp_config, events_dir, on_status=status_line)
 

@@ -30,6 +30,7 @@ from runner.ledger import Submission, Transition
 from runner.signals import stop_on_signals
 from runner.states import FINAL_STATES, SubmissionState
 from runner.training_output import STEPS, ScoreType
+from runner.untrusted import VisibleLogText, visible
 
 if TYPE_CHECKING:
     from runner.dispatcher import Dispatcher
@@ -107,8 +108,9 @@ def status_table(title: str, submissions: Sequence[Submission],
     table.add_column("MiB", justify="right")
     table.add_column("error", overflow="fold", ratio=1)
     for s in submissions:
-        table.add_row(Text(s.name), _state(s.state), str(runs[s.name]), seconds(s.run_time),
-                      _megabytes(s.peak_memory_mb), Text(last_line(s.error_msg)))
+        table.add_row(Text(visible(s.name)), _state(s.state), str(runs[s.name]),
+                      seconds(s.run_time), _megabytes(s.peak_memory_mb),
+                      Text(visible(last_line(s.error_msg))))
     return table
 
 
@@ -117,7 +119,7 @@ def submission_detail(submission: Submission, transitions: Sequence[Transition])
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
-    facts.add_row("submission", Text(submission.name))
+    facts.add_row("submission", Text(visible(submission.name)))
     facts.add_row("state", _state(submission.state))
     facts.add_row("runs", str(runs_per_submission(transitions)[submission.name]))
     facts.add_row("lost runs", str(submission.attempts))
@@ -133,10 +135,10 @@ def submission_detail(submission: Submission, transitions: Sequence[Transition])
     history = Table("at", "from", "to", "detail", title="history", title_justify="left")
     for t in transitions:
         history.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.at)),
-                        t.from_state or "", _state(t.to_state), Text(t.detail))
+                        t.from_state or "", _state(t.to_state), Text(visible(t.detail)))
     parts = [facts, history]
     if submission.error_msg:
-        parts += [Text("error", style="bold"), Text(submission.error_msg)]
+        parts += [Text("error", style="bold"), Text(visible(submission.error_msg))]
     return Group(*parts)
 
 
@@ -208,7 +210,7 @@ class DispatchView:
         slots = Table.grid(padding=(0, 2))
         for name, status, elapsed, timeout in running:
             limit = f" / {timeout:.0f} s" if timeout else ""
-            slots.add_row(Text(name), Text(self.states.get(name, status)),
+            slots.add_row(Text(visible(name)), Text(self.states.get(name, status)),
                           Text(f"{elapsed:.0f} s{limit}", style="dim"))
         with self._lock:
             counts = Counter(self.states.values())
@@ -284,6 +286,7 @@ def configure_logging(console: Console, verbose: bool, log_file: Path | None = N
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     stream.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    stream.addFilter(VisibleLogText())
     if not verbose:
         stream.addFilter(_Once())
     root.addHandler(stream)
@@ -292,4 +295,5 @@ def configure_logging(console: Console, verbose: bool, log_file: Path | None = N
         to_file = logging.FileHandler(log_file)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         to_file.setLevel(logging.INFO)
+        to_file.addFilter(VisibleLogText())
         root.addHandler(to_file)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from runner.errors import LedgerError
 from runner.states import RUNNING_STATES, Move, SubmissionState, TransitionError, check_move
+from runner.untrusted import visible
 
 _STATE_NAMES = ", ".join(f"'{state}'" for state in SubmissionState)
 _RUNNING_PLACEHOLDERS = ", ".join("?" for _ in RUNNING_STATES)
@@ -376,6 +377,10 @@ def _move(db: sqlite3.Connection, name: str, move: Move, detail: str = "",
           **columns: Any) -> SubmissionState:
     """Make ``move`` with ``columns`` and log it; return the state it ended in."""
     now = time.time()
+    # What a run said is stored as it will be shown: its control characters as escapes.
+    detail = visible(detail)
+    if "error_msg" in columns:
+        columns["error_msg"] = visible(columns["error_msg"])
     columns.update(state=move.target, updated_at=now)
     assignments = ", ".join(f"{column} = ?" for column in columns)
     if len(move.sources) == 1:

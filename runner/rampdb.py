@@ -56,6 +56,7 @@ from runner.states import (
     check_move,
 )
 from runner.training_output import RunResults
+from runner.untrusted import visible
 
 logger = logging.getLogger("runner.rampdb")
 
@@ -309,7 +310,8 @@ class RampSource:
     def mark_training_error(self, name: str, error_msg: str, run_time: float | None,
                             peak_memory_mb: float | None) -> None:
         """The submission failed or timed out; the participant reads its traceback."""
-        message = public_error(error_msg, Path(self.config.worker.logs_dir) / name / "log")
+        message = visible(public_error(error_msg,
+                                       Path(self.config.worker.logs_dir) / name / "log"))
 
         def work(session: Session, retried: bool) -> None:
             submission = self._moving(session, name, Move.FAIL, retried)

@@ -29,7 +29,17 @@ from runner.ledger import Ledger
 logger = logging.getLogger("runner.submissions")
 
 # A name ramp-test and every filesystem accept, and that cannot climb out of the folder.
-VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Names become folder and file names, with prefixes and suffixes (the run's scratch folder,
+# its log): far under the 255 bytes a file name may take.
+MAX_NAME_LENGTH = 64
+NAME_RULE = f"letters, digits, '_', '-' and '.', at most {MAX_NAME_LENGTH} characters"
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may name a submission: matched whole (a trailing newline is not a
+    name), and bounded."""
+    return len(name) <= MAX_NAME_LENGTH and VALID_NAME.fullmatch(name) is not None
 # How long a folder created in place must stay unchanged before it is taken in.
 QUIET_SECONDS = 1.0
 
@@ -100,9 +110,8 @@ class Intake:
         if not stat.S_ISDIR(info.st_mode):
             self.known.add(name)  # a stray file: not a submission, nothing to say
             return False
-        if not VALID_NAME.match(name):
-            self._refuse(name, "is not a valid submission name (letters, digits, '_', '-', "
-                               "'.')")
+        if not valid_name(name):
+            self._refuse(name, f"is not a valid submission name ({NAME_RULE})")
             return False
         if name in self.moved_in:
             self.moved_in.discard(name)
@@ -146,8 +155,8 @@ def submit(config: EventConfig, source: str | Path, name: str | None = None) -> 
     name = name or source.name
     if not source.is_dir():
         raise ValueError(f"{source}: expected a submission folder")
-    if not VALID_NAME.match(name):
-        raise ValueError(f"submission name {name!r}: expected letters, digits, '_', '-' or '.'")
+    if not valid_name(name):
+        raise ValueError(f"submission name {name!r}: expected {NAME_RULE}")
     target = Path(config.worker.submissions_dir) / name
     if target.exists():
         raise ValueError(f"a submission called {name!r} already exists in {target.parent}")
