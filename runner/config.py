@@ -127,6 +127,12 @@ class WorkerConfig(dict):
     def __init__(self, values: Mapping[str, Any], section: WorkerSection):
         super().__init__(values)
         self.section = section
+        self._as_made = dict(values)
+
+    def unchanged_section(self) -> WorkerSection | None:
+        """The section this dict was made from, or None once a key was set or removed
+        (RAMP's callers may change a worker's dict until ``setup``)."""
+        return self.section if dict(self) == self._as_made else None
 
     def public(self) -> dict[str, Any]:
         """The dict with every secret shown as ``<hidden>``: what may be printed."""
@@ -434,12 +440,12 @@ def worker_settings(section_class: type[WorkerSection], config: Mapping[str, Any
     """Validate the dict a worker received, whose five paths must be filled in.
 
     A dict made by ``EventConfig.worker_dict`` carries the section it was validated as,
-    and is not validated again.
+    and is not validated again unless it was changed since.
     """
     for key in PATH_KEYS:
         if not config.get(key):
             raise ConfigError(source, f"worker.{key}", "a path")
-    section = getattr(config, "section", None)
+    section = config.unchanged_section() if isinstance(config, WorkerConfig) else None
     if isinstance(section, section_class):
         return section
     return _validate(section_class, config, source, "worker")

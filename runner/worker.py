@@ -12,7 +12,6 @@ Custom workers import ``BaseWorker`` from here (``runner.worker``): that path is
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import shutil
 import tempfile
@@ -24,13 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import ramptest
-from runner.config import (
-    DEFAULT_TIMEOUT,
-    PATH_KEYS,
-    CustomWorkerSection,
-    WorkerSection,
-    worker_settings,
-)
+from runner.config import PATH_KEYS, CustomWorkerSection, WorkerSection, worker_settings
 from runner.errors import EventError
 from runner.ramptest import RunResults
 from runner.registry import worker_class
@@ -101,6 +94,7 @@ class BaseWorker:
         self._wakeup = threading.Event()
         self._status_lock = threading.Lock()
         self._scratch: Path | None = None
+        self._settings: WorkerSection | None = None
         self.peak_memory_mb: float | None = None
         # The results as read and checked while collecting (runner.results), so that the
         # dispatcher does not read them again; None for workers that install their own.
@@ -113,10 +107,21 @@ class BaseWorker:
         """The validated settings of a worker dict (see ``runner.config.worker_settings``)."""
         return worker_settings(cls.settings_class, config, f"{cls.__name__} config")
 
-    @functools.cached_property
+    @property
     def settings(self) -> WorkerSection:
-        """This worker's settings (see ``settings_of``)."""
-        return self.settings_of(self.config)
+        """This worker's typed settings: its config dict validated (``settings_of``) when
+        first needed, and again by ``read_config`` at setup."""
+        if self._settings is None:
+            self._settings = self.settings_of(self.config)
+        return self._settings
+
+    def read_config(self, *required: str) -> WorkerSection:
+        """At setup, as RAMP's workers do: check that ``required`` keys (default: the five
+        paths) are in the config dict, then take the dict as it is now as the settings
+        (RAMP's callers may change it between making the worker and setting it up)."""
+        self.require_keys(*required)
+        self._settings = None
+        return self.settings
 
     # -- status ---------------------------------------------------------------------------
 
@@ -173,7 +178,7 @@ class BaseWorker:
     @property
     def timeout(self) -> float:
         """Seconds a run may take before it is stopped."""
-        return float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+        return float(self.settings.timeout)
 
     @property
     def poll_seconds(self) -> float:
@@ -295,7 +300,7 @@ class BaseWorker:
     def _install(self, end: RunEnd, log_file: Path, output_dir: Path | None) -> tuple[int, str]:
         """Install the run's log and predictions (``runner.results``), then be ``collected``."""
         returncode, error_msg, self.verified_results = install_run(
-            self.config, self.submission, self.timeout, end, log_file, output_dir)
+            self.settings, self.submission, end, log_file, output_dir)
         self.status = S.COLLECTED
         logger.debug("%r collected: returncode %s", self, returncode)
         return returncode, error_msg

@@ -157,7 +157,7 @@ class AWSWorker(RemoteWorker):
             # A shutdown (kill) must not wait for a slow boot: it sets _wakeup.
             ec2.wait_until_running(self._ec2, self.instance.instance_id, stop=self._wakeup)
             host, port = ec2.instance_address(self._ec2, self.instance.instance_id)
-            known_hosts = known_hosts_path(self.config)
+            known_hosts = known_hosts_path(section, self.config.get("event_dir"))
             forget_host(known_hosts, host, port)  # a new machine: trust its first key
             self.session = RemoteSession(host, section.ami_user_name, section.key_path, port,
                                          known_hosts=known_hosts)

@@ -48,9 +48,8 @@ def run_submission(job: dict[str, Any]) -> dict[str, Any]:
 
     ``job`` keys: ``run_id``, ``submission``, ``submission_tar`` (bytes), ``kit`` and
     ``data`` (``{"path": ...}`` or ``{"sha": ..., "tar": bytes | None}``), ``conda_env``,
-    ``n_threads``, ``timeout``, and ``confinement``: the worker keys ``sandbox``,
-    ``network`` and the limits (``runner.sandbox.DEFAULTS`` for those left out). The
-    result's ``status`` is ``ended``, ``timeout``,
+    ``n_threads``, and ``settings``: the worker's settings (its timeout, sandbox and
+    limits). The result's ``status`` is ``ended``, ``timeout``,
     ``killed``, ``missing`` (send the named folders' bytes, then submit again here),
     ``lost`` (this run already started on a Dask worker that died), ``no_sandbox``
     (``sandbox: required`` and the sandbox does not work here: nothing ran) or
@@ -146,8 +145,8 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
                             ramp_test=str(ramp_test))
     env = ramptest.child_environment(job.get("n_threads"), extra_path=str(bin_dir))
     log_path = scratch / "log"
-    settings = job.get("confinement") or {}
-    mode = settings.get("sandbox", sandbox.DEFAULTS["sandbox"])
+    settings = job["settings"]
+    mode = settings.sandbox
     works, why = sandbox.probe() if mode != "off" else (True, "")
     # Said to the dispatcher, which decides and warns (an exception would be a lost run).
     no_sandbox = None if works else why
@@ -155,15 +154,15 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
         return {"status": "no_sandbox", "no_sandbox": no_sandbox, "worker": worker.address,
                 "log": b""}
     confinement = sandbox.confinement(
-        settings, f"Dask worker {worker.address}", read_only=[kit, data],
-        writable=[submissions / submission], tmp=scratch / "tmp")
+        settings, sandbox.use_sandbox(mode, f"Dask worker {worker.address}"),
+        read_only=[kit, data], writable=[submissions / submission], tmp=scratch / "tmp")
     with _LOCK:
         if run_id in _KILLED:
             return {"status": "killed", "worker": worker.address, "log": b""}
         run = LocalRun(argv, env, log_path, cwd=scratch, confinement=confinement)
         _RUNS[run_id] = run
     try:
-        status = _wait(run, float(job["timeout"]), worker)
+        status = _wait(run, float(settings.timeout), worker)
         run.stop()
         if status == "ended" and run_id in _KILLED:
             status = "killed"
@@ -180,10 +179,8 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
             and output.is_dir() and not output.is_symlink()
         if ok:
             # Packing follows links: a link or a FIFO must be refused before, here.
-            limit = int((job.get("confinement") or {}).get(
-                "output_limit_mb", sandbox.DEFAULTS["output_limit_mb"]))
             try:
-                results.check_tree(output, limit * results.MIB)
+                results.check_tree(output, settings.output_limit_mb * results.MIB)
             except SubmissionError as error:
                 ok, stopped = False, str(error)
         return {

@@ -23,7 +23,7 @@ from typing import Any
 import distributed
 
 from runner import archive, ramptest, sandbox
-from runner.config import PATH_KEYS, ConfigError, WorkerSection
+from runner.config import ConfigError, WorkerSection
 from runner.dask import task as dask_task
 from runner.errors import EventError, SubmissionError
 from runner.local.conda import CondaError, conda_env_prefix
@@ -89,10 +89,12 @@ class DaskWorker(BaseWorker):
         A missing key or an unknown ``conda_env`` raises ValueError (EventError) naming
         it; the latter leaves ``status == 'error'``, as ramp-engine's DaskWorker does.
         """
-        self._require("dask_scheduler")
+        self.require_keys("dask_scheduler")
+        # Connected before the paths are checked: ramp-engine's tests close the client of
+        # a worker whose setup failed on a missing key.
         self._client = connect(self.settings, self._security)
-        self._require(*PATH_KEYS)
-        conda_env = self.config.get("conda_env")
+        settings = self.read_config()
+        conda_env = settings.conda_env
         try:
             prefix = self._client.submit(conda_env_prefix, conda_env, pure=False).result()
         except CondaError as error:
@@ -111,13 +113,13 @@ class DaskWorker(BaseWorker):
             "run_id": self._run_id,
             "submission": self.submission,
             "submission_tar": archive.compress(packed),
-            "kit": self._source("kit_dir", self.settings.remote_kit_dir),
-            "data": self._source("data_dir", self.settings.remote_data_dir),
+            "kit": self._source("kit_dir", settings.remote_kit_dir),
+            "data": self._source("data_dir", settings.remote_data_dir),
             "conda_env": conda_env,
             "n_threads": self.config.get("n_threads"),
-            "timeout": self.timeout,
-            # Whether the sandbox works is asked on the Dask worker that runs the task.
-            "confinement": {key: getattr(self.settings, key) for key in sandbox.DEFAULTS},
+            # Its timeout, sandbox and limits; whether the sandbox works is asked on the
+            # Dask worker that runs the task.
+            "settings": settings,
         }
         super().setup()
 
@@ -216,19 +218,12 @@ class DaskWorker(BaseWorker):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _require(self, *keys: str) -> None:
-        """ramp-engine's check of the config dict at setup (it may have changed since)."""
-        for key in keys:
-            if not self.config.get(key):
-                raise EventError(f"The worker required the parameter '{key}' in the "
-                                 f"configuration file (worker.{key} of the event config)")
-
     def _source(self, local_key: str, remote_path: str | None) -> dict[str, Any]:
         """How the task finds the kit or data: a path on the Dask worker, or a content hash."""
         if remote_path:
             return {"path": remote_path}
         try:
-            sha, _ = packed_folder(self.config[local_key], self._pack_cache)
+            sha, _ = packed_folder(getattr(self.settings, local_key), self._pack_cache)
         except archive.UnsafeArchiveError as error:
             raise EventError(f"worker.{local_key} cannot be shipped to the cluster: {error} "
                              f"(or give worker.remote_{local_key.removesuffix('_dir')}_dir, "
@@ -256,7 +251,7 @@ class DaskWorker(BaseWorker):
         job = dict(self._job)
         address = outcome["worker"]
         for name in outcome["missing"]:
-            _, tar = packed_folder(self.config[f"{name}_dir"], self._pack_cache)
+            _, tar = packed_folder(getattr(self.settings, f"{name}_dir"), self._pack_cache)
             logger.info("%r: shipping %s (%d kB) to %s", self, name, len(tar) // 1024, address)
             shipped = self._client.scatter(tar, workers=[address], hash=False)
             self._shipped.append(shipped)

@@ -54,7 +54,7 @@ class CondaEnvWorker(BaseWorker):
     def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
         """Find the conda environment once per dispatcher: with a real conda, asking costs
         about a second."""
-        name = config.get("conda_env")
+        name = cls.settings_of(config).conda_env
         return {"conda_env": name, "conda_prefix": str(_environment(name))}
 
     @property
@@ -66,9 +66,8 @@ class CondaEnvWorker(BaseWorker):
         scratch folder. A missing key or an unknown ``conda_env`` raises ValueError
         (EventError) naming it, and an unknown environment leaves ``status == 'error'``,
         as RAMP's worker does."""
-        self.require_keys()
-        self.settings  # noqa: B018 - the rest of the config is checked here, not at launch
-        conda_env = self.config.get("conda_env")
+        settings = self.read_config()
+        conda_env = settings.conda_env
         prepared = self.config.get("prepared") or {}
         if prepared.get("conda_prefix") and prepared.get("conda_env") == conda_env:
             prefix = Path(prepared["conda_prefix"])
@@ -89,9 +88,9 @@ class CondaEnvWorker(BaseWorker):
         shutil.copytree(self.submission_folder(), copy, symlinks=True,
                         ignore=shutil.ignore_patterns("training_output"))
         self._confinement = sandbox.confinement(
-            self.config, type(self).__name__,
-            read_only=[self.config["kit_dir"], self.config["data_dir"]],
-            writable=[copy], tmp=self.scratch / "tmp")
+            settings, sandbox.use_sandbox(settings.sandbox, type(self).__name__),
+            read_only=[settings.kit_dir, settings.data_dir], writable=[copy],
+            tmp=self.scratch / "tmp")
         super().setup()
 
     def launch_submission(self) -> None:
@@ -99,8 +98,8 @@ class CondaEnvWorker(BaseWorker):
         self._check_launch_allowed()
         argv = ramptest.command(
             self.submission,
-            kit_dir=self.config["kit_dir"],
-            data_dir=self.config["data_dir"],
+            kit_dir=self.settings.kit_dir,
+            data_dir=self.settings.data_dir,
             submissions_dir=str(self._submissions_copy),
             ramp_test=str(self._bin / "ramp-test"),
         )

@@ -76,12 +76,12 @@ def check_private_key(path: str, source: str, key_path: str) -> None:
                           f"mode {stat.S_IMODE(mode):o}")
 
 
-def known_hosts_path(config: dict[str, Any]) -> Path:
-    """The event's known_hosts file: ``known_hosts_file``, else ``<event_dir>/known_hosts``."""
-    configured = config.get("known_hosts_file")
-    if configured:
-        return Path(configured).expanduser()
-    return Path(config.get("event_dir") or config["logs_dir"]) / "known_hosts"
+def known_hosts_path(settings: RemoteWorkerSection, event_dir: str | None) -> Path:
+    """The event's known_hosts file: ``known_hosts_file``, else ``<event_dir>/known_hosts``
+    (``logs_dir`` for a worker made without a dispatcher)."""
+    if settings.known_hosts_file:
+        return Path(settings.known_hosts_file).expanduser()
+    return Path(event_dir or settings.logs_dir) / "known_hosts"
 
 
 class RemoteWorker(BaseWorker):
@@ -103,7 +103,6 @@ class RemoteWorker(BaseWorker):
         self.remote_kit = ""
         self.conda_env: str | None = None
         self.path_prefix: str | None = None
-        self.memory_profiling = bool(config.get("memory_profiling"))
         self.sandboxed = False
         self._poll_at = float("-inf")
         self._poll_state = ("running", None, False)
@@ -158,15 +157,10 @@ class RemoteWorker(BaseWorker):
         """``argv`` under the supervisor, with the worker's limits and, if on, the sandbox."""
         run, kit = self.run_dir, self.remote_kit
         own = f"{kit}/submissions/{self.submission}"
-        settings = self.settings
-        # Not sandbox.confinement: whether the sandbox works was asked of the host, not here.
-        options = sandbox.Confinement(
-            sandbox=self.sandboxed, network=settings.network, read_only=(kit,),
-            writable=(own,), tmp=f"{run}/tmp",
-            limits={name: getattr(settings, name) for name in sandbox.LIMITS}).options()
-        if self.sandboxed:
-            # Other submissions and the runs' files share the kit folder on a host.
-            options += ["--hide", f"{kit}/submissions", "--hide", f"{kit}/{RUN_FOLDER}"]
+        # Other submissions and the runs' files share the kit folder on a host.
+        options = sandbox.confinement(
+            self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
+            hidden=(f"{kit}/submissions", f"{kit}/{RUN_FOLDER}")).options()
         return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
                 "--reason", f"{run}/reason", *options, "--", *argv]
 
@@ -190,13 +184,13 @@ class RemoteWorker(BaseWorker):
         run = shlex.quote(self.run_dir)
         kit = self.remote_kit
         argv = self._supervised(ramptest.command(self.submission, kit, kit, f"{kit}/submissions"))
-        lines = [f"cd {shlex.quote(kit)} || exit 97", *self._environment_lines()]
-        n_threads = self.config.get("n_threads")
-        if n_threads:
-            lines.append("export " + " ".join(
-                f"{name}={int(n_threads)}" for name in ramptest.THREAD_VARIABLES))
-        lines += [
-            "export PYTHONUNBUFFERED=1",
+        # The host's own environment, not the dispatcher's: only what a run sets is added.
+        run_variables = ramptest.child_environment(self.config.get("n_threads"), parent={})
+        lines = [
+            f"cd {shlex.quote(kit)} || exit 97",
+            *self._environment_lines(),
+            "export " + " ".join(f"{name}={shlex.quote(value)}"
+                                 for name, value in run_variables.items()),
             shlex.join(argv),
             f"echo $? > {run}/exit.tmp && mv {run}/exit.tmp {run}/exit",
         ]
@@ -308,7 +302,7 @@ class RemoteWorker(BaseWorker):
             self.session.download(self.remote_kit, names, str(incoming),
                                   before=self._kill_script())
             run_files = incoming / RUN_FOLDER / self.submission
-            if self.memory_profiling and (run_files / "peak_rss").exists():
+            if self.settings.memory_profiling and (run_files / "peak_rss").exists():
                 self.peak_memory_mb = float((run_files / "peak_rss").read_text())
             exit_code = self._exit_code if self._exit_code is not None else 1
             end = run_end(read_reason(run_files / "reason"), exit_code, timed_out,

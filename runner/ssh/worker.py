@@ -85,9 +85,9 @@ def host_in_use(host: SSHHost) -> bool:
     return handle is None
 
 
-def _session(host: SSHHost, section: SSHWorkerSection, config: dict[str, Any]) -> RemoteSession:
+def _session(host: SSHHost, section: SSHWorkerSection, event_dir: str | None) -> RemoteSession:
     return RemoteSession(host.host, host.user, host.key_path, host.port,
-                         known_hosts=known_hosts_path(config),
+                         known_hosts=known_hosts_path(section, event_dir),
                          strict_host_keys=section.strict_host_key_checking)
 
 
@@ -122,7 +122,7 @@ class SSHWorker(RemoteWorker):
         self.remote_kit = self.host.remote_ramp_kit_folder.rstrip("/")
         self.conda_env, self.path_prefix = self.host.conda_env, self.settings.remote_path_prefix
         try:
-            self.session = _session(self.host, self.settings, self.config)
+            self.session = _session(self.host, self.settings, self.config.get("event_dir"))
             self.session.connect()
             self._upload()
         except BaseException:
@@ -174,7 +174,7 @@ class SSHWorker(RemoteWorker):
                 'rm -rf "$d" "../submissions/${d%/}"; ')
             script = (f"cd {kit}/{RUN_FOLDER} 2>/dev/null || exit 0; "
                       f'for d in */; do [ -d "$d" ] || continue; echo "${{d%/}}"; {act}done')
-            session = _session(host, section, config)
+            session = _session(host, section, config.get("event_dir"))
             try:
                 session.connect()
                 _, out, _ = session.run(script, 60)
