@@ -28,7 +28,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 LEDGER_FILENAME = "ramp-runner.sqlite3"
 # Keys the dispatcher adds to a worker's dict; accepted when such a dict is validated again.
 DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
-                   "scratch_dir", "dispatcher_id", "prepared")
+                   "event_config", "scratch_dir", "dispatcher_id", "prepared")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
 # A config is a few dozen values: these bounds refuse alias bombs and runaway nesting long
 # before they cost time or memory, and keep every walk of the document far from Python's
@@ -216,6 +216,7 @@ class EventConfig:
             time_between_collection=self.dispatcher.time_between_collection,
             event_name=self.ramp.event_name,
             event_dir=str(self.path.parent),
+            event_config=str(self.path),
             **more,
         )
 
@@ -428,11 +429,11 @@ def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> Wor
                           "one of " + _types_text() + _suggestion(worker_type, known),
                           repr(worker_type))
     try:
-        worker = registry.worker_class(worker_type)
+        section_class = registry.settings_class(worker_type)
     except (ImportError, AttributeError) as error:
         raise ConfigError(source, f"{key_path}.worker_type",
                           f"an importable worker ({known[worker_type]})", str(error)) from None
-    return _validate(worker.settings_class, values, source, key_path)
+    return _validate(section_class, values, source, key_path)
 
 
 def worker_settings(section_class: type[WorkerSection], config: Mapping[str, Any],

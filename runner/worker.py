@@ -371,11 +371,18 @@ class BaseWorker:
         self._wakeup.set()
 
     @classmethod
-    def preflight(cls, config: dict[str, Any]) -> None:
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
         """Check, before any submission runs, what this worker type needs of the machine
         and the event (a scheduler that answers, a key file only its owner reads); raise
-        EventError naming the key and what was expected. Workers with nothing to check
-        keep this default."""
+        EventError naming the key and what was expected, and return the warnings to show
+        once. Workers with nothing to check keep this default."""
+        return []
+
+    @classmethod
+    def config_source(cls, config: dict[str, Any]) -> str:
+        """What an error about ``config`` names as its source: the event's config file
+        (``event_config``, filled in by the dispatcher), else this worker type's config."""
+        return config.get("event_config") or f"{cls.__name__} config"
 
     @classmethod
     def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:

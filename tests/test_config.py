@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.aws.worker import AWSWorkerSection
+from runner.aws.settings import AWSWorkerSection
 from runner.config import ConfigError, load_event_config, worker_section
-from runner.dask.worker import DaskWorkerSection
-from runner.local.worker import CondaWorkerSection
+from runner.dask.settings import DaskWorkerSection
+from runner.local.settings import CondaWorkerSection
 
 SEEDS = Path(__file__).parent / "seed_configs"
 

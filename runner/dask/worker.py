@@ -9,10 +9,10 @@ kills its process tree on the Dask worker (``runner.dask.task.kill_run``), not o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import distributed
+from distributed.comm import get_address_host_port
 
 from runner import archive, ramptest, sandbox
-from runner.config import ConfigError, WorkerSection
+from runner.config import ConfigError
 from runner.dask import task as dask_task
+from runner.dask.settings import DaskWorkerSection
 from runner.errors import EventError, SubmissionError
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.results import RunEnd
@@ -35,31 +37,9 @@ logger = logging.getLogger("runner.worker")
 CONNECT_TIMEOUT = "20s"
 # How long a stopped run may take to send back its log before it is given up.
 KILL_GRACE_SECONDS = 30.0
+# One short connection attempt: a scheduler that is not there must not cost minutes.
+SCHEDULER_CONNECT_SECONDS = 3.0
 
-
-
-@dataclasses.dataclass(frozen=True)
-class DaskSecurity:
-    """TLS settings handed to ``distributed.Security``."""
-
-    tls_ca_file: str
-    tls_client_cert: str
-    tls_client_key: str
-    require_encryption: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class DaskWorkerSection(WorkerSection):
-    """``worker_type: dask``: run on a dask.distributed cluster."""
-
-    dask_scheduler: str = ""
-    conda_env: str | None = None
-    n_workers: int | None = None
-    dask_security: DaskSecurity | None = None
-    remote_kit_dir: str | None = None
-    remote_data_dir: str | None = None
-
-    REQUIRED = ("dask_scheduler",)
 
 
 class DaskWorker(BaseWorker):
@@ -79,6 +59,12 @@ class DaskWorker(BaseWorker):
         self._outcome: dict[str, Any] | None = None
         self._shipped: list[distributed.Future] = []
         self._submits = 0
+
+    @classmethod
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
+        """The scheduler must answer at ``dask_scheduler``."""
+        check_scheduler(cls.config_source(config), cls.settings_of(config).dask_scheduler)
+        return []
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -284,6 +270,21 @@ class DaskWorker(BaseWorker):
                              callback_timeout=10)
         except Exception as error:  # a lost scheduler must not stop the shutdown
             logger.warning("%r: could not kill the run on the cluster: %s", self, error)
+
+
+def check_scheduler(source: str, address: str) -> None:
+    """Raise ConfigError unless a scheduler answers at ``address`` (one short attempt)."""
+    try:
+        host, port = get_address_host_port(address)
+    except ValueError as error:
+        raise ConfigError(source, "worker.dask_scheduler", "a scheduler address such as "
+                          "tcp://127.0.0.1:8786", f"{address!r} ({error})") from None
+    try:
+        socket.create_connection((host, port), timeout=SCHEDULER_CONNECT_SECONDS).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(source, "worker.dask_scheduler", "a Dask scheduler listening at "
+                          f"{address}", f"nothing there ({reason})") from None
 
 
 def security_of(settings: DaskWorkerSection, event_dir: str | None,

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from runner import ramptest, sandbox
-from runner.config import WorkerSection
+from runner.config import ConfigError
 from runner.errors import EventError
-from runner.local.conda import CondaError, conda_env_prefix
+from runner.local.conda import CondaError, conda_env_prefix, conda_executable
 from runner.local.process import LocalRun
+from runner.local.settings import CondaWorkerSection
 from runner.results import run_end
 from runner.worker import BaseWorker, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
-
-
-@dataclasses.dataclass(frozen=True)
-class CondaWorkerSection(WorkerSection):
-    """``worker_type: conda``: run ramp-test in a local conda environment."""
-
-    conda_env: str | None = None
 
 
 class CondaEnvWorker(BaseWorker):
@@ -46,9 +40,15 @@ class CondaEnvWorker(BaseWorker):
         self._confinement: sandbox.Confinement | None = None
 
     @classmethod
-    def preflight(cls, config: dict[str, Any]) -> None:
-        """``sandbox: required`` without a working sandbox is refused; ``auto`` warns."""
-        sandbox.use_sandbox(cls.settings_of(config).sandbox, cls.__name__)
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
+        """The conda environment must exist and hold ramp-test; ``sandbox: required``
+        without a working sandbox is refused, and ``auto`` without one warns loudly."""
+        settings, source = cls.settings_of(config), cls.config_source(config)
+        warnings = [*_check_conda(source, settings.conda_env),
+                    *_check_sandbox(source, settings.sandbox)]
+        # Said here, once per dispatcher, rather than at the first run's setup.
+        sandbox.use_sandbox(settings.sandbox, cls.__name__)
+        return warnings
 
     @classmethod
     def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +140,38 @@ class CondaEnvWorker(BaseWorker):
             self._run.stop()
             self._run.cleanup()
         super().teardown()
+
+
+def _check_conda(source: str, conda_env: str | None) -> list[str]:
+    warnings = []
+    if conda_executable() is None and conda_env is None:
+        warnings.append(f"no conda found: submissions run in this Python environment "
+                        f"({sys.prefix})")
+    try:
+        prefix = conda_env_prefix(conda_env)
+    except CondaError as error:
+        raise ConfigError(source, "worker.conda_env", "an existing conda environment",
+                          str(error)) from None
+    ramp_test = prefix / "bin" / "ramp-test"
+    if not ramp_test.exists():
+        raise ConfigError(source, "worker.conda_env", "an environment with ramp-workflow "
+                          "installed", f"no {ramp_test}")
+    return warnings
+
+
+def _check_sandbox(source: str, mode: str) -> list[str]:
+    """Local runs: the sandbox must work when required, and its absence is said loudly."""
+    if mode == "off":
+        return []
+    works, why = sandbox.probe()
+    if works:
+        return []
+    if mode == "required":
+        raise ConfigError(source, "worker.sandbox", "a sandbox that works on this machine "
+                          "(or sandbox: auto | off)", f"required, but {why}")
+    return [f"SUBMISSIONS ARE NOT ISOLATED: the sandbox does not work on this machine ({why}); "
+            "they run with the dispatcher's rights and can read and change the event's "
+            "files (install bubblewrap, or set worker.sandbox: off to silence this)"]
 
 
 def _environment(name: str | None) -> Path:

@@ -18,7 +18,6 @@ not work warns once per host and runs without it; ``required`` is the event's er
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shlex
@@ -28,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from runner import ramptest, sandbox, supervise
-from runner.config import ConfigError, WorkerSection
+from runner.config import ConfigError
 from runner.errors import EventError
 from runner.results import read_reason, run_end
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
+from runner.ssh.settings import RemoteWorkerSection
 from runner.worker import BaseWorker, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
@@ -50,15 +50,6 @@ KILL_SESSION = (
 POLL_TIMEOUT = 60.0
 # Conda installs an AMI may have when conda is not on the login PATH.
 CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
-
-
-@dataclasses.dataclass(frozen=True)
-class RemoteWorkerSection(WorkerSection):
-    """Keys every worker that runs ramp-test on a host over SSH shares."""
-
-    memory_profiling: bool = False
-    known_hosts_file: str | None = None
-    remote_path_prefix: str | None = None
 
 
 def check_private_key(path: str, source: str, key_path: str) -> None:

@@ -8,7 +8,6 @@ changed key is always refused.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import logging
 import os
@@ -17,16 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from runner.config import ConfigError
 from runner.ssh.remote_worker import (
     KILL_SESSION,
     RUN_FOLDER,
     RemoteWorker,
-    RemoteWorkerSection,
     check_private_key,
     known_hosts_path,
 )
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
+from runner.ssh.settings import SSHHost, SSHWorkerSection
 
 logger = logging.getLogger("runner.worker")
 
@@ -34,35 +32,6 @@ logger = logging.getLogger("runner.worker")
 # this machine, and released by the kernel when the process holding a lock dies.
 HOST_LOCKS_DIR = Path(tempfile.gettempdir()) / f"ramp-runner-hosts-{os.getuid()}"
 HOST_WAIT_SECONDS = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class SSHHost:
-    """One host an SSH worker may run a submission on."""
-
-    host: str
-    user: str
-    key_path: str
-    remote_ramp_kit_folder: str
-    port: int = 22
-    conda_env: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SSHWorkerSection(RemoteWorkerSection):
-    """``worker_type: ssh``: hosts the organiser already has, one submission per host."""
-
-    hosts: tuple[SSHHost, ...] = ()
-    strict_host_key_checking: bool = False
-
-    REQUIRED = ("hosts",)
-
-    def check(self, source: str, key_path: str) -> None:
-        """Refuse a host listed twice: it would run two submissions at once."""
-        super().check(source, key_path)
-        seen = [(h.host, h.port) for h in self.hosts]
-        if len(set(seen)) != len(seen):
-            raise ConfigError(source, f"{key_path}.hosts", "each host:port listed once")
 
 
 def lock_host(host: SSHHost) -> IO[str] | None:
@@ -153,11 +122,12 @@ class SSHWorker(RemoteWorker):
         super().teardown()
 
     @classmethod
-    def preflight(cls, config: dict[str, Any]) -> None:
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
         """Refuse a host whose private key file is missing or readable by others."""
         for index, host in enumerate(cls.settings_of(config).hosts):
-            check_private_key(host.key_path, f"{cls.__name__} config",
+            check_private_key(host.key_path, cls.config_source(config),
                               f"worker.hosts[{index}].key_path")
+        return []
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
