@@ -122,11 +122,9 @@ class AWSWorker(RemoteWorker):
                          "terminates it once EC2 answers", self, instance_id,
                          " ".join(str(error).split()), lifetime)
 
-    def teardown(self) -> None:
+    def release_run(self) -> None:
         """Terminate the instance, whatever happened before (after a failed collect too)."""
-        self._check_teardown_allowed()
         self._terminate()
-        super().teardown()
 
     @classmethod
     def preflight(cls, config: dict[str, Any]) -> list[str]:

@@ -15,7 +15,7 @@ from runner.local.conda import CondaError, conda_env_prefix, conda_executable
 from runner.local.process import LocalRun
 from runner.local.settings import CondaWorkerSection
 from runner.results import run_end
-from runner.worker import BaseWorker, WorkerStatus
+from runner.worker import BaseWorker, RunArtifacts, RunState, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
 
@@ -93,9 +93,8 @@ class CondaEnvWorker(BaseWorker):
             tmp=self.scratch / "tmp")
         super().setup()
 
-    def launch_submission(self) -> None:
+    def start_run(self) -> None:
         """Start ramp-test in its own process group, its output going to the log."""
-        self._check_launch_allowed()
         argv = ramptest.command(
             self.submission,
             kit_dir=self.settings.kit_dir,
@@ -106,41 +105,35 @@ class CondaEnvWorker(BaseWorker):
         env = ramptest.child_environment(self.config.get("n_threads"), extra_path=str(self._bin))
         self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch,
                              confinement=self._confinement)
-        super().launch_submission()
 
-    def _is_submission_finished(self) -> bool:
-        return self._run.returncode is not None
+    def poll_run(self) -> RunState:
+        """Ended once the process exited."""
+        return RunState.RUNNING if self._run.returncode is None else RunState.ENDED
 
     def wait(self, timeout: float) -> None:
         """Block on the process itself: its end is noticed at once, without polling."""
         if self._run is not None:
             self._run.wait(max(0.0, timeout))
 
-    def collect_results(self) -> tuple[int, str]:
-        """Stop what is left of the run, keep its log and, on success, its predictions."""
-        super().collect_results()
-        with self._collecting():
-            timed_out = self._status is WorkerStatus.TIMEOUT
-            self._run.stop()
-            self.peak_memory_mb = self._run.peak_memory_mb
-            end = run_end(self._run.stop_reason, self._run.returncode, timed_out)
-            output = self._submissions_copy / self.submission / "training_output"
-            return self._install(end, self.scratch / "log", output)
-
-    def kill(self) -> None:
+    def stop_run(self) -> None:
         """Kill the run's whole process tree."""
-        super().kill()
         if self._run is not None:
             self._run.stop()
 
-    def teardown(self) -> None:
-        """Make sure nothing of the run is left, and remove the scratch folder."""
-        self._check_teardown_allowed()
+    def fetch_run(self, timed_out: bool) -> RunArtifacts:
+        """Stop what is left of the run; its log and outputs are already here."""
+        self._run.stop()
+        return RunArtifacts(
+            log=self.scratch / "log",
+            output=self._submissions_copy / self.submission / "training_output",
+            end=run_end(self._run.stop_reason, self._run.returncode, timed_out),
+            peak_memory_mb=self._run.peak_memory_mb)
+
+    def release_run(self) -> None:
+        """Make sure nothing of the run is left, and remove the supervisor's files."""
         if self._run is not None:
             self._run.stop()
             self._run.cleanup()
-        super().teardown()
-
 
 def _check_conda(source: str, conda_env: str | None) -> list[str]:
     warnings = []

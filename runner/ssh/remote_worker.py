@@ -32,7 +32,7 @@ from runner.errors import EventError
 from runner.results import read_reason, run_end
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
 from runner.ssh.settings import RemoteWorkerSection
-from runner.worker import BaseWorker, WorkerStatus
+from runner.worker import BaseWorker, RunArtifacts, RunState
 
 logger = logging.getLogger("runner.worker")
 
@@ -79,7 +79,7 @@ class RemoteWorker(BaseWorker):
     """A run of ramp-test on a remote host; subclasses say how to get the host.
 
     Subclasses open ``self.session`` in ``setup`` (then call ``_upload``), and release
-    the host in ``teardown``. ``_check_spot_notice`` adds the EC2 spot check to polls.
+    the host in ``release_run``. ``_check_spot_notice`` adds the EC2 spot check to polls.
     """
 
     _check_spot_notice = False
@@ -207,11 +207,10 @@ class RemoteWorker(BaseWorker):
             )
         return script
 
-    # -- the contract ---------------------------------------------------------------------
+    # -- the run's execution interface ------------------------------------------------------
 
-    def launch_submission(self) -> None:
-        """Start ramp-test detached on the host (one round trip), then mark it running."""
-        self._check_launch_allowed()
+    def start_run(self) -> None:
+        """Start ramp-test detached on the host (one round trip)."""
         run = shlex.quote(self.run_dir)
         # "cd || exit" and not "&&": "a && b &" would background a subshell, and $! would
         # name it instead of the session leader.
@@ -220,7 +219,6 @@ class RemoteWorker(BaseWorker):
         status, _, stderr = self.session.run(command)
         if status != 0:
             raise RuntimeError(f"{self!r}: could not start ramp-test: {stderr.strip()}")
-        super().launch_submission()
 
     def _poll(self) -> tuple[str, int | None, bool]:
         """(state, exit code, spot notice), at most once per ``time_between_collection``."""
@@ -251,54 +249,48 @@ class RemoteWorker(BaseWorker):
             return "exit", int(words[1]), notice
         return (words[0] if words else "lost"), None, notice
 
-    def _is_submission_interrupted(self) -> bool:
-        state, _, notice = self._poll()
+    def poll_run(self) -> RunState:
+        """Lost on a spot interruption notice or when the run vanished from the host;
+        ended once it wrote its exit code."""
+        state, code, notice = self._poll()
         if notice:
             logger.warning("%r: spot interruption notice", self)
         if state == "lost":
             logger.warning("%r: the run disappeared from the host", self)
-        return notice or state == "lost"
-
-    def _is_submission_finished(self) -> bool:
-        state, code, _ = self._poll()
+        if notice or state == "lost":
+            return RunState.LOST
         if state == "exit":
             self._exit_code = code
-        return state == "exit"
+            return RunState.ENDED
+        return RunState.RUNNING
 
-    def kill(self) -> None:
-        """Mark the run killed, then kill the remote process tree (best effort: the host
-        may be gone)."""
-        super().kill()
-        self._stop_remote_run()
-
-    def _stop_remote_run(self) -> None:
+    def stop_run(self) -> None:
+        """Kill the remote process tree (best effort: the host may be gone)."""
         if self.session is not None and self.session.is_connected and self._started_at:
             try:
                 self.session.run(self._kill_script(), 30)
             except CONNECTION_ERRORS as error:
                 logger.warning("%r: could not kill the remote run: %s", self, error)
 
-    def collect_results(self) -> tuple[int, str]:
-        """Kill what is left of the run, fetch log and outputs in one stream, report."""
-        super().collect_results()
-        with self._collecting():
-            timed_out = self._status is WorkerStatus.TIMEOUT
-            output = f"submissions/{self.submission}/training_output"
-            run_folder = f"{RUN_FOLDER}/{self.submission}"
-            names = (f"set -- {run_folder}/log; "
-                     f"for f in {run_folder}/peak_rss {run_folder}/reason {output}; do "
-                     '[ -e "$f" ] && set -- "$@" "$f"; done; true')
-            incoming = self.scratch / "incoming"
-            incoming.mkdir()
-            self.session.download(self.remote_kit, names, str(incoming),
-                                  before=self._kill_script())
-            run_files = incoming / RUN_FOLDER / self.submission
-            if self.settings.memory_profiling and (run_files / "peak_rss").exists():
-                self.peak_memory_mb = float((run_files / "peak_rss").read_text())
-            exit_code = self._exit_code if self._exit_code is not None else 1
-            end = run_end(read_reason(run_files / "reason"), exit_code, timed_out,
-                          where=f"on {self.session!r}: ")
-            return self._install(end, run_files / "log", incoming / output)
+    def fetch_run(self, timed_out: bool) -> RunArtifacts:
+        """Kill what is left of the run and bring back its log and outputs in one stream."""
+        output = f"submissions/{self.submission}/training_output"
+        run_folder = f"{RUN_FOLDER}/{self.submission}"
+        names = (f"set -- {run_folder}/log; "
+                 f"for f in {run_folder}/peak_rss {run_folder}/reason {output}; do "
+                 '[ -e "$f" ] && set -- "$@" "$f"; done; true')
+        incoming = self.scratch / "incoming"
+        incoming.mkdir()
+        self.session.download(self.remote_kit, names, str(incoming),
+                              before=self._kill_script())
+        run_files = incoming / RUN_FOLDER / self.submission
+        peak_memory_mb = None
+        if self.settings.memory_profiling and (run_files / "peak_rss").exists():
+            peak_memory_mb = float((run_files / "peak_rss").read_text())
+        exit_code = self._exit_code if self._exit_code is not None else 1
+        end = run_end(read_reason(run_files / "reason"), exit_code, timed_out,
+                      where=f"on {self.session!r}: ")
+        return RunArtifacts(run_files / "log", incoming / output, end, peak_memory_mb)
 
     def _close_session(self) -> None:
         if self.session is not None:

@@ -101,16 +101,15 @@ class SSHWorker(RemoteWorker):
             raise
         super().setup()
 
-    def teardown(self) -> None:
+    def release_run(self) -> None:
         """Stop the run if it still goes, remove its files from the host, close the
         connection and free the host, whatever happened before."""
-        self._check_teardown_allowed()
         try:
             if self.session is not None:
                 if not self.session.is_connected:
                     # A step past its deadline closed it (a hung poll): one more try.
                     self.session.reconnect()
-                self._stop_remote_run()
+                self.stop_run()
                 stale = " ".join(shlex.quote(path) for path in (
                     f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
                 self.session.run(f"rm -rf {stale}", 60)
@@ -119,7 +118,6 @@ class SSHWorker(RemoteWorker):
         finally:
             self._close_session()
             self._release_host()
-        super().teardown()
 
     @classmethod
     def preflight(cls, config: dict[str, Any]) -> list[str]:
