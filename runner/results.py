@@ -1,7 +1,8 @@
 """What a finished run leaves on the dispatcher's side: its log, its error, its predictions.
 
-Every worker ends ``collect_results`` with ``install_run``, so that where a run happened
-changes nothing in the log, the error message or the predictions it is judged by.
+``BaseWorker.collect_results`` installs every built-in worker's run with ``install_run``,
+so that where a run happened changes nothing in the log, the error message or the
+predictions it is judged by.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ class BaseWorker:
 
     def submission_folder(self) -> Path:
         """The submission's folder in ``submissions_dir``; EventError when it is not there."""
-        folder = Path(self.config["submissions_dir"]) / self.submission
+        folder = Path(self.settings.submissions_dir) / self.submission
         if not folder.is_dir():
             raise EventError(f"submission folder {folder} does not exist")
         return folder
@@ -444,7 +444,8 @@ class BaseWorker:
         """Load what collecting will need, in a thread of its own while the first runs go:
         by default the kit's scoring code, with which ``runner.results`` re-scores each
         run. A worker that installs its results some other way overrides it."""
-        ramptest.warm(config["kit_dir"], config["data_dir"])
+        settings = cls.settings_of(config)
+        ramptest.warm(settings.kit_dir, settings.data_dir)
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
