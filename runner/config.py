@@ -25,7 +25,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 LEDGER_FILENAME = "ramp-runner.sqlite3"
 # Keys the dispatcher adds to a worker's dict; accepted when such a dict is validated again.
 DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
-                   "scratch_dir", "dispatcher_id", "prepared")
+                   "event_config", "scratch_dir", "dispatcher_id", "prepared")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
 
 
@@ -95,6 +95,12 @@ class WorkerConfig(dict):
     def __init__(self, values: Mapping[str, Any], section: WorkerSection):
         super().__init__(values)
         self.section = section
+        self._as_made = dict(values)
+
+    def unchanged_section(self) -> WorkerSection | None:
+        """The section this dict was made from, or None once a key was set or removed
+        (RAMP's callers may change a worker's dict until ``setup``)."""
+        return self.section if dict(self) == self._as_made else None
 
     def public(self) -> dict[str, Any]:
         """The dict with every secret shown as ``<hidden>``: what may be printed."""
@@ -178,6 +184,7 @@ class EventConfig:
             time_between_collection=self.dispatcher.time_between_collection,
             event_name=self.ramp.event_name,
             event_dir=str(self.path.parent),
+            event_config=str(self.path),
             **more,
         )
 
@@ -250,11 +257,11 @@ def worker_section(values: Mapping[str, Any], source: str, key_path: str) -> Wor
                           "one of " + _types_text() + did_you_mean(worker_type, known),
                           repr(worker_type))
     try:
-        worker = registry.worker_class(worker_type)
+        section_class = registry.settings_class(worker_type)
     except (ImportError, AttributeError) as error:
         raise ConfigError(source, f"{key_path}.worker_type",
                           f"an importable worker ({known[worker_type]})", str(error)) from None
-    return _validate(worker.settings_class, values, source, key_path)
+    return _validate(section_class, values, source, key_path)
 
 
 def worker_settings(section_class: type[WorkerSection], config: Mapping[str, Any],
@@ -262,12 +269,12 @@ def worker_settings(section_class: type[WorkerSection], config: Mapping[str, Any
     """Validate the dict a worker received, whose five paths must be filled in.
 
     A dict made by ``EventConfig.worker_dict`` carries the section it was validated as,
-    and is not validated again.
+    and is not validated again unless it was changed since.
     """
     for key in PATH_KEYS:
         if not config.get(key):
             raise ConfigError(source, f"worker.{key}", "a path")
-    section = getattr(config, "section", None)
+    section = config.unchanged_section() if isinstance(config, WorkerConfig) else None
     if isinstance(section, section_class):
         return section
     return _validate(section_class, config, source, "worker")

@@ -1,7 +1,8 @@
 """What a finished run leaves on the dispatcher's side: its log, its error, its predictions.
 
-Every worker ends ``collect_results`` with ``install_run``, so that where a run happened
-changes nothing in the log, the error message or the predictions it is judged by.
+``BaseWorker.collect_results`` installs every built-in worker's run with ``install_run``,
+so that where a run happened changes nothing in the log, the error message or the
+predictions it is judged by.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from runner import ramptest, rescoring, supervise
+from runner.config import WorkerSection
 from runner.errors import EventError, SubmissionError
 from runner.training_output import RunResults
 
 MIB = 1024 * 1024
-# Defaults of the worker keys (runner.config.WorkerSection) for a config dict without them.
-DEFAULT_OUTPUT_LIMIT_MB = 1024
-DEFAULT_LOG_LIMIT_MB = 20
 # ramp-test leaves a few files per fold; more entries than this is not a result.
 MAX_OUTPUT_ENTRIES = 10_000
 COPY_CHUNK = 1024 * 1024
@@ -40,9 +39,8 @@ class RunEnd:
     stopped: str = ""
 
 
-def install_run(config: dict[str, Any], submission: str, timeout: float, end: RunEnd,
-                log_file: Path, output_dir: Path | None
-                ) -> tuple[int, str, RunResults | None]:
+def install_run(settings: WorkerSection, submission: str, end: RunEnd, log_file: Path,
+                output_dir: Path | None) -> tuple[int, str, RunResults | None]:
     """Install the run's log and, when it succeeded, its ``training_output`` as predictions.
 
     ``log_file`` and ``output_dir`` are the worker's local copies, written by the untrusted
@@ -53,9 +51,10 @@ def install_run(config: dict[str, Any], submission: str, timeout: float, end: Ru
     ``training_output`` folder, links or special files in it, more than
     ``output_limit_mb``, or scores that are malformed or do not match the predictions.
     """
-    log = _read_log(log_file, int(config.get("log_limit_mb") or DEFAULT_LOG_LIMIT_MB))
+    log = _read_log(log_file, settings.log_limit_mb)
     if end.timed_out:
-        returncode, error_msg = ramptest.TIMEOUT_RETURNCODE, ramptest.timeout_message(timeout)
+        returncode = ramptest.TIMEOUT_RETURNCODE
+        error_msg = ramptest.timeout_message(settings.timeout)
     elif end.returncode is None:
         returncode = 1
         error_msg = ramptest.bounded(end.stopped or "the run was stopped before its end")
@@ -64,17 +63,17 @@ def install_run(config: dict[str, Any], submission: str, timeout: float, end: Ru
         error_msg = "" if returncode == 0 else ramptest.error_message(log, returncode)
     if end.timed_out or end.returncode is None:
         log += f"\n{error_msg}\n"
-    _replace_file(Path(config["logs_dir"]) / submission / "log", log)
+    _replace_file(Path(settings.logs_dir) / submission / "log", log)
     results = None
     if returncode == 0:
         if output_dir is None or not stat.S_ISDIR(_lstat_mode(output_dir)):
             raise SubmissionError("ramp-test exited with 0 but left no training_output folder "
                                   "(did the submission remove it?)")
-        limit_mb = int(config.get("output_limit_mb") or DEFAULT_OUTPUT_LIMIT_MB)
+        limit = settings.output_limit_mb * MIB
         results = install_predictions(
-            output_dir, Path(config["predictions_dir"]) / submission, limit_mb * MIB,
+            output_dir, Path(settings.predictions_dir) / submission, limit,
             check=lambda tree: rescoring.verify_results(
-                tree, config["kit_dir"], config["data_dir"], limit_mb * MIB))
+                tree, settings.kit_dir, settings.data_dir, limit))
     return returncode, error_msg, results
 
 

@@ -14,17 +14,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from runner import supervise
+from runner.config import WorkerSection
 from runner.errors import EventError
 
 logger = logging.getLogger("runner.sandbox")
 
-# The worker keys this module reads, with the defaults of runner.config.WorkerSection.
-DEFAULTS: dict[str, Any] = {"sandbox": "auto", "network": False, "memory_limit_mb": 8192,
-                            "output_limit_mb": 1024, "log_limit_mb": 20,
-                            "max_processes": 1024}
 LIMITS = ("memory_limit_mb", "output_limit_mb", "log_limit_mb", "max_processes")
 
 
@@ -81,6 +77,8 @@ class Confinement:
     network: bool
     read_only: tuple[str, ...]
     writable: tuple[str, ...]
+    # Folders the sandbox shows empty (a host's other submissions share the kit folder).
+    hidden: tuple[str, ...]
     tmp: str
     limits: Mapping[str, int]
 
@@ -97,18 +95,25 @@ class Confinement:
                 options += ["--ro", path]
             for path in self.writable:
                 options += ["--rw", path]
+            for path in self.hidden:
+                options += ["--hide", path]
         return options
 
 
-def confinement(settings: Mapping[str, Any], owner: str, read_only: Sequence[str | Path],
-                writable: Sequence[str | Path], tmp: str | Path) -> Confinement:
-    """The confinement of a run from a worker's keys (``settings``: its config dict)."""
-    values = {key: settings.get(key, default) for key, default in DEFAULTS.items()}
+def confinement(settings: WorkerSection, sandboxed: bool, read_only: Sequence[str | Path],
+                writable: Sequence[str | Path], tmp: str | Path,
+                hidden: Sequence[str | Path] = ()) -> Confinement:
+    """The confinement of a run under a worker's ``settings``, wherever it runs.
+
+    ``sandboxed`` is ``use_sandbox``'s answer on the machine the run goes to (this one, an
+    SSH host, a Dask worker): only that machine can say whether the sandbox works there.
+    """
     return Confinement(
-        sandbox=use_sandbox(values["sandbox"], owner),
-        network=bool(values["network"]),
+        sandbox=sandboxed,
+        network=settings.network,
         read_only=tuple(map(str, read_only)),
         writable=tuple(map(str, writable)),
+        hidden=tuple(map(str, hidden)),
         tmp=str(tmp),
-        limits={name: values[name] for name in LIMITS},
+        limits={name: getattr(settings, name) for name in LIMITS},
     )

@@ -6,37 +6,36 @@ every change of it against one table (``TRANSITIONS``). ``wait`` and ``kill`` ar
 project's additions: the dispatcher uses them so that a finished local run is noticed at
 once and a shutdown stops every run; their defaults work for any seed-style worker.
 
+The built-in workers write only ``setup`` and the run's execution interface, as each
+provider of dask-cloudprovider implements its ``VMInterface``: ``start_run``, ``poll_run``,
+``stop_run``, ``fetch_run`` (-> ``RunArtifacts``) and ``release_run``. The base owns the
+rest of the lifecycle once: launch, the checks of a running run, collect (log, error
+message and predictions installed by ``runner.results``), kill and teardown.
+
 Custom workers import ``BaseWorker`` from here (``runner.worker``): that path is stable.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner import rescoring
-from runner.config import (
-    DEFAULT_TIMEOUT,
-    PATH_KEYS,
-    CustomWorkerSection,
-    WorkerSection,
-    worker_settings,
-)
+from runner.config import PATH_KEYS, CustomWorkerSection, WorkerSection, worker_settings
 from runner.errors import EventError
 from runner.registry import worker_class
 from runner.results import RunEnd, install_run
 from runner.training_output import RunResults
 
-__all__ = ["BaseWorker", "ContractError", "WorkerStatus", "worker_class"]
+__all__ = ["BaseWorker", "ContractError", "RunArtifacts", "RunState", "WorkerStatus",
+           "worker_class"]
 
 logger = logging.getLogger("runner.worker")
 
@@ -71,6 +70,26 @@ TRANSITIONS: dict[WorkerStatus, frozenset[WorkerStatus]] = {
 UNCOLLECTED = frozenset({S.RUNNING, S.FINISHED, S.TIMEOUT})
 
 
+class RunState(enum.StrEnum):
+    """Where a launched run is, as its worker's ``poll_run`` sees it."""
+
+    RUNNING = "running"
+    ENDED = "ended"
+    # Lost through no fault of the submission (spot reclaim, lost host or Dask worker).
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class RunArtifacts:
+    """What a run left, brought to this machine by its worker's ``fetch_run``."""
+
+    log: Path
+    # The run's training_output; None when it left none to bring back.
+    output: Path | None
+    end: RunEnd
+    peak_memory_mb: float | None = None
+
+
 class ContractError(ValueError):
     """The worker's methods were called out of order (RAMP raises ValueError too)."""
 
@@ -101,6 +120,7 @@ class BaseWorker:
         self._wakeup = threading.Event()
         self._status_lock = threading.Lock()
         self._scratch: Path | None = None
+        self._settings: WorkerSection | None = None
         self.peak_memory_mb: float | None = None
         # The results as read and checked while collecting (runner.results), so that the
         # dispatcher does not read them again; None for workers that install their own.
@@ -117,10 +137,21 @@ class BaseWorker:
         """The validated settings of a worker dict (see ``runner.config.worker_settings``)."""
         return worker_settings(cls.settings_class, config, f"{cls.__name__} config")
 
-    @functools.cached_property
+    @property
     def settings(self) -> WorkerSection:
-        """This worker's settings (see ``settings_of``)."""
-        return self.settings_of(self.config)
+        """This worker's typed settings: its config dict validated (``settings_of``) when
+        first needed, and again by ``read_config`` at setup."""
+        if self._settings is None:
+            self._settings = self.settings_of(self.config)
+        return self._settings
+
+    def read_config(self, *required: str) -> WorkerSection:
+        """At setup, as RAMP's workers do: check that ``required`` keys (default: the five
+        paths) are in the config dict, then take the dict as it is now as the settings
+        (RAMP's callers may change it between making the worker and setting it up)."""
+        self.require_keys(*required)
+        self._settings = None
+        return self.settings
 
     # -- status ---------------------------------------------------------------------------
 
@@ -133,9 +164,10 @@ class BaseWorker:
         """
         if self._status is S.RUNNING:
             try:
-                if self._is_submission_interrupted():
+                state = self.poll_run()
+                if state is RunState.LOST:
                     self._advance(S.RUNNING, S.RETRY)
-                elif self._is_submission_finished():
+                elif state is RunState.ENDED:
                     self._advance(S.RUNNING, S.FINISHED)
                 else:
                     self.check_timeout()
@@ -177,7 +209,7 @@ class BaseWorker:
     @property
     def timeout(self) -> float:
         """Seconds a run may take before it is stopped."""
-        return float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+        return float(self.settings.timeout)
 
     @property
     def poll_seconds(self) -> float:
@@ -200,12 +232,41 @@ class BaseWorker:
         return False
 
     def _is_submission_finished(self) -> bool:
-        """Whether the launched run has ended (subclasses must say how to tell)."""
+        """Whether the launched run has ended (seed-style workers must say how to tell)."""
         raise NotImplementedError(f"{type(self).__name__} must implement _is_submission_finished")
 
     def _is_submission_interrupted(self) -> bool:
         """Whether the run was lost through no fault of the submission (spot, SSH, Dask)."""
         return False
+
+    # -- the run's execution interface: what each built-in worker implements ----------------
+
+    def start_run(self) -> None:
+        """Start the run that ``setup`` prepared. Seed-style workers keep this default and
+        start theirs in ``launch_submission`` before calling ``super()``."""
+
+    def poll_run(self) -> RunState:
+        """Where the launched run is; an exception is taken for a lost run. The default
+        asks the seed's hooks, ``_is_submission_interrupted`` then ``_is_submission_finished``."""
+        if self._is_submission_interrupted():
+            return RunState.LOST
+        if self._is_submission_finished():
+            return RunState.ENDED
+        return RunState.RUNNING
+
+    def stop_run(self) -> None:
+        """Stop what is left of the run at once (``kill``), keeping nothing; safe to call
+        again and when nothing runs."""
+
+    def fetch_run(self, timed_out: bool) -> RunArtifacts | None:
+        """End what is left of the run (``timed_out``: it ran past ``timeout``) and bring
+        what it left to this machine. None (the default): the worker writes the log and
+        predictions itself after ``super().collect_results()``, as the seed shows."""
+        return None
+
+    def release_run(self) -> None:
+        """Release what ``setup`` took (a host, an instance, a connection), whatever
+        happened before; called by ``teardown``."""
 
     def require_keys(self, *keys: str) -> None:
         """Raise EventError naming the first of ``keys`` the config dict lacks (checked at
@@ -217,7 +278,7 @@ class BaseWorker:
 
     def submission_folder(self) -> Path:
         """The submission's folder in ``submissions_dir``; EventError when it is not there."""
-        folder = Path(self.config["submissions_dir"]) / self.submission
+        folder = Path(self.settings.submissions_dir) / self.submission
         if not folder.is_dir():
             raise EventError(f"submission folder {folder} does not exist")
         return folder
@@ -247,14 +308,8 @@ class BaseWorker:
         logger.debug("%r set up", self)
 
     def launch_submission(self) -> None:
-        """Start the run; subclasses start it, then call ``super().launch_submission()``."""
-        self._check_launch_allowed()
-        self._started_at = time.monotonic()
-        self.status = S.RUNNING
-        logger.debug("%r launched", self)
-
-    def _check_launch_allowed(self) -> None:
-        """Raise ContractError unless set up and not yet launched (subclasses call it first)."""
+        """Start the run (``start_run``); seed-style subclasses start it themselves, then
+        call ``super().launch_submission()``."""
         if self._status in (*UNCOLLECTED, S.COLLECTED):
             raise ContractError(
                 f"{self!r}: the submission was already launched; collect its results first "
@@ -262,11 +317,19 @@ class BaseWorker:
             )
         if self._status is not S.SETUP:
             raise ContractError(f"{self!r}: call setup() before launch_submission()")
+        self.start_run()
+        self._started_at = time.monotonic()
+        self.status = S.RUNNING
+        logger.debug("%r launched", self)
 
     def collect_results(self) -> tuple[int, str]:
-        """Check that there is something to collect; subclasses then write log and predictions.
+        """Collect the run: its log, error message and, on success, its predictions.
 
-        Subclasses return ``(returncode, error_msg)`` and set ``self.status = 'collected'``.
+        What ``fetch_run`` brings back is installed (``runner.results``) and the worker is
+        ``collected``; if that fails, the worker is in ``error``, from which ``teardown``
+        releases everything. A seed-style worker (``fetch_run`` gives None) writes them
+        itself after this call, returns ``(returncode, error_msg)`` and sets
+        ``self.status = 'collected'``.
         """
         if self._status is S.INITIALIZED:
             raise ContractError(
@@ -282,47 +345,36 @@ class BaseWorker:
             raise ContractError(f"{self!r}: results were already collected")
         # As in RAMP, collecting a run that is still going waits for its end or timeout.
         self._wait_until_done()
-        return 0, ""
-
-    @contextmanager
-    def _collecting(self) -> Iterator[None]:
-        """Wrap a built-in worker's collection: if it fails, the worker is in ``error``,
-        from which ``teardown`` releases everything."""
         try:
-            yield
+            artifacts = self.fetch_run(timed_out=self._status is S.TIMEOUT)
+            if artifacts is None:
+                return 0, ""
+            self.peak_memory_mb = artifacts.peak_memory_mb
+            returncode, error_msg, self.verified_results = install_run(
+                self.settings, self.submission, artifacts.end, artifacts.log, artifacts.output)
         except BaseException:
             with self._status_lock:
                 if self._status in UNCOLLECTED:
                     self._move(S.ERROR)
             raise
-
-    def _install(self, end: RunEnd, log_file: Path, output_dir: Path | None) -> tuple[int, str]:
-        """Install the run's log and predictions (``runner.results``), then be ``collected``."""
-        returncode, error_msg, self.verified_results = install_run(
-            self.config, self.submission, self.timeout, end, log_file, output_dir)
         self.status = S.COLLECTED
         logger.debug("%r collected: returncode %s", self, returncode)
         return returncode, error_msg
 
     def teardown(self) -> None:
-        """Release what the worker holds; subclasses clean up, then call ``super().teardown()``.
+        """Release what the worker holds (``release_run``, then the scratch folder);
+        seed-style subclasses clean up, then call ``super().teardown()``.
 
         Refused (before anything is touched) while results wait to be collected; in every
         other status, including after a failed ``collect_results``, it releases.
         """
-        self._check_teardown_allowed()
+        if self._status in UNCOLLECTED:
+            raise ContractError(f"{self!r}: collect_results() before teardown()")
+        self.release_run()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
         self.status = S.KILLED
         logger.debug("%r torn down", self)
-
-    def _check_teardown_allowed(self) -> None:
-        """Raise ContractError while a run's results wait to be collected.
-
-        Subclasses that release something call it first, so that misuse loses nothing.
-        """
-        if self._status in UNCOLLECTED:
-            raise ContractError(f"{self!r}: collect_results() before teardown()")
 
     def launch(self) -> tuple[int, str]:
         """Run the whole contract in a row, for use without a dispatcher."""
@@ -342,7 +394,7 @@ class BaseWorker:
     def wait(self, timeout: float) -> None:
         """Block until the run may have ended, ``kill`` is called, or ``timeout`` passes.
 
-        The default checks ``_is_submission_finished`` every ``time_between_collection``
+        The default checks the run (``poll_run``) every ``time_between_collection``
         seconds; workers that can be told of the end (a process, a future) override it.
         """
         deadline = time.monotonic() + max(0.0, timeout)
@@ -358,8 +410,8 @@ class BaseWorker:
             self.wait(self.timeout - self.elapsed + 0.1)
 
     def kill(self) -> None:
-        """Mark a launched run stopped; subclasses call ``super().kill()`` first, then stop
-        the run, so that its end is never taken for a normal finish.
+        """Mark a launched run stopped, then stop it (``stop_run``): its end is never taken
+        for a normal finish.
 
         Safe from another thread and in any status; the worker can then be torn down.
         """
@@ -368,13 +420,21 @@ class BaseWorker:
                 self._move(S.KILLED)
                 logger.debug("%r killed", self)
         self._wakeup.set()
+        self.stop_run()
 
     @classmethod
-    def preflight(cls, config: dict[str, Any]) -> None:
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
         """Check, before any submission runs, what this worker type needs of the machine
         and the event (a scheduler that answers, a key file only its owner reads); raise
-        EventError naming the key and what was expected. Workers with nothing to check
-        keep this default."""
+        EventError naming the key and what was expected, and return the warnings to show
+        once. Workers with nothing to check keep this default."""
+        return []
+
+    @classmethod
+    def config_source(cls, config: dict[str, Any]) -> str:
+        """What an error about ``config`` names as its source: the event's config file
+        (``event_config``, filled in by the dispatcher), else this worker type's config."""
+        return config.get("event_config") or f"{cls.__name__} config"
 
     @classmethod
     def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -388,7 +448,8 @@ class BaseWorker:
         """Load what collecting will need, in a thread of its own while the first runs go:
         by default the kit's scoring code, with which ``runner.results`` re-scores each
         run. A worker that installs its results some other way overrides it."""
-        rescoring.warm(config["kit_dir"], config["data_dir"])
+        settings = cls.settings_of(config)
+        rescoring.warm(settings.kit_dir, settings.data_dir)
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

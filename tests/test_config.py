@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.aws.worker import AWSWorkerSection
+from runner.aws.settings import AWSWorkerSection
 from runner.config import load_event_config, worker_section
-from runner.dask.worker import DaskWorkerSection
+from runner.dask.settings import DaskWorkerSection
 from runner.errors import ConfigError
-from runner.local.worker import CondaWorkerSection
+from runner.local.settings import CondaWorkerSection
 
 SEEDS = Path(__file__).parent / "seed_configs"
 

@@ -10,7 +10,6 @@ starts it; the margin (>= 10 minutes) covers boot, upload and collection.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -20,73 +19,12 @@ import psutil
 from botocore.exceptions import BotoCoreError, ClientError
 
 from runner.aws import ec2
-from runner.errors import ConfigError, InfrastructureError
-from runner.redaction import secret
-from runner.ssh.remote_worker import (
-    RemoteWorker,
-    RemoteWorkerSection,
-    check_private_key,
-    known_hosts_path,
-)
+from runner.aws.settings import AWSWorkerSection
+from runner.errors import InfrastructureError
+from runner.ssh.remote_worker import RemoteWorker, check_private_key, known_hosts_path
 from runner.ssh.session import RemoteSession, forget_host
 
 logger = logging.getLogger("runner.worker")
-
-# The self-destruct timer counts from boot: the margin covers boot, upload and collection.
-MIN_SELF_DESTRUCT_MARGIN = 600.0
-
-
-@dataclasses.dataclass(frozen=True)
-class AWSWorkerSection(RemoteWorkerSection):
-    """``worker_type: aws``: one EC2 instance per submission."""
-
-    region_name: str = ""
-    ami_user_name: str = ""
-    instance_type: str = ""
-    key_name: str = ""
-    security_group: str = ""
-    key_path: str = ""
-    remote_ramp_kit_folder: str = ""
-    ami_image_name: str | None = None
-    ami_image_id: str | None = None
-    use_spot_instance: bool = False
-    spot_fallback_on_demand: bool = True
-    conda_env: str | None = None
-    access_key_id: str | None = secret(default=None)
-    secret_access_key: str | None = secret(default=None)
-    # ramp-runner additions: credentials profile, boot limits.
-    profile_name: str | None = None
-    ssh_ready_timeout: float = 600.0
-    self_destruct_margin: float = 1800.0
-
-    REQUIRED = (
-        "region_name",
-        "ami_user_name",
-        "instance_type",
-        "key_name",
-        "security_group",
-        "key_path",
-        "remote_ramp_kit_folder",
-    )
-
-    def check(self, source: str, key_path: str) -> None:
-        """Refuse an AMI-less section, impossible limits and half a key pair."""
-        super().check(source, key_path)
-        if not (self.ami_image_name or self.ami_image_id):
-            raise ConfigError(source, f"{key_path}.ami_image_name",
-                              "an AMI base name (or ami_image_id)")
-        if self.ssh_ready_timeout <= 0:
-            raise ConfigError(source, f"{key_path}.ssh_ready_timeout",
-                              "a positive number of seconds", repr(self.ssh_ready_timeout))
-        if self.self_destruct_margin < MIN_SELF_DESTRUCT_MARGIN:
-            raise ConfigError(source, f"{key_path}.self_destruct_margin",
-                              f"a number of seconds >= {MIN_SELF_DESTRUCT_MARGIN:g} (boot, "
-                              "upload and collection must fit before the instance halts "
-                              "itself)", repr(self.self_destruct_margin))
-        if (self.access_key_id is None) != (self.secret_access_key is None):
-            raise ConfigError(source, f"{key_path}.access_key_id",
-                              "access_key_id and secret_access_key together, or neither")
-
 
 def owner_token() -> str:
     """``host:pid:start-time`` of this process, tagged on the instances it launches."""
@@ -157,7 +95,7 @@ class AWSWorker(RemoteWorker):
             # A shutdown (kill) must not wait for a slow boot: it sets _wakeup.
             ec2.wait_until_running(self._ec2, self.instance.instance_id, stop=self._wakeup)
             host, port = ec2.instance_address(self._ec2, self.instance.instance_id)
-            known_hosts = known_hosts_path(self.config)
+            known_hosts = known_hosts_path(section, self.config.get("event_dir"))
             forget_host(known_hosts, host, port)  # a new machine: trust its first key
             self.session = RemoteSession(host, section.ami_user_name, section.key_path, port,
                                          known_hosts=known_hosts)
@@ -184,17 +122,16 @@ class AWSWorker(RemoteWorker):
                          "terminates it once EC2 answers", self, instance_id,
                          " ".join(str(error).split()), lifetime)
 
-    def teardown(self) -> None:
+    def release_run(self) -> None:
         """Terminate the instance, whatever happened before (after a failed collect too)."""
-        self._check_teardown_allowed()
         self._terminate()
-        super().teardown()
 
     @classmethod
-    def preflight(cls, config: dict[str, Any]) -> None:
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
         """Refuse a missing private key file, or one others may read."""
-        check_private_key(cls.settings_of(config).key_path, f"{cls.__name__} config",
+        check_private_key(cls.settings_of(config).key_path, cls.config_source(config),
                           "worker.key_path")
+        return []
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

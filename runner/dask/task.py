@@ -12,11 +12,13 @@ This module must be importable on the Dask workers (``pip install ramp-runner``)
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +45,58 @@ _RUNS: dict[str, LocalRun] = {}
 _KILLED: dict[str, float] = {}
 
 
-def run_submission(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one submission on this Dask worker and return its outcome as plain data.
+class TaskOutcome(enum.StrEnum):
+    """How a task for one submission ended on its Dask worker."""
+
+    ENDED = "ended"
+    TIMEOUT = "timeout"
+    KILLED = "killed"
+    # The named folders are not cached here: send their bytes, then submit again here.
+    MISSING = "missing"
+    # This run already started on a Dask worker that died.
+    LOST = "lost"
+    # sandbox: required and the sandbox does not work here: nothing ran.
+    NO_SANDBOX = "no_sandbox"
+    # The sandbox could not start the run (``message`` says why).
+    EVENT_ERROR = "event_error"
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What a task sends back to the dispatcher (picklable: plain values and bytes)."""
+
+    outcome: TaskOutcome
+    worker: str
+    log: bytes = b""
+    returncode: int | None = None
+    # Why the run is the submission's error though ramp-test may have exited 0: a limit
+    # the supervisor enforced, or an unusable training_output.
+    stopped: str | None = None
+    # The training_output as a compressed tar, when the run succeeded.
+    output: bytes | None = None
+    peak_memory_mb: float | None = None
+    # Why the sandbox does not work on this Dask worker, when it does not.
+    no_sandbox: str | None = None
+    missing: tuple[str, ...] = ()
+    message: str = ""
+
+
+def run_submission(job: dict[str, Any]) -> TaskResult:
+    """Run one submission on this Dask worker and return how it went.
 
     ``job`` keys: ``run_id``, ``submission``, ``submission_tar`` (bytes), ``kit`` and
     ``data`` (``{"path": ...}`` or ``{"sha": ..., "tar": bytes | None}``), ``conda_env``,
-    ``n_threads``, ``timeout``, and ``confinement``: the worker keys ``sandbox``,
-    ``network`` and the limits (``runner.sandbox.DEFAULTS`` for those left out). The
-    result's ``status`` is ``ended``, ``timeout``,
-    ``killed``, ``missing`` (send the named folders' bytes, then submit again here),
-    ``lost`` (this run already started on a Dask worker that died), ``no_sandbox``
-    (``sandbox: required`` and the sandbox does not work here: nothing ran) or
-    ``event_error`` (the sandbox could not start the run; ``message`` says why). Its
-    ``no_sandbox`` is why the sandbox does not work here, when it does not (else None).
+    ``n_threads``, and ``settings``: the worker's settings (its timeout, sandbox and
+    limits).
     """
     worker = distributed.get_worker()
     root = Path(worker.local_directory)
     folders = {name: _folder(job[name], root / CACHE_FOLDER) for name in ("kit", "data")}
     missing = [name for name, folder in folders.items() if folder is None]
     if missing:
-        return {"status": "missing", "missing": missing, "worker": worker.address}
+        return TaskResult(TaskOutcome.MISSING, worker.address, missing=tuple(missing))
     if not _first_attempt(job["run_id"], worker):
-        return {"status": "lost", "worker": worker.address}
+        return TaskResult(TaskOutcome.LOST, worker.address)
     scratch = Path(tempfile.mkdtemp(prefix="ramp-run-", dir=root))
     try:
         return _run(job, folders["kit"], folders["data"], scratch, worker)
@@ -133,7 +165,7 @@ def _folder(source: dict[str, Any], cache: Path) -> Path | None:
 
 
 def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
-         worker: distributed.Worker) -> dict[str, Any]:
+         worker: distributed.Worker) -> TaskResult:
     submission, run_id = job["submission"], job["run_id"]
     submissions = scratch / "submissions"
     archive.unpack(job["submission_tar"], submissions / submission)
@@ -146,58 +178,47 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
                             ramp_test=str(ramp_test))
     env = ramptest.child_environment(job.get("n_threads"), extra_path=str(bin_dir))
     log_path = scratch / "log"
-    settings = job.get("confinement") or {}
-    mode = settings.get("sandbox", sandbox.DEFAULTS["sandbox"])
+    settings = job["settings"]
+    mode = settings.sandbox
     works, why = sandbox.probe() if mode != "off" else (True, "")
     # Said to the dispatcher, which decides and warns (an exception would be a lost run).
     no_sandbox = None if works else why
     if no_sandbox is not None and mode == "required":
-        return {"status": "no_sandbox", "no_sandbox": no_sandbox, "worker": worker.address,
-                "log": b""}
+        return TaskResult(TaskOutcome.NO_SANDBOX, worker.address, no_sandbox=no_sandbox)
     confinement = sandbox.confinement(
-        settings, f"Dask worker {worker.address}", read_only=[kit, data],
-        writable=[submissions / submission], tmp=scratch / "tmp")
+        settings, sandbox.use_sandbox(mode, f"Dask worker {worker.address}"),
+        read_only=[kit, data], writable=[submissions / submission], tmp=scratch / "tmp")
     with _LOCK:
         if run_id in _KILLED:
-            return {"status": "killed", "worker": worker.address, "log": b""}
+            return TaskResult(TaskOutcome.KILLED, worker.address)
         run = LocalRun(argv, env, log_path, cwd=scratch, confinement=confinement)
         _RUNS[run_id] = run
     try:
-        status = _wait(run, float(job["timeout"]), worker)
+        outcome = _wait(run, float(settings.timeout), worker)
         run.stop()
-        if status == "ended" and run_id in _KILLED:
-            status = "killed"
-        reason = run.stop_reason if status == "ended" else None
+        if outcome is TaskOutcome.ENDED and run_id in _KILLED:
+            outcome = TaskOutcome.KILLED
+        reason = run.stop_reason if outcome is TaskOutcome.ENDED else None
         if reason is not None and reason.get("fault") == "event":
             # The log holds bubblewrap's words only (nothing of the submission ran), and
             # it is not installed: its last line goes with the message.
             said = log_path.read_bytes()[-500:].decode(errors="replace").strip().splitlines()
-            return {"status": "event_error", "no_sandbox": no_sandbox, "worker": worker.address,
-                    "message": f"{reason.get('message')} ({(said or ['no output'])[-1]})"}
+            return TaskResult(TaskOutcome.EVENT_ERROR, worker.address, no_sandbox=no_sandbox,
+                              message=f"{reason.get('message')} ({(said or ['no output'])[-1]})")
         stopped = reason.get("message") if reason is not None else None
         output = submissions / submission / "training_output"
-        ok = status == "ended" and run.returncode == 0 and stopped is None \
+        ok = outcome is TaskOutcome.ENDED and run.returncode == 0 and stopped is None \
             and output.is_dir() and not output.is_symlink()
         if ok:
             # Packing follows links: a link or a FIFO must be refused before, here.
-            limit = int((job.get("confinement") or {}).get(
-                "output_limit_mb", sandbox.DEFAULTS["output_limit_mb"]))
             try:
-                results.check_tree(output, limit * results.MIB)
+                results.check_tree(output, settings.output_limit_mb * results.MIB)
             except SubmissionError as error:
                 ok, stopped = False, str(error)
-        return {
-            "status": status,
-            # Why the run is the submission's error though ramp-test may have exited 0:
-            # a limit the supervisor enforced, or an unusable training_output.
-            "stopped": stopped,
-            "returncode": run.returncode,
-            "log": log_path.read_bytes(),
-            "output": archive.compress(archive.pack(output)) if ok else None,
-            "peak_memory_mb": run.peak_memory_mb,
-            "no_sandbox": no_sandbox,
-            "worker": worker.address,
-        }
+        return TaskResult(
+            outcome, worker.address, log=log_path.read_bytes(), returncode=run.returncode,
+            stopped=stopped, output=archive.compress(archive.pack(output)) if ok else None,
+            peak_memory_mb=run.peak_memory_mb, no_sandbox=no_sandbox)
     finally:
         with _LOCK:
             _RUNS.pop(run_id, None)
@@ -205,20 +226,20 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
         run.cleanup()
 
 
-def _wait(run: LocalRun, timeout: float, worker: distributed.Worker) -> str:
-    """Wait for ``run`` to end: ``ended``, or ``timeout``/``killed`` after stopping it."""
+def _wait(run: LocalRun, timeout: float, worker: distributed.Worker) -> TaskOutcome:
+    """Wait for ``run`` to end: ``ENDED``, or ``TIMEOUT``/``KILLED`` after stopping it."""
     key = worker.get_current_task()
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             run.stop()
-            return "timeout"
+            return TaskOutcome.TIMEOUT
         if run.wait(min(ABANDON_CHECK_SECONDS, remaining)):
-            return "ended"
+            return TaskOutcome.ENDED
         if _abandoned(worker, key):
             run.stop()
-            return "killed"
+            return TaskOutcome.KILLED
 
 
 def _abandoned(worker: distributed.Worker, key: Any) -> bool:

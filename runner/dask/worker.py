@@ -9,10 +9,10 @@ kills its process tree on the Dask worker (``runner.dask.task.kill_run``), not o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -21,45 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import distributed
+from distributed.comm import get_address_host_port
 
 from runner import archive, ramptest, sandbox
-from runner.config import PATH_KEYS, WorkerSection
 from runner.dask import task as dask_task
+from runner.dask.settings import DaskWorkerSection
+from runner.dask.task import TaskOutcome, TaskResult
 from runner.errors import ConfigError, EventError, SubmissionError
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.results import RunEnd
-from runner.worker import BaseWorker, WorkerStatus
+from runner.worker import BaseWorker, RunArtifacts, RunState, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
 
 CONNECT_TIMEOUT = "20s"
 # How long a stopped run may take to send back its log before it is given up.
 KILL_GRACE_SECONDS = 30.0
+# One short connection attempt: a scheduler that is not there must not cost minutes.
+SCHEDULER_CONNECT_SECONDS = 3.0
 
-
-
-@dataclasses.dataclass(frozen=True)
-class DaskSecurity:
-    """TLS settings handed to ``distributed.Security``."""
-
-    tls_ca_file: str
-    tls_client_cert: str
-    tls_client_key: str
-    require_encryption: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class DaskWorkerSection(WorkerSection):
-    """``worker_type: dask``: run on a dask.distributed cluster."""
-
-    dask_scheduler: str = ""
-    conda_env: str | None = None
-    n_workers: int | None = None
-    dask_security: DaskSecurity | None = None
-    remote_kit_dir: str | None = None
-    remote_data_dir: str | None = None
-
-    REQUIRED = ("dask_scheduler",)
 
 
 class DaskWorker(BaseWorker):
@@ -76,9 +56,15 @@ class DaskWorker(BaseWorker):
         self._job: dict[str, Any] | None = None
         self._future: distributed.Future | None = None
         self._done = threading.Event()
-        self._outcome: dict[str, Any] | None = None
+        self._task_result: TaskResult | None = None
         self._shipped: list[distributed.Future] = []
         self._submits = 0
+
+    @classmethod
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
+        """The scheduler must answer at ``dask_scheduler``."""
+        check_scheduler(cls.config_source(config), cls.settings_of(config).dask_scheduler)
+        return []
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -89,10 +75,12 @@ class DaskWorker(BaseWorker):
         A missing key or an unknown ``conda_env`` raises ValueError (EventError) naming
         it; the latter leaves ``status == 'error'``, as ramp-engine's DaskWorker does.
         """
-        self._require("dask_scheduler")
+        self.require_keys("dask_scheduler")
+        # Connected before the paths are checked: ramp-engine's tests close the client of
+        # a worker whose setup failed on a missing key.
         self._client = connect(self.settings, self._security)
-        self._require(*PATH_KEYS)
-        conda_env = self.config.get("conda_env")
+        settings = self.read_config()
+        conda_env = settings.conda_env
         try:
             prefix = self._client.submit(conda_env_prefix, conda_env, pure=False).result()
         except CondaError as error:
@@ -111,43 +99,44 @@ class DaskWorker(BaseWorker):
             "run_id": self._run_id,
             "submission": self.submission,
             "submission_tar": archive.compress(packed),
-            "kit": self._source("kit_dir", self.settings.remote_kit_dir),
-            "data": self._source("data_dir", self.settings.remote_data_dir),
+            "kit": self._source("kit_dir", settings.remote_kit_dir),
+            "data": self._source("data_dir", settings.remote_data_dir),
             "conda_env": conda_env,
             "n_threads": self.config.get("n_threads"),
-            "timeout": self.timeout,
-            # Whether the sandbox works is asked on the Dask worker that runs the task.
-            "confinement": {key: getattr(self.settings, key) for key in sandbox.DEFAULTS},
+            # Its timeout, sandbox and limits; whether the sandbox works is asked on the
+            # Dask worker that runs the task.
+            "settings": settings,
         }
         super().setup()
 
-    def launch_submission(self) -> None:
-        """Submit the run as one task; its end wakes ``wait`` (no polling)."""
-        self._check_launch_allowed()
-        self._submit(self._job)
-        super().launch_submission()
+    # -- the run's execution interface ------------------------------------------------------
 
-    def _is_submission_interrupted(self) -> bool:
+    def start_run(self) -> None:
+        """Submit the run as one task; its end wakes ``wait`` (no polling)."""
+        self._submit(self._job)
+
+    def poll_run(self) -> RunState:
+        """Lost with the scheduler, or when the cluster dropped the task or ran it twice;
+        a task that found the kit or data missing is sent them and submitted again."""
         future = self._future
         if future.status == "lost":
             logger.warning("%r: the connection to the scheduler was lost", self)
-            return True
+            return RunState.LOST
         if future.status in ("error", "cancelled"):
             # Cancelled by the cluster, not by us (kill() leaves "running" first): the
             # shipped kit or data died with their Dask worker before the task could start.
             logger.warning("%r: the task %s on the cluster: %r", self, future.status,
                            future.exception())
-            return True
-        return future.done() and self._result().get("status") == "lost"
-
-    def _is_submission_finished(self) -> bool:
-        if not self._future.done():
-            return False
-        outcome = self._result()
-        if outcome.get("status") == "missing":
-            self._ship(outcome)
-            return False
-        return True
+            return RunState.LOST
+        if not future.done():
+            return RunState.RUNNING
+        result = self._result()
+        if result.outcome is TaskOutcome.LOST:
+            return RunState.LOST
+        if result.outcome is TaskOutcome.MISSING:
+            self._ship(result)
+            return RunState.RUNNING
+        return RunState.ENDED
 
     def wait(self, timeout: float) -> None:
         """Block until the task's future is done, ``kill`` is called, or ``timeout`` passes."""
@@ -158,53 +147,47 @@ class DaskWorker(BaseWorker):
                 return
             self._done.wait(remaining)
 
-    def collect_results(self) -> tuple[int, str]:
-        """Write the log and, on success, the predictions sent back by the Dask worker."""
-        super().collect_results()
-        with self._collecting():
-            timed_out = self._status is WorkerStatus.TIMEOUT
-            if timed_out:
-                # The task answers a remote kill with the log so far: wait a little for it.
-                self._kill_remote(cancel=False)
-                self._done.wait(KILL_GRACE_SECONDS)
-            outcome = self._result() if self._future.done() else {}
-            self._judge_sandbox(outcome)
-            if outcome.get("status") == "event_error":
-                raise EventError(ramptest.bounded(
-                    f"on Dask worker {outcome.get('worker')}: {outcome.get('message')}"))
-            self.peak_memory_mb = outcome.get("peak_memory_mb")
-            log_file = self.scratch / "log"
-            log_file.write_bytes(outcome.get("log", b""))
-            output = None
-            if timed_out or outcome.get("status") == "timeout":
-                end = RunEnd(None, timed_out=True)
-            elif outcome.get("status") == "ended" and outcome.get("stopped"):
-                # A limit, or a training_output refused on the Dask worker.
-                end = RunEnd(None, stopped=str(outcome["stopped"]))
-            elif outcome.get("status") == "ended":
-                end = RunEnd(outcome["returncode"])
-                if outcome.get("output") is not None:
-                    output = self.scratch / "training_output"
-                    archive.unpack(outcome["output"], output)
-            else:
-                why = outcome.get("status", "no answer from the cluster")
-                end = RunEnd(None, stopped=f"the run was stopped on the Dask worker ({why})")
-            return self._install(end, log_file, output)
-
-    def kill(self) -> None:
-        """Mark the run killed, then cancel the task and kill its process tree on whichever
-        Dask worker runs it."""
-        launched = self._future is not None and self._status in (
-            "running", "finished", "timeout", "retry")
-        super().kill()
-        if launched:
+    def stop_run(self) -> None:
+        """Cancel the task and kill its process tree on whichever Dask worker runs it."""
+        if self._future is not None and not self._future.done():
             self._kill_remote(cancel=True)
         self._done.set()
 
-    def teardown(self) -> None:
+    def fetch_run(self, timed_out: bool) -> RunArtifacts:
+        """The log and, on success, the predictions the Dask worker sent back."""
+        if timed_out:
+            # The task answers a remote kill with the log so far: wait a little for it.
+            self._kill_remote(cancel=False)
+            self._done.wait(KILL_GRACE_SECONDS)
+        result = self._result() if self._future.done() else None
+        if result is not None:
+            self._judge_sandbox(result)
+            if result.outcome is TaskOutcome.EVENT_ERROR:
+                raise EventError(ramptest.bounded(
+                    f"on Dask worker {result.worker}: {result.message}"))
+        log_file = self.scratch / "log"
+        log_file.write_bytes(result.log if result is not None else b"")
+        output = None
+        outcome = result.outcome if result is not None else None
+        if timed_out or outcome is TaskOutcome.TIMEOUT:
+            end = RunEnd(None, timed_out=True)
+        elif outcome is TaskOutcome.ENDED and result.stopped:
+            # A limit, or a training_output refused on the Dask worker.
+            end = RunEnd(None, stopped=result.stopped)
+        elif outcome is TaskOutcome.ENDED:
+            end = RunEnd(result.returncode)
+            if result.output is not None:
+                output = self.scratch / "training_output"
+                archive.unpack(result.output, output)
+        else:
+            why = outcome or "no answer from the cluster"
+            end = RunEnd(None, stopped=f"the run was stopped on the Dask worker ({why})")
+        peak_memory_mb = result.peak_memory_mb if result is not None else None
+        return RunArtifacts(log_file, output, end, peak_memory_mb)
+
+    def release_run(self) -> None:
         """Release the task's futures and the shipped bytes, and close the connection,
         whatever happened before."""
-        self._check_teardown_allowed()
         if self._client is not None:
             futures = [f for f in (self._future, *self._shipped) if f is not None]
             for future in futures:
@@ -212,23 +195,15 @@ class DaskWorker(BaseWorker):
             self._future, self._shipped = None, []
             # Closed, not forgotten: ramp-engine's tests close ``worker._client`` again.
             self._client.close(timeout=10)
-        super().teardown()
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _require(self, *keys: str) -> None:
-        """ramp-engine's check of the config dict at setup (it may have changed since)."""
-        for key in keys:
-            if not self.config.get(key):
-                raise EventError(f"The worker required the parameter '{key}' in the "
-                                 f"configuration file (worker.{key} of the event config)")
 
     def _source(self, local_key: str, remote_path: str | None) -> dict[str, Any]:
         """How the task finds the kit or data: a path on the Dask worker, or a content hash."""
         if remote_path:
             return {"path": remote_path}
         try:
-            sha, _ = packed_folder(self.config[local_key], self._pack_cache)
+            sha, _ = packed_folder(getattr(self.settings, local_key), self._pack_cache)
         except archive.UnsafeArchiveError as error:
             raise EventError(f"worker.{local_key} cannot be shipped to the cluster: {error} "
                              f"(or give worker.remote_{local_key.removesuffix('_dir')}_dir, "
@@ -244,19 +219,19 @@ class DaskWorker(BaseWorker):
     def _submit(self, job: dict[str, Any]) -> None:
         self._submits += 1
         done = threading.Event()
-        self._done, self._outcome = done, None
+        self._done, self._task_result = done, None
         future = self._client.submit(dask_task.run_submission, job, pure=False,
                                      key=f"ramp-runner-{self._run_id}-{self._submits}")
         # Called from the client's thread when the task ends, errs or is cancelled.
         future.add_done_callback(lambda _: done.set())
         self._future = future
 
-    def _ship(self, outcome: dict[str, Any]) -> None:
+    def _ship(self, result: TaskResult) -> None:
         """Send the folders a Dask worker misses, then submit the run again next to them."""
         job = dict(self._job)
-        address = outcome["worker"]
-        for name in outcome["missing"]:
-            _, tar = packed_folder(self.config[f"{name}_dir"], self._pack_cache)
+        address = result.worker
+        for name in result.missing:
+            _, tar = packed_folder(getattr(self.settings, f"{name}_dir"), self._pack_cache)
             logger.info("%r: shipping %s (%d kB) to %s", self, name, len(tar) // 1024, address)
             shipped = self._client.scatter(tar, workers=[address], hash=False)
             self._shipped.append(shipped)
@@ -264,21 +239,22 @@ class DaskWorker(BaseWorker):
         # Another worker may take the task if this one is gone; the bytes follow it there.
         self._submit(job)
 
-    def _result(self) -> dict[str, Any]:
-        if self._outcome is None:
-            self._outcome = self._future.result() if self._future.status == "finished" else {}
-        return self._outcome
+    def _result(self) -> TaskResult | None:
+        """The task's result once it finished (None if it erred or was cancelled)."""
+        if self._task_result is None and self._future.status == "finished":
+            self._task_result = self._future.result()
+        return self._task_result
 
-    def _judge_sandbox(self, outcome: dict[str, Any]) -> None:
+    def _judge_sandbox(self, result: TaskResult) -> None:
         """``sandbox: required`` where the Dask worker could not sandbox is the event's
         EventError; ``auto`` warns here, once per Dask worker (``runner.sandbox``)."""
-        why = outcome.get("no_sandbox")
+        why = result.no_sandbox
         if why is None:
             return
         # One line, as for SSH hosts: bubblewrap's last words say why.
         last = str(why).strip().splitlines()[-1:] or ["the sandbox check failed"]
         sandbox.use_sandbox(self.settings.sandbox, type(self).__name__, (False, last[0][:500]),
-                            where=f"Dask worker {outcome.get('worker')}")
+                            where=f"Dask worker {result.worker}")
 
     def _kill_remote(self, cancel: bool) -> None:
         """Kill the run's process tree on every Dask worker that has it (best effort)."""
@@ -289,6 +265,21 @@ class DaskWorker(BaseWorker):
                              callback_timeout=10)
         except Exception as error:  # a lost scheduler must not stop the shutdown
             logger.warning("%r: could not kill the run on the cluster: %s", self, error)
+
+
+def check_scheduler(source: str, address: str) -> None:
+    """Raise ConfigError unless a scheduler answers at ``address`` (one short attempt)."""
+    try:
+        host, port = get_address_host_port(address)
+    except ValueError as error:
+        raise ConfigError(source, "worker.dask_scheduler", "a scheduler address such as "
+                          "tcp://127.0.0.1:8786", f"{address!r} ({error})") from None
+    try:
+        socket.create_connection((host, port), timeout=SCHEDULER_CONNECT_SECONDS).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(source, "worker.dask_scheduler", "a Dask scheduler listening at "
+                          f"{address}", f"nothing there ({reason})") from None
 
 
 def security_of(settings: DaskWorkerSection, event_dir: str | None,

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from runner import ramptest, sandbox
-from runner.config import WorkerSection
-from runner.errors import EventError
-from runner.local.conda import CondaError, conda_env_prefix
+from runner.errors import ConfigError, EventError
+from runner.local.conda import CondaError, conda_env_prefix, conda_executable
 from runner.local.process import LocalRun
+from runner.local.settings import CondaWorkerSection
 from runner.results import run_end
-from runner.worker import BaseWorker, WorkerStatus
+from runner.worker import BaseWorker, RunArtifacts, RunState, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
-
-
-@dataclasses.dataclass(frozen=True)
-class CondaWorkerSection(WorkerSection):
-    """``worker_type: conda``: run ramp-test in a local conda environment."""
-
-    conda_env: str | None = None
 
 
 class CondaEnvWorker(BaseWorker):
@@ -46,15 +39,21 @@ class CondaEnvWorker(BaseWorker):
         self._confinement: sandbox.Confinement | None = None
 
     @classmethod
-    def preflight(cls, config: dict[str, Any]) -> None:
-        """``sandbox: required`` without a working sandbox is refused; ``auto`` warns."""
-        sandbox.use_sandbox(cls.settings_of(config).sandbox, cls.__name__)
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
+        """The conda environment must exist and hold ramp-test; ``sandbox: required``
+        without a working sandbox is refused, and ``auto`` without one warns loudly."""
+        settings, source = cls.settings_of(config), cls.config_source(config)
+        warnings = [*_check_conda(source, settings.conda_env),
+                    *_check_sandbox(source, settings.sandbox)]
+        # Said here, once per dispatcher, rather than at the first run's setup.
+        sandbox.use_sandbox(settings.sandbox, cls.__name__)
+        return warnings
 
     @classmethod
     def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
         """Find the conda environment once per dispatcher: with a real conda, asking costs
         about a second."""
-        name = config.get("conda_env")
+        name = cls.settings_of(config).conda_env
         return {"conda_env": name, "conda_prefix": str(_environment(name))}
 
     @property
@@ -66,9 +65,8 @@ class CondaEnvWorker(BaseWorker):
         scratch folder. A missing key or an unknown ``conda_env`` raises ValueError
         (EventError) naming it, and an unknown environment leaves ``status == 'error'``,
         as RAMP's worker does."""
-        self.require_keys()
-        self.settings  # noqa: B018 - the rest of the config is checked here, not at launch
-        conda_env = self.config.get("conda_env")
+        settings = self.read_config()
+        conda_env = settings.conda_env
         prepared = self.config.get("prepared") or {}
         if prepared.get("conda_prefix") and prepared.get("conda_env") == conda_env:
             prefix = Path(prepared["conda_prefix"])
@@ -89,59 +87,84 @@ class CondaEnvWorker(BaseWorker):
         shutil.copytree(self.submission_folder(), copy, symlinks=True,
                         ignore=shutil.ignore_patterns("training_output"))
         self._confinement = sandbox.confinement(
-            self.config, type(self).__name__,
-            read_only=[self.config["kit_dir"], self.config["data_dir"]],
-            writable=[copy], tmp=self.scratch / "tmp")
+            settings, sandbox.use_sandbox(settings.sandbox, type(self).__name__),
+            read_only=[settings.kit_dir, settings.data_dir], writable=[copy],
+            tmp=self.scratch / "tmp")
         self.sandboxed = self._confinement.sandbox
         super().setup()
 
-    def launch_submission(self) -> None:
+    def start_run(self) -> None:
         """Start ramp-test in its own process group, its output going to the log."""
-        self._check_launch_allowed()
         argv = ramptest.command(
             self.submission,
-            kit_dir=self.config["kit_dir"],
-            data_dir=self.config["data_dir"],
+            kit_dir=self.settings.kit_dir,
+            data_dir=self.settings.data_dir,
             submissions_dir=str(self._submissions_copy),
             ramp_test=str(self._bin / "ramp-test"),
         )
         env = ramptest.child_environment(self.config.get("n_threads"), extra_path=str(self._bin))
         self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch,
                              confinement=self._confinement)
-        super().launch_submission()
 
-    def _is_submission_finished(self) -> bool:
-        return self._run.returncode is not None
+    def poll_run(self) -> RunState:
+        """Ended once the process exited."""
+        return RunState.RUNNING if self._run.returncode is None else RunState.ENDED
 
     def wait(self, timeout: float) -> None:
         """Block on the process itself: its end is noticed at once, without polling."""
         if self._run is not None:
             self._run.wait(max(0.0, timeout))
 
-    def collect_results(self) -> tuple[int, str]:
-        """Stop what is left of the run, keep its log and, on success, its predictions."""
-        super().collect_results()
-        with self._collecting():
-            timed_out = self._status is WorkerStatus.TIMEOUT
-            self._run.stop()
-            self.peak_memory_mb = self._run.peak_memory_mb
-            end = run_end(self._run.stop_reason, self._run.returncode, timed_out)
-            output = self._submissions_copy / self.submission / "training_output"
-            return self._install(end, self.scratch / "log", output)
-
-    def kill(self) -> None:
+    def stop_run(self) -> None:
         """Kill the run's whole process tree."""
-        super().kill()
         if self._run is not None:
             self._run.stop()
 
-    def teardown(self) -> None:
-        """Make sure nothing of the run is left, and remove the scratch folder."""
-        self._check_teardown_allowed()
+    def fetch_run(self, timed_out: bool) -> RunArtifacts:
+        """Stop what is left of the run; its log and outputs are already here."""
+        self._run.stop()
+        return RunArtifacts(
+            log=self.scratch / "log",
+            output=self._submissions_copy / self.submission / "training_output",
+            end=run_end(self._run.stop_reason, self._run.returncode, timed_out),
+            peak_memory_mb=self._run.peak_memory_mb)
+
+    def release_run(self) -> None:
+        """Make sure nothing of the run is left, and remove the supervisor's files."""
         if self._run is not None:
             self._run.stop()
             self._run.cleanup()
-        super().teardown()
+
+def _check_conda(source: str, conda_env: str | None) -> list[str]:
+    warnings = []
+    if conda_executable() is None and conda_env is None:
+        warnings.append(f"no conda found: submissions run in this Python environment "
+                        f"({sys.prefix})")
+    try:
+        prefix = conda_env_prefix(conda_env)
+    except CondaError as error:
+        raise ConfigError(source, "worker.conda_env", "an existing conda environment",
+                          str(error)) from None
+    ramp_test = prefix / "bin" / "ramp-test"
+    if not ramp_test.exists():
+        raise ConfigError(source, "worker.conda_env", "an environment with ramp-workflow "
+                          "installed", f"no {ramp_test}")
+    return warnings
+
+
+def _check_sandbox(source: str, mode: str) -> list[str]:
+    """Local runs: the sandbox must work when required, and its absence is said loudly."""
+    if mode == "off":
+        return []
+    works, why = sandbox.probe()
+    if works:
+        return []
+    if mode == "required":
+        raise ConfigError(source, "worker.sandbox", "a sandbox that works on this machine "
+                          "(or sandbox: auto | off)", f"required, but {why}")
+    return [f"SUBMISSIONS ARE NOT ISOLATED: the sandbox does not work on this machine ({why}); "
+            "they run with the dispatcher's rights and can read and change the event's "
+            "files (install bubblewrap, or set worker.sandbox: off to silence this)"]
 
 
 def _environment(name: str | None) -> Path:

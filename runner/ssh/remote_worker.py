@@ -18,7 +18,6 @@ not work warns once per host and runs without it; ``required`` is the event's er
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shlex
@@ -28,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from runner import ramptest, sandbox, supervise
-from runner.config import WorkerSection
 from runner.errors import ConfigError, EventError
 from runner.results import read_reason, run_end
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
-from runner.worker import BaseWorker, WorkerStatus
+from runner.ssh.settings import RemoteWorkerSection
+from runner.worker import BaseWorker, RunArtifacts, RunState
 
 logger = logging.getLogger("runner.worker")
 
@@ -52,15 +51,6 @@ POLL_TIMEOUT = 60.0
 CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
 
 
-@dataclasses.dataclass(frozen=True)
-class RemoteWorkerSection(WorkerSection):
-    """Keys every worker that runs ramp-test on a host over SSH shares."""
-
-    memory_profiling: bool = False
-    known_hosts_file: str | None = None
-    remote_path_prefix: str | None = None
-
-
 def check_private_key(path: str, source: str, key_path: str) -> None:
     """Raise ConfigError unless ``path`` is a file this user reads and nobody else may read
     or write: OpenSSH refuses such a key too ("UNPROTECTED PRIVATE KEY FILE")."""
@@ -76,19 +66,19 @@ def check_private_key(path: str, source: str, key_path: str) -> None:
                           f"mode {stat.S_IMODE(mode):o}")
 
 
-def known_hosts_path(config: dict[str, Any]) -> Path:
-    """The event's known_hosts file: ``known_hosts_file``, else ``<event_dir>/known_hosts``."""
-    configured = config.get("known_hosts_file")
-    if configured:
-        return Path(configured).expanduser()
-    return Path(config.get("event_dir") or config["logs_dir"]) / "known_hosts"
+def known_hosts_path(settings: RemoteWorkerSection, event_dir: str | None) -> Path:
+    """The event's known_hosts file: ``known_hosts_file``, else ``<event_dir>/known_hosts``
+    (``logs_dir`` for a worker made without a dispatcher)."""
+    if settings.known_hosts_file:
+        return Path(settings.known_hosts_file).expanduser()
+    return Path(event_dir or settings.logs_dir) / "known_hosts"
 
 
 class RemoteWorker(BaseWorker):
     """A run of ramp-test on a remote host; subclasses say how to get the host.
 
     Subclasses open ``self.session`` in ``setup`` (then call ``_upload``), and release
-    the host in ``teardown``. ``_check_spot_notice`` adds the EC2 spot check to polls.
+    the host in ``release_run``. ``_check_spot_notice`` adds the EC2 spot check to polls.
     """
 
     _check_spot_notice = False
@@ -103,7 +93,6 @@ class RemoteWorker(BaseWorker):
         self.remote_kit = ""
         self.conda_env: str | None = None
         self.path_prefix: str | None = None
-        self.memory_profiling = bool(config.get("memory_profiling"))
         self._poll_at = float("-inf")
         self._poll_state = ("running", None, False)
         self._exit_code: int | None = None
@@ -157,15 +146,10 @@ class RemoteWorker(BaseWorker):
         """``argv`` under the supervisor, with the worker's limits and, if on, the sandbox."""
         run, kit = self.run_dir, self.remote_kit
         own = f"{kit}/submissions/{self.submission}"
-        settings = self.settings
-        # Not sandbox.confinement: whether the sandbox works was asked of the host, not here.
-        options = sandbox.Confinement(
-            sandbox=self.sandboxed, network=settings.network, read_only=(kit,),
-            writable=(own,), tmp=f"{run}/tmp",
-            limits={name: getattr(settings, name) for name in sandbox.LIMITS}).options()
-        if self.sandboxed:
-            # Other submissions and the runs' files share the kit folder on a host.
-            options += ["--hide", f"{kit}/submissions", "--hide", f"{kit}/{RUN_FOLDER}"]
+        # Other submissions and the runs' files share the kit folder on a host.
+        options = sandbox.confinement(
+            self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
+            hidden=(f"{kit}/submissions", f"{kit}/{RUN_FOLDER}")).options()
         return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
                 "--reason", f"{run}/reason", *options, "--", *argv]
 
@@ -189,13 +173,13 @@ class RemoteWorker(BaseWorker):
         run = shlex.quote(self.run_dir)
         kit = self.remote_kit
         argv = self._supervised(ramptest.command(self.submission, kit, kit, f"{kit}/submissions"))
-        lines = [f"cd {shlex.quote(kit)} || exit 97", *self._environment_lines()]
-        n_threads = self.config.get("n_threads")
-        if n_threads:
-            lines.append("export " + " ".join(
-                f"{name}={int(n_threads)}" for name in ramptest.THREAD_VARIABLES))
-        lines += [
-            "export PYTHONUNBUFFERED=1",
+        # The host's own environment, not the dispatcher's: only what a run sets is added.
+        run_variables = ramptest.child_environment(self.config.get("n_threads"), parent={})
+        lines = [
+            f"cd {shlex.quote(kit)} || exit 97",
+            *self._environment_lines(),
+            "export " + " ".join(f"{name}={shlex.quote(value)}"
+                                 for name, value in run_variables.items()),
             shlex.join(argv),
             f"echo $? > {run}/exit.tmp && mv {run}/exit.tmp {run}/exit",
         ]
@@ -221,11 +205,10 @@ class RemoteWorker(BaseWorker):
             )
         return script
 
-    # -- the contract ---------------------------------------------------------------------
+    # -- the run's execution interface ------------------------------------------------------
 
-    def launch_submission(self) -> None:
-        """Start ramp-test detached on the host (one round trip), then mark it running."""
-        self._check_launch_allowed()
+    def start_run(self) -> None:
+        """Start ramp-test detached on the host (one round trip)."""
         run = shlex.quote(self.run_dir)
         # "cd || exit" and not "&&": "a && b &" would background a subshell, and $! would
         # name it instead of the session leader.
@@ -234,7 +217,6 @@ class RemoteWorker(BaseWorker):
         status, _, stderr = self.session.run(command)
         if status != 0:
             raise RuntimeError(f"{self!r}: could not start ramp-test: {stderr.strip()}")
-        super().launch_submission()
 
     def _poll(self) -> tuple[str, int | None, bool]:
         """(state, exit code, spot notice), at most once per ``time_between_collection``."""
@@ -265,54 +247,48 @@ class RemoteWorker(BaseWorker):
             return "exit", int(words[1]), notice
         return (words[0] if words else "lost"), None, notice
 
-    def _is_submission_interrupted(self) -> bool:
-        state, _, notice = self._poll()
+    def poll_run(self) -> RunState:
+        """Lost on a spot interruption notice or when the run vanished from the host;
+        ended once it wrote its exit code."""
+        state, code, notice = self._poll()
         if notice:
             logger.warning("%r: spot interruption notice", self)
         if state == "lost":
             logger.warning("%r: the run disappeared from the host", self)
-        return notice or state == "lost"
-
-    def _is_submission_finished(self) -> bool:
-        state, code, _ = self._poll()
+        if notice or state == "lost":
+            return RunState.LOST
         if state == "exit":
             self._exit_code = code
-        return state == "exit"
+            return RunState.ENDED
+        return RunState.RUNNING
 
-    def kill(self) -> None:
-        """Mark the run killed, then kill the remote process tree (best effort: the host
-        may be gone)."""
-        super().kill()
-        self._stop_remote_run()
-
-    def _stop_remote_run(self) -> None:
+    def stop_run(self) -> None:
+        """Kill the remote process tree (best effort: the host may be gone)."""
         if self.session is not None and self.session.is_connected and self._started_at:
             try:
                 self.session.run(self._kill_script(), 30)
             except CONNECTION_ERRORS as error:
                 logger.warning("%r: could not kill the remote run: %s", self, error)
 
-    def collect_results(self) -> tuple[int, str]:
-        """Kill what is left of the run, fetch log and outputs in one stream, report."""
-        super().collect_results()
-        with self._collecting():
-            timed_out = self._status is WorkerStatus.TIMEOUT
-            output = f"submissions/{self.submission}/training_output"
-            run_folder = f"{RUN_FOLDER}/{self.submission}"
-            names = (f"set -- {run_folder}/log; "
-                     f"for f in {run_folder}/peak_rss {run_folder}/reason {output}; do "
-                     '[ -e "$f" ] && set -- "$@" "$f"; done; true')
-            incoming = self.scratch / "incoming"
-            incoming.mkdir()
-            self.session.download(self.remote_kit, names, str(incoming),
-                                  before=self._kill_script())
-            run_files = incoming / RUN_FOLDER / self.submission
-            if self.memory_profiling and (run_files / "peak_rss").exists():
-                self.peak_memory_mb = float((run_files / "peak_rss").read_text())
-            exit_code = self._exit_code if self._exit_code is not None else 1
-            end = run_end(read_reason(run_files / "reason"), exit_code, timed_out,
-                          where=f"on {self.session!r}: ")
-            return self._install(end, run_files / "log", incoming / output)
+    def fetch_run(self, timed_out: bool) -> RunArtifacts:
+        """Kill what is left of the run and bring back its log and outputs in one stream."""
+        output = f"submissions/{self.submission}/training_output"
+        run_folder = f"{RUN_FOLDER}/{self.submission}"
+        names = (f"set -- {run_folder}/log; "
+                 f"for f in {run_folder}/peak_rss {run_folder}/reason {output}; do "
+                 '[ -e "$f" ] && set -- "$@" "$f"; done; true')
+        incoming = self.scratch / "incoming"
+        incoming.mkdir()
+        self.session.download(self.remote_kit, names, str(incoming),
+                              before=self._kill_script())
+        run_files = incoming / RUN_FOLDER / self.submission
+        peak_memory_mb = None
+        if self.settings.memory_profiling and (run_files / "peak_rss").exists():
+            peak_memory_mb = float((run_files / "peak_rss").read_text())
+        exit_code = self._exit_code if self._exit_code is not None else 1
+        end = run_end(read_reason(run_files / "reason"), exit_code, timed_out,
+                      where=f"on {self.session!r}: ")
+        return RunArtifacts(run_files / "log", incoming / output, end, peak_memory_mb)
 
     def _close_session(self) -> None:
         if self.session is not None:

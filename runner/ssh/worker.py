@@ -8,7 +8,6 @@ changed key is always refused.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import logging
 import os
@@ -17,16 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from runner.errors import ConfigError
 from runner.ssh.remote_worker import (
     KILL_SESSION,
     RUN_FOLDER,
     RemoteWorker,
-    RemoteWorkerSection,
     check_private_key,
     known_hosts_path,
 )
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
+from runner.ssh.settings import SSHHost, SSHWorkerSection
 
 logger = logging.getLogger("runner.worker")
 
@@ -34,35 +32,6 @@ logger = logging.getLogger("runner.worker")
 # this machine, and released by the kernel when the process holding a lock dies.
 HOST_LOCKS_DIR = Path(tempfile.gettempdir()) / f"ramp-runner-hosts-{os.getuid()}"
 HOST_WAIT_SECONDS = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class SSHHost:
-    """One host an SSH worker may run a submission on."""
-
-    host: str
-    user: str
-    key_path: str
-    remote_ramp_kit_folder: str
-    port: int = 22
-    conda_env: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SSHWorkerSection(RemoteWorkerSection):
-    """``worker_type: ssh``: hosts the organiser already has, one submission per host."""
-
-    hosts: tuple[SSHHost, ...] = ()
-    strict_host_key_checking: bool = False
-
-    REQUIRED = ("hosts",)
-
-    def check(self, source: str, key_path: str) -> None:
-        """Refuse a host listed twice: it would run two submissions at once."""
-        super().check(source, key_path)
-        seen = [(h.host, h.port) for h in self.hosts]
-        if len(set(seen)) != len(seen):
-            raise ConfigError(source, f"{key_path}.hosts", "each host:port listed once")
 
 
 def lock_host(host: SSHHost) -> IO[str] | None:
@@ -85,9 +54,9 @@ def host_in_use(host: SSHHost) -> bool:
     return handle is None
 
 
-def _session(host: SSHHost, section: SSHWorkerSection, config: dict[str, Any]) -> RemoteSession:
+def _session(host: SSHHost, section: SSHWorkerSection, event_dir: str | None) -> RemoteSession:
     return RemoteSession(host.host, host.user, host.key_path, host.port,
-                         known_hosts=known_hosts_path(config),
+                         known_hosts=known_hosts_path(section, event_dir),
                          strict_host_keys=section.strict_host_key_checking)
 
 
@@ -122,7 +91,7 @@ class SSHWorker(RemoteWorker):
         self.remote_kit = self.host.remote_ramp_kit_folder.rstrip("/")
         self.conda_env, self.path_prefix = self.host.conda_env, self.settings.remote_path_prefix
         try:
-            self.session = _session(self.host, self.settings, self.config)
+            self.session = _session(self.host, self.settings, self.config.get("event_dir"))
             self.session.connect()
             self._upload()
         except BaseException:
@@ -132,16 +101,15 @@ class SSHWorker(RemoteWorker):
             raise
         super().setup()
 
-    def teardown(self) -> None:
+    def release_run(self) -> None:
         """Stop the run if it still goes, remove its files from the host, close the
         connection and free the host, whatever happened before."""
-        self._check_teardown_allowed()
         try:
             if self.session is not None:
                 if not self.session.is_connected:
                     # A step past its deadline closed it (a hung poll): one more try.
                     self.session.reconnect()
-                self._stop_remote_run()
+                self.stop_run()
                 stale = " ".join(shlex.quote(path) for path in (
                     f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
                 self.session.run(f"rm -rf {stale}", 60)
@@ -150,14 +118,14 @@ class SSHWorker(RemoteWorker):
         finally:
             self._close_session()
             self._release_host()
-        super().teardown()
 
     @classmethod
-    def preflight(cls, config: dict[str, Any]) -> None:
+    def preflight(cls, config: dict[str, Any]) -> list[str]:
         """Refuse a host whose private key file is missing or readable by others."""
         for index, host in enumerate(cls.settings_of(config).hosts):
-            check_private_key(host.key_path, f"{cls.__name__} config",
+            check_private_key(host.key_path, cls.config_source(config),
                               f"worker.hosts[{index}].key_path")
+        return []
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
@@ -174,7 +142,7 @@ class SSHWorker(RemoteWorker):
                 'rm -rf "$d" "../submissions/${d%/}"; ')
             script = (f"cd {kit}/{RUN_FOLDER} 2>/dev/null || exit 0; "
                       f'for d in */; do [ -d "$d" ] || continue; echo "${{d%/}}"; {act}done')
-            session = _session(host, section, config)
+            session = _session(host, section, config.get("event_dir"))
             try:
                 session.connect()
                 _, out, _ = session.run(script, 60)
