@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from runner import ingest, rescoring, training_output
+from runner import rescoring, training_output
+from runner.config import WorkerSection
 from runner.errors import EventError, SubmissionError
 from runner.states import SubmissionState
 
@@ -44,9 +43,54 @@ class BlindedData:
     """A prepared blinded data folder and what scoring needs beside it."""
 
     folder: Path
-    # The CV folds shipped to the run: scoring uses exactly these.
-    folds: tuple[tuple[np.ndarray, np.ndarray], ...]
+    # The CV folds shipped to the run (arrays of sample indexes): scoring uses exactly these.
+    folds: tuple[tuple[Any, Any], ...]
     has_test: bool
+
+
+def why_not_hidden(settings: WorkerSection, runs_ingestion: bool) -> str | None:
+    """Why the event's runs cannot hide their test labels (known before any data is
+    loaded), or None when they can; ``hidden_test_labels: off`` needs no reason."""
+    if not runs_ingestion:
+        return f"worker_type {settings.worker_type} runs ramp-test itself"
+    if not Path(settings.kit_dir, "problem.py").is_file():
+        return "the kit is not on the dispatcher's machine"
+    return why_not_splittable(settings.kit_dir)
+
+
+def not_hidden_warning(why: str) -> str:
+    """What the organiser is told, once, when runs go on without hidden test labels."""
+    return (f"TEST LABELS ARE NOT HIDDEN: {why}; each submission's code runs beside the test "
+            "labels, as with ramp-test (set worker.hidden_test_labels: off to silence this)")
+
+
+def for_event(settings: WorkerSection, runs_ingestion: bool,
+              cache_dir: str | os.PathLike[str]) -> BlindedData | None:
+    """The blinded data of the event's runs under worker key ``hidden_test_labels``, or
+    None when they run as ramp-test does (``off``, or ``auto`` where they cannot:
+    preflight said why); ``required`` where they cannot raises EventError."""
+    if settings.hidden_test_labels == "off":
+        return None
+    why = why_not_hidden(settings, runs_ingestion)
+    try:
+        if why is not None:
+            raise KitNotSplittable(why)
+        return prepare(settings.kit_dir, settings.data_dir, cache_dir)
+    except KitNotSplittable as error:
+        if settings.hidden_test_labels == "required":
+            raise EventError(f"worker.hidden_test_labels: required, but {error}") from None
+        if why is None:  # found while loading the data: preflight could not say it
+            logger.warning("%s", not_hidden_warning(str(error)))
+        return None
+
+
+def ingest_command(python: str, program: str, kit_dir: str | os.PathLike[str],
+                   folder: str | os.PathLike[str], submissions_dir: str, submission: str
+                   ) -> list[str]:
+    """The command line that runs the ingestion ``program`` (runner/ingest.py, or its copy
+    on a remote host) with the event environment's ``python``."""
+    return [python, str(program), "--kit", str(kit_dir), "--data", str(folder),
+            "--submissions", submissions_dir, "--submission", submission]
 
 
 def why_not_splittable(kit_dir: str | os.PathLike[str]) -> str | None:
@@ -69,10 +113,16 @@ def prepare(kit_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     kit_dir, data_dir = str(kit_dir), str(data_dir)
     why = why_not_splittable(kit_dir)
     if why is not None:
-        raise KitNotSplittable(f"{kit_dir}: hidden test labels: {why}")
+        raise KitNotSplittable(f"{kit_dir}: {why}")
     folder = Path(cache_dir) / f"blinded-{_content_digest(kit_dir, data_dir)}"
     if not folder.is_dir():
         _write_blinded(kit_dir, data_dir, folder)
+        # One dispatcher per cache (the event's lock): older contents are nobody's now.
+        for old in folder.parent.glob("blinded-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    from runner import ingest  # numpy, when there is data to read
+
     _, _, X_test, folds = ingest.load_blinded(str(folder))
     return BlindedData(folder=folder, folds=tuple(folds), has_test=X_test is not None)
 
@@ -93,6 +143,10 @@ def _content_digest(kit_dir: str, data_dir: str) -> str:
 def _write_blinded(kit_dir: str, data_dir: str, folder: Path) -> None:
     """Load the kit's data as ramp-test does and write what the run may see; atomically, so
     that a folder that exists is complete."""
+    import numpy as np
+
+    from runner import ingest
+
     problem = rescoring.kit_problem(kit_dir)
     X_train, y_train = problem.get_train_data(path=data_dir)
     try:
@@ -104,7 +158,7 @@ def _write_blinded(kit_dir: str, data_dir: str, folder: Path) -> None:
                  for i, fold in enumerate(problem.get_cv(X_train, y_train))
                  for part, indexes in zip(("train", "valid"), fold, strict=True)}
     except (TypeError, ValueError) as error:
-        raise KitNotSplittable(f"{kit_dir}: hidden test labels: its get_cv does not give "
+        raise KitNotSplittable(f"{kit_dir}: its get_cv does not give "
                                f"folds of sample indexes ({error})") from None
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".blinded-", dir=folder.parent))
@@ -139,6 +193,7 @@ def score(kit_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     kit's ground truth implies before anything is loaded, and what does not fit is the
     submission's SubmissionError.
     """
+    import numpy as np
     from rampwf.utils.combine import get_score_cv_bags
     from rampwf.utils.scoring import score_matrix
 
@@ -181,8 +236,10 @@ def score(kit_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
                          [valid_is for _, valid_is in blinded.folds], get_score_cv_bags)
 
 
-def _load_predictions(fold_dir: Path, suffix: str, truth: Any) -> np.ndarray:
+def _load_predictions(fold_dir: Path, suffix: str, truth: Any) -> Any:
     """The run's ``y_pred_<suffix>.npy``, its header checked before its data is read."""
+    import numpy as np
+
     where = f"{fold_dir.name}/y_pred_{suffix}.npy"
     try:
         with open(fold_dir / f"y_pred_{suffix}.npy", "rb", opener=_no_follow) as handle:

@@ -61,6 +61,9 @@ class WorkerSection:
     # works and says loudly where it does not; required refuses to run without it.
     sandbox: Literal["auto", "required", "off"] = "auto"
     network: bool = False
+    # Keep the test labels out of the participant's process (runner.blinded): auto does it
+    # where the kit allows and says loudly where it does not; required refuses otherwise.
+    hidden_test_labels: Literal["auto", "required", "off"] = "auto"
     # Limits of one run; passing one ends the run as the submission's training_error.
     memory_limit_mb: int = 8192
     output_limit_mb: int = 1024

@@ -28,7 +28,7 @@ from contextlib import ExitStack, suppress
 from functools import partial
 from pathlib import Path
 
-from runner import training_output
+from runner import blinded, training_output
 from runner.config import EventConfig
 from runner.errors import EventError, LedgerError, RunnerError, SubmissionError
 from runner.eventlock import DispatcherBusy
@@ -136,6 +136,10 @@ class Dispatcher:
             if reaped:
                 logger.warning("released what earlier runs left: %s", ", ".join(reaped))
             prepared = self.worker_class.prepare(self._worker_dict())
+            hidden = blinded.for_event(self.config.worker, self.worker_class.runs_ingestion,
+                                       f"{self.config.ledger_path}.blinded")
+            if hidden is not None:
+                prepared = {**prepared, "blinded": hidden}
             self._run_config = self._worker_dict(prepared)
             watch = self.source.watch(lambda: self._wakeups.put(ARRIVAL))
             if watch is not None:  # sources without one are rescanned every few seconds

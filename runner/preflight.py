@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from runner.config import EventConfig
+from runner import blinded
+from runner.config import EventConfig, WorkerSection
 from runner.errors import ConfigError
 from runner.registry import worker_class
 
@@ -30,8 +31,24 @@ def preflight(config: EventConfig) -> list[str]:
     _check_writable(source, "worker.predictions_dir", Path(worker.predictions_dir))
     _check_writable(source, "worker.logs_dir", Path(worker.logs_dir))
     _check_writable(source, "dispatcher.ledger", config.ledger_path.parent)
+    cls = worker_class(worker.worker_type)
+    warnings = _check_hidden_labels(source, worker, cls.runs_ingestion)
     # A third party's preflight written to the README returns nothing.
-    return worker_class(worker.worker_type).preflight(config.worker_dict()) or []
+    return [*warnings, *(cls.preflight(config.worker_dict()) or [])]
+
+
+def _check_hidden_labels(source: str, worker: WorkerSection, runs_ingestion: bool) -> list[str]:
+    """Whether the runs can keep the test labels out of the participant's process."""
+    if worker.hidden_test_labels == "off":
+        return []
+    why = blinded.why_not_hidden(worker, runs_ingestion)
+    if why is None:
+        return []
+    if worker.hidden_test_labels == "required":
+        raise ConfigError(source, "worker.hidden_test_labels", "a kit and worker type that "
+                          "can hide the test labels (or hidden_test_labels: auto | off)",
+                          f"required, but {why}")
+    return [blinded.not_hidden_warning(why)]
 
 
 def _check_kit(source: str, kit: Path) -> None:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import ramptest, rescoring, supervise
+from runner import blinded, ramptest, rescoring, supervise
+from runner.blinded import BlindedData
 from runner.config import WorkerSection
 from runner.errors import EventError, SubmissionError
-from runner.training_output import RunResults
+from runner.training_output import RunResults, read_results
 
 MIB = 1024 * 1024
 # ramp-test leaves a few files per fold; more entries than this is not a result.
@@ -40,15 +41,17 @@ class RunEnd:
 
 
 def install_run(settings: WorkerSection, submission: str, end: RunEnd, log_file: Path,
-                output_dir: Path | None) -> tuple[int, str, RunResults | None]:
+                output_dir: Path | None, hidden: BlindedData | None = None
+                ) -> tuple[int, str, RunResults | None]:
     """Install the run's log and, when it succeeded, its ``training_output`` as predictions.
 
     ``log_file`` and ``output_dir`` are the worker's local copies, written by the untrusted
-    run. Returns ``(returncode, error_msg, results)``, the message bounded and the results
-    as read and checked before they were installed (None unless the run succeeded); raises
-    SubmissionError
-    (after installing the log) when ramp-test exited 0 but left no usable results: no
-    ``training_output`` folder, links or special files in it, more than
+    run. With ``hidden`` test labels, the run wrote predictions only (runner/ingest.py):
+    they are scored here, into the tree ramp-test writes, and that tree is installed.
+    Returns ``(returncode, error_msg, results)``, the message bounded and the results as
+    read and checked before they were installed (None unless the run succeeded); raises
+    SubmissionError (after installing the log) when the run exited 0 but left no usable
+    results: no ``training_output`` folder, links or special files in it, more than
     ``output_limit_mb``, or scores that are malformed or do not match the predictions.
     """
     log = _read_log(log_file, settings.log_limit_mb)
@@ -70,11 +73,28 @@ def install_run(settings: WorkerSection, submission: str, end: RunEnd, log_file:
             raise SubmissionError("ramp-test exited with 0 but left no training_output folder "
                                   "(did the submission remove it?)")
         limit = settings.output_limit_mb * MIB
-        results = install_predictions(
-            output_dir, Path(settings.predictions_dir) / submission, limit,
-            check=lambda tree: rescoring.verify_results(
-                tree, settings.kit_dir, settings.data_dir, limit))
+        if hidden is None:
+            def check(tree: Path) -> RunResults:
+                return rescoring.verify_results(tree, settings.kit_dir, settings.data_dir,
+                                                limit)
+        else:
+            output_dir = _scored(settings, hidden, output_dir, limit)
+
+            def check(tree: Path) -> RunResults:  # scored here: nothing to recompute
+                return read_results(tree, rescoring.score_types(settings.kit_dir))
+        results = install_predictions(output_dir, Path(settings.predictions_dir) / submission,
+                                      limit, check=check)
     return returncode, error_msg, results
+
+
+def _scored(settings: WorkerSection, hidden: BlindedData, predictions: Path,
+            limit_bytes: int) -> Path:
+    """Score the predictions a run left (checked first: no links, bounded) into the
+    training_output tree beside them; return that tree."""
+    check_tree(predictions, limit_bytes)
+    scored = predictions.with_name(f"{predictions.name}.scored")
+    blinded.score(settings.kit_dir, settings.data_dir, hidden, predictions, scored)
+    return scored
 
 
 def install_predictions(source: Path, target: Path, limit_bytes: int,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import rescoring
+from runner.blinded import BlindedData
 from runner.config import PATH_KEYS, CustomWorkerSection, WorkerSection, worker_settings
 from runner.errors import EventError
 from runner.registry import worker_class
@@ -111,6 +112,10 @@ class BaseWorker:
     settings_class: type[WorkerSection] = CustomWorkerSection
     # Seconds between two checks of a run when the event sets no time_between_collection.
     default_poll_seconds = 1.0
+    # Whether the worker can run the ingestion program instead of ramp-test, so that the
+    # test labels stay out of the run (runner.blinded): built-in workers can; a custom
+    # worker runs ramp-test itself.
+    runs_ingestion = False
 
     def __init__(self, config: dict[str, Any], submission: str):
         self.config = config
@@ -131,6 +136,14 @@ class BaseWorker:
         # dispatcher that dies while it runs is then not the run's doing, and costs it no
         # attempt. Unknown (a custom worker) counts as not confined.
         self.sandboxed = False
+
+    @property
+    def hidden_labels(self) -> BlindedData | None:
+        """The blinded data the dispatcher prepared (``runner.blinded``), when the run is to
+        predict without the test labels; None when it runs ramp-test."""
+        if not self.runs_ingestion:
+            return None
+        return (self.config.get("prepared") or {}).get("blinded")
 
     @classmethod
     def settings_of(cls, config: dict[str, Any]) -> WorkerSection:
@@ -351,7 +364,8 @@ class BaseWorker:
                 return 0, ""
             self.peak_memory_mb = artifacts.peak_memory_mb
             returncode, error_msg, self.verified_results = install_run(
-                self.settings, self.submission, artifacts.end, artifacts.log, artifacts.output)
+                self.settings, self.submission, artifacts.end, artifacts.log, artifacts.output,
+                self.hidden_labels)
         except BaseException:
             with self._status_lock:
                 if self._status in UNCOLLECTED:

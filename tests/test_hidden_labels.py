@@ -16,9 +16,13 @@ import numpy as np
 import pytest
 
 from runner import blinded, ingest
+from runner.config import load_event_config
 from runner.errors import SubmissionError
+from runner.ledger import Ledger
 from tests import kits
-from tests.events import EXAMPLE
+from tests.events import EXAMPLE, make_event
+from tests.faults.helpers import dispatch
+from tests.label_reader import label_reader
 
 BIN = Path(sys.executable).parent
 
@@ -169,3 +173,37 @@ def test_a_failing_submission_leaves_its_traceback_and_exit_code_1(tmp_path):
     fold = submissions / "starting_kit" / "training_output" / "fold_0"
     assert "ValueError: no luck" in (fold / "error.txt").read_text()
     assert (fold / "state.txt").read_text() == "training_error"
+
+
+# -- through the real dispatcher ----------------------------------------------------------
+
+
+def reader_event(root: Path, worker: dict | None = None) -> Path:
+    """The example event with the label reader and an honest twin of it."""
+    path = make_event(root, ("starting_kit",), worker=worker)
+    reader = root / "submissions" / "reader"
+    reader.mkdir()
+    (reader / "classifier.py").write_text(label_reader([str(root / "ramp-data" / "iris")]))
+    return path
+
+
+def test_the_label_reader_finds_nothing_and_is_scored_as_the_honest_model_it_is(tmp_path):
+    path = reader_event(tmp_path)
+    completed = dispatch(path)
+    assert completed.returncode == 0, completed.stderr
+    config = load_event_config(path)
+    with Ledger(config.ledger_path) as ledger:
+        reader = ledger.get("reader")
+    assert reader.state == "scored", reader.error_msg
+    log = (Path(config.worker.logs_dir) / "reader" / "log").read_text()
+    assert "NO LABELS FOUND" in log and "LABELS FOUND:" not in log
+    assert reader.scores["test"]["acc"] < 1
+
+
+def test_with_hidden_test_labels_off_the_same_reader_ranks_first(tmp_path):
+    """The attack is real: without the split, ramp-test hands it the labels."""
+    path = reader_event(tmp_path, worker={"hidden_test_labels": "off"})
+    assert dispatch(path).returncode == 0
+    with Ledger(load_event_config(path).ledger_path) as ledger:
+        reader = ledger.get("reader")
+    assert reader.state == "scored" and reader.scores["test"]["acc"] == 1

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runner import ramptest, sandbox
+from runner import blinded, ingest, ramptest, sandbox
 from runner.errors import ConfigError, EventError
 from runner.local.conda import CondaError, conda_env_prefix, conda_executable
 from runner.local.process import LocalRun
@@ -29,6 +29,7 @@ class CondaEnvWorker(BaseWorker):
     """
 
     settings_class = CondaWorkerSection
+    runs_ingestion = True
 
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
@@ -86,22 +87,34 @@ class CondaEnvWorker(BaseWorker):
         # copy what it points to (/etc/shadow) where the run can read it.
         shutil.copytree(self.submission_folder(), copy, symlinks=True,
                         ignore=shutil.ignore_patterns("training_output"))
+        hidden = self.hidden_labels
+        # With hidden test labels the run sees the blinded data, not the data folder, and
+        # none of the kit's own data.
+        data = [settings.data_dir] if hidden is None else [hidden.folder, ingest.__file__]
+        kit_data = Path(settings.kit_dir) / "data"
         self._confinement = sandbox.confinement(
             settings, sandbox.use_sandbox(settings.sandbox, type(self).__name__),
-            read_only=[settings.kit_dir, settings.data_dir], writable=[copy],
-            tmp=self.scratch / "tmp")
+            read_only=[settings.kit_dir, *data], writable=[copy], tmp=self.scratch / "tmp",
+            hidden=[kit_data] if hidden is not None and kit_data.is_dir() else [])
         self.sandboxed = self._confinement.sandbox
         super().setup()
 
     def start_run(self) -> None:
-        """Start ramp-test in its own process group, its output going to the log."""
-        argv = ramptest.command(
-            self.submission,
-            kit_dir=self.settings.kit_dir,
-            data_dir=self.settings.data_dir,
-            submissions_dir=str(self._submissions_copy),
-            ramp_test=str(self._bin / "ramp-test"),
-        )
+        """Start ramp-test, or the ingestion program with hidden test labels, in its own
+        process group, its output going to the log."""
+        hidden = self.hidden_labels
+        if hidden is None:
+            argv = ramptest.command(
+                self.submission,
+                kit_dir=self.settings.kit_dir,
+                data_dir=self.settings.data_dir,
+                submissions_dir=str(self._submissions_copy),
+                ramp_test=str(self._bin / "ramp-test"),
+            )
+        else:
+            argv = blinded.ingest_command(str(self._bin / "python"), ingest.__file__,
+                                          self.settings.kit_dir, hidden.folder,
+                                          str(self._submissions_copy), self.submission)
         env = ramptest.child_environment(self.config.get("n_threads"), extra_path=str(self._bin))
         self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch,
                              confinement=self._confinement)
