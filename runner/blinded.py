@@ -53,8 +53,8 @@ def why_not_hidden(settings: WorkerSection, runs_ingestion: bool) -> str | None:
     loaded), or None when they can; ``hidden_test_labels: off`` needs no reason."""
     if not runs_ingestion:
         return f"worker_type {settings.worker_type} runs ramp-test itself"
-    if not Path(settings.kit_dir, "problem.py").is_file():
-        return "the kit is not on the dispatcher's machine"
+    if not Path(settings.kit_dir, "problem.py").is_file() or not Path(settings.data_dir).is_dir():
+        return "the kit or its data is not on the dispatcher's machine"
     return why_not_splittable(settings.kit_dir)
 
 

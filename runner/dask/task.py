@@ -24,7 +24,7 @@ from typing import Any
 
 import distributed
 
-from runner import archive, ramptest, results, sandbox
+from runner import archive, blinded, ingest, ramptest, results, sandbox
 from runner.errors import SubmissionError
 from runner.local.conda import conda_env_prefix
 from runner.local.process import LocalRun
@@ -86,8 +86,9 @@ def run_submission(job: dict[str, Any]) -> TaskResult:
 
     ``job`` keys: ``run_id``, ``submission``, ``submission_tar`` (bytes), ``kit`` and
     ``data`` (``{"path": ...}`` or ``{"sha": ..., "tar": bytes | None}``), ``conda_env``,
-    ``n_threads``, and ``settings``: the worker's settings (its timeout, sandbox and
-    limits).
+    ``n_threads``, ``settings``: the worker's settings (its timeout, sandbox and limits),
+    and ``ingest``: whether ``data`` is blinded and the run is the ingestion program
+    (runner.blinded) rather than ramp-test.
     """
     worker = distributed.get_worker()
     root = Path(worker.local_directory)
@@ -174,8 +175,14 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
     ramp_test = bin_dir / "ramp-test"
     if not ramp_test.exists():
         raise FileNotFoundError(f"no ramp-test in {bin_dir} on Dask worker {worker.address}")
-    argv = ramptest.command(submission, str(kit), str(data), str(submissions),
-                            ramp_test=str(ramp_test))
+    read_only = [kit, data]
+    if job.get("ingest"):
+        argv = blinded.ingest_command(str(bin_dir / "python"), ingest.__file__, kit, data,
+                                      str(submissions), submission)
+        read_only.append(Path(ingest.__file__))
+    else:
+        argv = ramptest.command(submission, str(kit), str(data), str(submissions),
+                                ramp_test=str(ramp_test))
     env = ramptest.child_environment(job.get("n_threads"), extra_path=str(bin_dir))
     log_path = scratch / "log"
     settings = job["settings"]
@@ -187,7 +194,7 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
         return TaskResult(TaskOutcome.NO_SANDBOX, worker.address, no_sandbox=no_sandbox)
     confinement = sandbox.confinement(
         settings, sandbox.use_sandbox(mode, f"Dask worker {worker.address}"),
-        read_only=[kit, data], writable=[submissions / submission], tmp=scratch / "tmp")
+        read_only=read_only, writable=[submissions / submission], tmp=scratch / "tmp")
     with _LOCK:
         if run_id in _KILLED:
             return TaskResult(TaskOutcome.KILLED, worker.address)

@@ -46,6 +46,7 @@ class DaskWorker(BaseWorker):
     """Run a submission with ramp-test on a Dask worker, local or remote, plain or TLS."""
 
     settings_class = DaskWorkerSection
+    runs_ingestion = True
 
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
@@ -99,8 +100,11 @@ class DaskWorker(BaseWorker):
             "run_id": self._run_id,
             "submission": self.submission,
             "submission_tar": archive.compress(packed),
-            "kit": self._source("kit_dir", settings.remote_kit_dir),
-            "data": self._source("data_dir", settings.remote_data_dir),
+            "kit": self._source("kit", settings.remote_kit_dir),
+            # With hidden test labels the blinded data goes instead of the data folder.
+            "data": self._source("data",
+                                 None if self.hidden_labels else settings.remote_data_dir),
+            "ingest": self.hidden_labels is not None,
             "conda_env": conda_env,
             "n_threads": self.config.get("n_threads"),
             # Its timeout, sandbox and limits; whether the sandbox works is asked on the
@@ -198,16 +202,23 @@ class DaskWorker(BaseWorker):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _source(self, local_key: str, remote_path: str | None) -> dict[str, Any]:
+    def _local_folder(self, name: str) -> str:
+        """The folder shipped as the task's ``kit`` or ``data``: the blinded data rather
+        than the data folder when the test labels are hidden."""
+        if name == "data" and self.hidden_labels is not None:
+            return str(self.hidden_labels.folder)
+        return getattr(self.settings, f"{name}_dir")
+
+    def _source(self, name: str, remote_path: str | None) -> dict[str, Any]:
         """How the task finds the kit or data: a path on the Dask worker, or a content hash."""
         if remote_path:
             return {"path": remote_path}
         try:
-            sha, _ = packed_folder(getattr(self.settings, local_key), self._pack_cache)
+            sha, _ = packed_folder(self._local_folder(name), self._pack_cache)
         except archive.UnsafeArchiveError as error:
-            raise EventError(f"worker.{local_key} cannot be shipped to the cluster: {error} "
-                             f"(or give worker.remote_{local_key.removesuffix('_dir')}_dir, "
-                             "a folder on the Dask workers)") from None
+            raise EventError(f"worker.{name}_dir cannot be shipped to the cluster: {error} "
+                             f"(or give worker.remote_{name}_dir, a folder on the Dask "
+                             "workers)") from None
         return {"sha": sha, "tar": None}
 
     @property
@@ -231,7 +242,7 @@ class DaskWorker(BaseWorker):
         job = dict(self._job)
         address = result.worker
         for name in result.missing:
-            _, tar = packed_folder(getattr(self.settings, f"{name}_dir"), self._pack_cache)
+            _, tar = packed_folder(self._local_folder(name), self._pack_cache)
             logger.info("%r: shipping %s (%d kB) to %s", self, name, len(tar) // 1024, address)
             shipped = self._client.scatter(tar, workers=[address], hash=False)
             self._shipped.append(shipped)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner import ramptest, sandbox, supervise
+from runner import blinded, ingest, ramptest, sandbox, supervise
 from runner.errors import ConfigError, EventError
 from runner.results import read_reason, run_end
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
@@ -36,6 +36,9 @@ from runner.worker import BaseWorker, RunArtifacts, RunState
 logger = logging.getLogger("runner.worker")
 
 RUN_FOLDER = ".ramp-runner"
+# Blinded data on a host (runner.blinded), one folder per content, inside the kit folder
+# so that the sandbox's view of the kit shows it.
+BLINDED_FOLDER = ".ramp-runner-blinded"
 # Files the upload leaves out: outputs of earlier local runs and bytecode.
 NOT_UPLOADED = ("training_output", "__pycache__")
 # Kill the session "$pid" (every process of a run shares the session its leader opened
@@ -82,6 +85,7 @@ class RemoteWorker(BaseWorker):
     """
 
     _check_spot_notice = False
+    runs_ingestion = True
     metadata_url = "http://169.254.169.254"
     # Each poll is an SSH command on the host while RAMP times the run (RAMP's documentation
     # advises at least 60 s on AWS); ``time_between_collection`` overrides it.
@@ -116,13 +120,37 @@ class RemoteWorker(BaseWorker):
                 files.append((path, f"submissions/{self.submission}/{relative.as_posix()}"))
         files.append((local, f"{RUN_FOLDER}/{self.submission}"))
         files.append((supervise.__file__, f"{RUN_FOLDER}/{self.submission}/supervise.py"))
-        self.session.upload(files, self.remote_kit, before=f"rm -rf {self._stale_files()} && ")
+        before = f"rm -rf {self._stale_files()} && "
+        if self.hidden_labels is not None:
+            self._upload_blinded(self.hidden_labels.folder)
+            # Beside the blinded data, where the sandbox shows it (the run's folder is hidden).
+            files.append((ingest.__file__, f"{BLINDED_FOLDER}/ingest.py"))
+            # The host's own data (test labels included) is hidden from the run: make sure
+            # there is a folder to hide.
+            before += f"mkdir -p {shlex.quote(f'{self.remote_kit}/data')} && "
+        self.session.upload(files, self.remote_kit, before=before)
         try:
             self.sandboxed = self._host_sandbox()
         except EventError:
             # The subclass forgets the session on a setup error: clean the host first.
             self.session.run(f"rm -rf {self._stale_files()}", 60)
             raise
+
+    def _upload_blinded(self, folder: Path) -> None:
+        """Send the blinded data to the host unless it is there already (once per host and
+        content): into a folder of this run first, then renamed, so that no run reads a
+        half-written one."""
+        target = f"{self.remote_kit}/{BLINDED_FOLDER}/{folder.name}"
+        if self.session.run(f"test -d {shlex.quote(target)}")[0] == 0:
+            return
+        staging = f"{BLINDED_FOLDER}/.{folder.name}.{self.submission}"
+        self.session.upload(
+            [(folder, staging), *((path, f"{staging}/{path.name}")
+                                  for path in sorted(folder.iterdir()))],
+            self.remote_kit, before=f"rm -rf {shlex.quote(f'{self.remote_kit}/{staging}')} && ")
+        staged, target = shlex.quote(f"{self.remote_kit}/{staging}"), shlex.quote(target)
+        # Another dispatcher may have renamed its copy first: then this one goes.
+        self.session.run(f"mv -T {staged} {target} 2>/dev/null || rm -rf {staged}")
 
     def _stale_files(self) -> str:
         return " ".join(shlex.quote(p) for p in (
@@ -147,9 +175,12 @@ class RemoteWorker(BaseWorker):
         run, kit = self.run_dir, self.remote_kit
         own = f"{kit}/submissions/{self.submission}"
         # Other submissions and the runs' files share the kit folder on a host.
+        hidden = [f"{kit}/submissions", f"{kit}/{RUN_FOLDER}"]
+        if self.hidden_labels is not None:
+            hidden.append(f"{kit}/data")
         options = sandbox.confinement(
             self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
-            hidden=(f"{kit}/submissions", f"{kit}/{RUN_FOLDER}")).options()
+            hidden=hidden).options()
         return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
                 "--reason", f"{run}/reason", *options, "--", *argv]
 
@@ -172,7 +203,15 @@ class RemoteWorker(BaseWorker):
     def _run_script(self) -> str:
         run = shlex.quote(self.run_dir)
         kit = self.remote_kit
-        argv = self._supervised(ramptest.command(self.submission, kit, kit, f"{kit}/submissions"))
+        hidden = self.hidden_labels
+        if hidden is None:
+            command = ramptest.command(self.submission, kit, kit, f"{kit}/submissions")
+        else:
+            command = blinded.ingest_command(
+                "python", f"{kit}/{BLINDED_FOLDER}/ingest.py", kit,
+                f"{kit}/{BLINDED_FOLDER}/{hidden.folder.name}", f"{kit}/submissions",
+                self.submission)
+        argv = self._supervised(command)
         # The host's own environment, not the dispatcher's: only what a run sets is added.
         run_variables = ramptest.child_environment(self.config.get("n_threads"), parent={})
         lines = [
