@@ -132,9 +132,13 @@ def _adapt_numpy_for_psycopg2() -> None:
 
 
 def public_error(error_msg: str, log_file: Path) -> str:
-    """What the participant reads of a failed run: its traceback, or the dispatcher's own
-    one-line verdict (timeout, a limit), never lines of the log: a log can carry the
-    private test score."""
+    """What the participant reads of a failed run, never lines of the log (they hold the
+    private test score): a built-in worker's message as it is (``runner.results`` keeps
+    only the run's error and ramp-runner's line on how it ended); of another (a custom
+    worker's, which may quote the log), the traceback that ends it, or a one-line verdict
+    that is not a line of the log."""
+    if ramptest.is_ended(error_msg):
+        return error_msg
     traceback = ramptest.traceback_of(error_msg)
     if traceback:
         return traceback
@@ -143,7 +147,7 @@ def public_error(error_msg: str, log_file: Path) -> str:
         log = log_file.read_text(errors="replace")
     except OSError:
         log = ""
-    if not message or "\n" in message or message.startswith("...") or message in log:
+    if not message or "\n" in message or message in log:
         return NO_TRACEBACK_MESSAGE
     return message
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import blinded, ramptest, rescoring, supervise
+from runner import blinded, ramptest, rescoring, supervise, training_output
 from runner.blinded import BlindedData
 from runner.config import WorkerSection
 from runner.errors import EventError, SubmissionError
@@ -36,8 +36,10 @@ class RunEnd:
     # ramp-test's exit code; None when the run was stopped before it could exit.
     returncode: int | None
     timed_out: bool = False
-    # Why a run without an exit code was stopped (shown as its error message).
+    # Why a run without an exit code was stopped (a limit, a lost worker).
     stopped: str = ""
+    # Why the results of a run that exited 0 were refused where it ran (a Dask worker).
+    refused: str = ""
 
 
 def install_run(settings: WorkerSection, submission: str, end: RunEnd, log_file: Path,
@@ -48,27 +50,28 @@ def install_run(settings: WorkerSection, submission: str, end: RunEnd, log_file:
     ``log_file`` and ``output_dir`` are the worker's local copies, written by the untrusted
     run. With ``hidden`` test labels, the run wrote predictions only (runner/ingest.py):
     they are scored here, into the tree ramp-test writes, and that tree is installed.
-    Returns ``(returncode, error_msg, results)``, the message bounded and the results as
-    read and checked before they were installed (None unless the run succeeded); raises
-    SubmissionError (after installing the log) when the run exited 0 but left no usable
-    results: no ``training_output`` folder, links or special files in it, more than
+    Returns ``(returncode, error_msg, results)``, the results as read and checked before
+    they were installed (None unless the run succeeded); raises SubmissionError (after
+    installing the log) when the run exited 0 but left no usable results: no
+    ``training_output`` folder, links or special files in it, more than
     ``output_limit_mb``, or scores that are malformed or do not match the predictions.
+
+    Both the log and every message (error_msg, or the SubmissionError's) end with
+    ramp-runner's line saying how the run's process ended, whatever the run printed or
+    closed; a message is otherwise only the run's error (``ramptest.error_message``).
     """
+    ending = run_ending(end, settings.timeout)
     log = _read_log(log_file, settings.log_limit_mb)
-    if end.timed_out:
-        returncode = ramptest.TIMEOUT_RETURNCODE
-        error_msg = ramptest.timeout_message(settings.timeout)
-    elif end.returncode is None:
-        returncode = 1
-        error_msg = ramptest.bounded(end.stopped or "the run was stopped before its end")
-    else:
-        returncode = end.returncode
-        error_msg = "" if returncode == 0 else ramptest.error_message(log, returncode)
-    if end.timed_out or end.returncode is None:
-        log += f"\n{error_msg}\n"
-    _replace_file(Path(settings.logs_dir) / submission / "log", log)
-    results = None
-    if returncode == 0:
+    _replace_file(Path(settings.logs_dir) / submission / "log",
+                  ramptest.ended(log.rstrip(), ending) + "\n")
+    if end.timed_out or end.returncode != 0:
+        returncode = (ramptest.TIMEOUT_RETURNCODE if end.timed_out
+                      else 1 if end.returncode is None else end.returncode)
+        error = ramptest.error_message(log, fold_error(output_dir))
+        return returncode, ramptest.ended(error, ending), None
+    try:
+        if end.refused:
+            raise SubmissionError(end.refused)
         if output_dir is None or not stat.S_ISDIR(_lstat_mode(output_dir)):
             raise SubmissionError("ramp-test exited with 0 but left no training_output folder "
                                   "(did the submission remove it?)")
@@ -84,7 +87,47 @@ def install_run(settings: WorkerSection, submission: str, end: RunEnd, log_file:
                 return read_results(tree, rescoring.score_types(settings.kit_dir))
         results = install_predictions(output_dir, Path(settings.predictions_dir) / submission,
                                       limit, check=check)
-    return returncode, error_msg, results
+    except SubmissionError as error:
+        raise SubmissionError(ramptest.ended(str(error), ending)) from error
+    return 0, "", results
+
+
+def run_ending(end: RunEnd, timeout: float) -> str:
+    """ramp-runner's line saying how the run's process ended: its exit code or signal, the
+    timeout, or what stopped it."""
+    if end.timed_out:
+        return ramptest.timeout_message(timeout)
+    if end.returncode is None:
+        return ramptest.stop_message(end.stopped)
+    return ramptest.exit_message(end.returncode)
+
+
+# More folds than this is not ramp-test's output: the search for the failed one stops.
+MAX_FOLDS = 1000
+
+
+def fold_error(output_dir: Path | None) -> str | None:
+    """The end of the failed fold's ``error.txt`` (ramp-test and runner.ingest write the
+    traceback there), or None when the run left none.
+
+    ramp-test stops at the first failed fold: the first ``fold_<i>`` holding one is it.
+    Folders are taken only when they are folders, not links (the run made them: a link
+    would have the dispatcher read a file of its choice), and the file's end only.
+    """
+    if output_dir is None or not stat.S_ISDIR(_lstat_mode(output_dir)):
+        return None
+    for index in range(MAX_FOLDS):
+        fold = output_dir / f"{training_output.FOLD_PREFIX}{index}"
+        if not stat.S_ISDIR(_lstat_mode(fold)):
+            return None
+        try:
+            tail = training_output.read_tail(str(fold / "error.txt"),
+                                             ramptest.ERROR_FILE_TAIL_BYTES)
+        except ValueError:  # a link, a FIFO, unreadable: not an error file
+            return None
+        if tail is not None:
+            return tail.decode(errors="replace")
+    return None
 
 
 def _scored(settings: WorkerSection, hidden: BlindedData, predictions: Path,

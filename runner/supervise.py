@@ -419,9 +419,9 @@ class Run:
     def stop(self, limit, what):
         """Record why the run is stopped, then kill its whole tree."""
         if self.reason is None:
+            # Said after "the run was stopped: " (runner.ramptest.stop_message).
             self.reason = {"fault": "submission", "limit": limit, "message": (
-                f"The submission {what}, more than {limit}={self.limits[limit]}: "
-                "the run was stopped.")}
+                f"the submission {what}, more than {limit}={self.limits[limit]}")}
         self.kill()
 
     def kill(self):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from runner import ramptest, results
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.errors import EventError, SubmissionError
@@ -46,6 +47,7 @@ def test_ramp_test_exiting_0_without_output_is_a_training_error_not_a_retry(tmp_
         lost = [t for t in ledger.transitions("starting_kit") if t.to_state == "new"]
     assert (submission.state, submission.attempts) == ("training_error", 0)
     assert "exited with 0 but left no training_output" in submission.error_msg
+    assert submission.error_msg.endswith("\nramp-runner: the run exited with code 0")
     assert len(lost) == 1  # only its discovery: never sent back as a lost run
     log = (Path(config.worker.logs_dir) / "starting_kit" / "log").read_text()
     assert "says it worked" in log
@@ -126,3 +128,22 @@ def test_teardown_after_a_failed_collect_releases_everything(tmp_path, fake_cond
     assert worker.status == WorkerStatus.KILLED
     assert not worker.scratch.exists()
     assert worker._run.returncode is not None
+
+
+def test_the_failed_folds_error_file_is_read_from_its_end_and_never_through_a_link(tmp_path):
+    output = tmp_path / "training_output"
+    (output / "fold_0").mkdir(parents=True)
+    (output / "fold_1").mkdir()
+    with open(output / "fold_1" / "error.txt", "wb") as handle:
+        handle.truncate(600 * 1024 * 1024)  # a 600 MB one-line file, sparse
+        handle.seek(0, 2)
+        handle.write(b"ValueError: the end\n")
+    error = results.fold_error(output)
+    assert len(error) <= ramptest.ERROR_FILE_TAIL_BYTES and error.endswith("ValueError: the end\n")
+    secret = tmp_path / "elsewhere"
+    secret.mkdir()
+    (secret / "error.txt").write_text("not the run's")
+    (output / "fold_1" / "error.txt").unlink()
+    (output / "fold_1").rmdir()
+    (output / "fold_1").symlink_to(secret)
+    assert results.fold_error(output) is None

@@ -349,3 +349,15 @@ def test_public_error_never_shows_log_lines(tmp_path):
     assert public_error(timeout, log) == timeout
     assert public_error("fold 0\nTraceback (most recent call last):\nValueError: x", log) == (
         "Traceback (most recent call last):\nValueError: x")
+
+
+def test_public_error_shows_a_built_in_workers_message_as_it_is(tmp_path):
+    """runner.results already kept only the run's error: its ending line vouches for it,
+    even when the log holds the same words (a timeout's line is appended to the log)."""
+    log = tmp_path / "log"
+    ending = "ramp-runner: the run was stopped at its timeout (timeout=20 s)"
+    log.write_text(f"fold 0\n  test acc = 0.97\n{ending}\n")
+    assert public_error(ending, log) == ending
+    raised = "Traceback (most recent call last):\nValueError: x\n" \
+        "ramp-runner: the run exited with code 1"
+    assert public_error(raised, log) == raised

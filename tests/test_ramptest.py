@@ -327,3 +327,46 @@ def test_warm_loads_the_scoring_code_before_the_first_check(event, output_copy):
     rescoring.verify_results(output_copy, kit, data, 2**30)
     assert rescoring._load_ground_truth.cache_info().hits >= 1
     rescoring.warm(event / "no-kit", data)  # nothing to load, nothing raised
+
+
+# -- the error message of a failed run ------------------------------------------------------
+
+RAISED = ("Traceback (most recent call last):\n\n"
+          '  File "/kit/submissions/x/classifier.py", line 6, in fit\n'
+          "    raise RuntimeError(\n\n"
+          "RuntimeError: x fails\n")
+
+
+def test_the_traceback_that_ends_the_log_is_the_error():
+    log = "Training x ...\nCV fold 0\n" + RAISED + "\n"
+    assert ramptest.traceback_of(log) == RAISED.strip()
+    chained = (RAISED + f"\n{ramptest.CHAINED[1]}\n\n"
+               + RAISED.replace("RuntimeError", "ValueError"))
+    assert ramptest.traceback_of("CV fold 0\n" + chained) == chained.strip()
+
+
+@pytest.mark.parametrize("log", [
+    # A header the submission printed, then ramp-test's score rows (tab-indented).
+    "Traceback (most recent call last):\n\tscore  acc\n\ttest  0.93\nCV fold 1\n",
+    "Traceback (most recent call last):\n\tscore  acc\n\ttest  0.93\nValueError: x\n",
+    RAISED + "\tscore  acc\n\ttest  0.93\n",
+    "CV fold 2\nTraceback (most recent call last):\n",
+    "",
+])
+def test_nothing_else_of_the_log_is_the_error(log):
+    assert ramptest.traceback_of(log) == ""
+    assert ramptest.error_message(log, None) == ""
+
+
+def test_the_folds_error_file_comes_first():
+    assert ramptest.error_message(RAISED, "OSError: from error.txt\n") == "OSError: from error.txt"
+
+
+@pytest.mark.parametrize(("returncode", "line"), [
+    (1, "ramp-runner: the run exited with code 1"),
+    (139, "ramp-runner: the run was killed by signal SIGSEGV (exit code 139)"),
+    (-9, "ramp-runner: the run was killed by signal SIGKILL (exit code -9)"),
+    (255, "ramp-runner: the run exited with code 255"),  # 128 + 127: no signal
+])
+def test_the_exit_line_names_the_code_or_the_signal(returncode, line):
+    assert ramptest.exit_message(returncode) == line

@@ -175,9 +175,11 @@ class DaskWorker(BaseWorker):
         outcome = result.outcome if result is not None else None
         if timed_out or outcome is TaskOutcome.TIMEOUT:
             end = RunEnd(None, timed_out=True)
+        elif outcome is TaskOutcome.ENDED and result.stopped and result.returncode == 0:
+            # A training_output refused on the Dask worker (a limit never ends with 0).
+            end = RunEnd(0, refused=result.stopped)
         elif outcome is TaskOutcome.ENDED and result.stopped:
-            # A limit, or a training_output refused on the Dask worker.
-            end = RunEnd(None, stopped=result.stopped)
+            end = RunEnd(None, stopped=result.stopped)  # a limit
         elif outcome is TaskOutcome.ENDED:
             end = RunEnd(result.returncode)
             if result.output is not None:
@@ -185,7 +187,7 @@ class DaskWorker(BaseWorker):
                 archive.unpack(result.output, output)
         else:
             why = outcome or "no answer from the cluster"
-            end = RunEnd(None, stopped=f"the run was stopped on the Dask worker ({why})")
+            end = RunEnd(None, stopped=f"on the Dask worker ({why})")
         peak_memory_mb = result.peak_memory_mb if result is not None else None
         return RunArtifacts(log_file, output, end, peak_memory_mb)
 
