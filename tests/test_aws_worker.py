@@ -26,21 +26,14 @@ from tests.sshd import (
     REPO,
     SUBMISSIONS,
     all_instances,
-    aws,
     aws_worker_section,
     dispatch_within,
     free_port,
     inject_fault,
-    instance_at_sshd,
     live_instances,
     make_event,
-    moto_server,
-    remote_kit,
     session_members,
-    sshd,
 )
-
-__all__ = ["aws", "instance_at_sshd", "moto_server", "remote_kit", "sshd"]  # fixtures
 
 
 def _ledger(config):

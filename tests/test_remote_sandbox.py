@@ -18,9 +18,7 @@ from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
 from runner.ssh import worker as ssh_module
 from tests import hostile
-from tests.sshd import VENV_BIN, make_event, remote_kit, ssh_worker_section, sshd
-
-__all__ = ["remote_kit", "sshd"]  # fixtures, imported for pytest
+from tests.sshd import VENV_BIN, make_event, ssh_worker_section
 
 SECRET = "remote-sandbox-secret-4d1e"
 

@@ -19,13 +19,9 @@ from tests.sshd import (
     dispatch_within,
     inject_fault,
     make_event,
-    remote_kit,
     session_members,
     ssh_worker_section,
-    sshd,
 )
-
-__all__ = ["remote_kit", "sshd"]  # fixtures, imported for pytest
 
 
 def _worker(tmp_path, sshd, remote_kit, submission, **more):
