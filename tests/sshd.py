@@ -24,10 +24,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-IRIS = REPO / "examples" / "iris"
 SSHD = "/usr/sbin/sshd"
 VENV_BIN = str(Path(sys.executable).parent)
 REGION = "eu-west-3"
@@ -206,24 +204,11 @@ def all_instances(client) -> list[dict]:
     return [i for r in client.describe_instances()["Reservations"] for i in r["Instances"]]
 
 
-def make_event(tmp_path: Path, worker: dict, submissions=SUBMISSIONS, **dispatcher) -> Path:
-    """Write an event (config.yml, submissions) under ``tmp_path``; return the config path."""
-    event = tmp_path / "event"
-    (event / "submissions").mkdir(parents=True)
-    for name in submissions:
-        shutil.copytree(IRIS / "submissions" / name, event / "submissions" / name,
-                        ignore=shutil.ignore_patterns("training_output", "__pycache__"))
-    config = {
-        "ramp": {"problem_name": "iris", "event_name": "iris_remote_test"},
-        "worker": {"submissions_dir": str(event / "submissions"),
-                   "predictions_dir": str(event / "predictions"),
-                   "logs_dir": str(event / "logs"), **worker},
-        "dispatcher": {"hunger_policy": "exit", "n_workers": 1, "n_threads": 1,
-                       "time_between_collection": 0.2, **dispatcher},
-    }
-    path = event / "config.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def remote_dispatcher(**more) -> dict:
+    """The dispatcher section of a remote test event (for ``tests.events.make_event``): one
+    run at a time, polled every 0.2 s, exit when done; ``more`` updates it."""
+    return {"hunger_policy": "exit", "n_workers": 1, "n_threads": 1,
+            "time_between_collection": 0.2, **more}
 
 
 def _local_kit(remote_kit: Path) -> dict:
