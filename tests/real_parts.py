@@ -4,7 +4,7 @@ moto's EC2 server, PostgreSQL, Dask clusters, and a stand-in conda.
 A pytest plugin (after fabric's ``fabric/testing/fixtures.py``), registered once by
 ``pytest_plugins`` in tests/conftest.py: a test asks for a fixture by name and imports
 nothing. The code that starts each part stays with its helpers (tests/sshd.py,
-tests/postgres.py, tests/dask_helpers.py, tests/events.py, runner/dask/cluster.py); only
+tests/postgres.py, tests/dask/helpers.py, tests/events.py, runner/dask/cluster.py); only
 the fixtures are here. Slow parts start once per session (sshd, moto's server, the remote
 kit) or once per module (PostgreSQL, Dask clusters, the module's conda). A fixture that
 cannot start its part fails the test; nothing here skips.
@@ -24,7 +24,7 @@ import distributed
 import pytest
 
 from runner.dask.cluster import LoopbackCluster
-from tests.dask_helpers import cluster_env
+from tests.dask.helpers import cluster_env
 from tests.events import (
     EXAMPLE,
     conda_knowing_ramp_iris,

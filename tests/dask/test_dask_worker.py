@@ -25,9 +25,9 @@ from runner.dask.cluster import LoopbackCluster, make_certificates
 from runner.dask.worker import DaskWorker
 from runner.dispatcher import prepare_data
 from runner.errors import ConfigError
-from tests import dask_helpers as h
 from tests import hostile
-from tests.dask_helpers import SECRET
+from tests.dask import helpers as h
+from tests.dask.helpers import REPO, SECRET
 from tests.events import (
     ENV_DUMP_CLASSIFIER,
     environment_in_log,
@@ -35,7 +35,6 @@ from tests.events import (
     make_event,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting", "raising_error")
 DISPATCHER = """
 import sys

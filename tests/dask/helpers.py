@@ -16,7 +16,7 @@ from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
 from tests.events import env_prefix_like_this_one, install_fake_conda
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "RR_TEST_SECRET_TOKEN"
 
 # ramp-test refuses source naming process functions, hence the assembled names.
