@@ -45,7 +45,9 @@ def environment_in_log(log: str) -> dict[str, str]:
 def make_event(root: Path, submissions=GOOD_SUBMISSIONS, worker=None, dispatcher=None) -> Path:
     """Copy the example kit, data script and ``submissions`` under ``root``; return config path.
 
-    ``worker`` and ``dispatcher`` update the example config's sections.
+    ``worker`` and ``dispatcher`` update the example config's sections; a remote event
+    gives a whole worker section (``tests.sshd.ssh_worker_section`` or
+    ``aws_worker_section``) and ``tests.sshd.remote_dispatcher()``.
     """
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(EXAMPLE / "ramp-kits", root / "ramp-kits",

@@ -1,8 +1,9 @@
-"""Real parts for the remote tests: an OpenSSH sshd on 127.0.0.1, moto's EC2 server,
-and an iris event whose "remote" kit folder lives on this machine.
+"""Helpers for the remote tests: an OpenSSH sshd on 127.0.0.1, moto's EC2 backend, and
+worker sections whose "remote" kit folder lives on this machine.
 
-Import the fixtures explicitly (``from tests.sshd import sshd, ...``). A fixture that
-cannot start its real part fails the test; nothing here skips.
+The fixtures that start these parts (``sshd``, ``moto_server``, ``aws``, ``remote_kit``,
+``instance_at_sshd``) are in the tests.real_parts plugin. An sshd that cannot start fails
+the test; nothing here skips.
 """
 
 from __future__ import annotations
@@ -18,17 +19,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import psutil
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-IRIS = REPO / "examples" / "iris"
 SSHD = "/usr/sbin/sshd"
 VENV_BIN = str(Path(sys.executable).parent)
 REGION = "eu-west-3"
@@ -66,10 +63,10 @@ class SSHServer:
     pid: int = 0  # the listening sshd; each connection is served by a child of it
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory) -> SSHServer:
-    """A real OpenSSH sshd on 127.0.0.1 with its own host key and one user key."""
-    folder = tmp_path_factory.mktemp("sshd")
+@contextlib.contextmanager
+def running_sshd(folder: Path) -> Iterator[SSHServer]:
+    """An OpenSSH sshd on 127.0.0.1 with its own host key and one user key, its files in
+    ``folder``; stopped on exit."""
     if not os.access(SSHD, os.X_OK):
         pytest.fail(f"{SSHD} is missing: apt-get install -y openssh-server")
     for name in ("host_key", "user_key"):
@@ -78,7 +75,7 @@ def sshd(tmp_path_factory) -> SSHServer:
     shutil.copyfile(folder / "user_key.pub", folder / "authorized_keys")
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log = open(folder / "sshd.log", "wb")  # noqa: SIM115 - closed at teardown
+    log = open(folder / "sshd.log", "wb")  # noqa: SIM115 - closed on exit
     process = subprocess.Popen(
         [SSHD, "-D", "-e", "-f", "/dev/null", "-p", str(port),
          "-o", "ListenAddress=127.0.0.1",
@@ -94,37 +91,13 @@ def sshd(tmp_path_factory) -> SSHServer:
         process.kill()
         log.close()
         pytest.fail(f"sshd did not start: {(folder / 'sshd.log').read_text()[-2000:]}")
-    yield SSHServer("127.0.0.1", port, getpass.getuser(), str(folder / "user_key"),
-                    (folder / "host_key.pub").read_text().strip(), process.pid)
-    process.terminate()
-    process.wait(10)
-    log.close()
-
-
-@pytest.fixture(scope="session")
-def moto_server():
-    """moto's EC2 API in this process (its backends are inspectable from the tests)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws(moto_server, monkeypatch):
-    """A fresh moto account reached through the standard environment chain."""
-    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset",
-                                                  method="POST"))
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    return boto3.client("ec2", region_name=REGION)
+    try:
+        yield SSHServer("127.0.0.1", port, getpass.getuser(), str(folder / "user_key"),
+                        (folder / "host_key.pub").read_text().strip(), process.pid)
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
 
 
 def add_ami(name: str, created: str, owner: str | None = None, state: str = "available",
@@ -231,41 +204,11 @@ def all_instances(client) -> list[dict]:
     return [i for r in client.describe_instances()["Reservations"] for i in r["Instances"]]
 
 
-@pytest.fixture(scope="session")
-def remote_kit(tmp_path_factory) -> Path:
-    """The kit as the AMI has it: a copy of the iris kit with the data inside."""
-    kit = tmp_path_factory.mktemp("remote") / "ramp-kits" / "iris"
-    shutil.copytree(IRIS / "ramp-kits" / "iris", kit,
-                    ignore=shutil.ignore_patterns("__pycache__", "submissions"))
-    data = IRIS / "ramp-data" / "iris" / "data"
-    if not data.is_dir():
-        scratch = tmp_path_factory.mktemp("data")
-        shutil.copy(IRIS / "ramp-data" / "iris" / "prepare_data.py", scratch)
-        subprocess.run([sys.executable, "prepare_data.py"], cwd=scratch, check=True)
-        data = scratch / "data"
-    shutil.copytree(data, kit / "data")
-    (kit / "submissions").mkdir()
-    return kit
-
-
-def make_event(tmp_path: Path, worker: dict, submissions=SUBMISSIONS, **dispatcher) -> Path:
-    """Write an event (config.yml, submissions) under ``tmp_path``; return the config path."""
-    event = tmp_path / "event"
-    (event / "submissions").mkdir(parents=True)
-    for name in submissions:
-        shutil.copytree(IRIS / "submissions" / name, event / "submissions" / name,
-                        ignore=shutil.ignore_patterns("training_output", "__pycache__"))
-    config = {
-        "ramp": {"problem_name": "iris", "event_name": "iris_remote_test"},
-        "worker": {"submissions_dir": str(event / "submissions"),
-                   "predictions_dir": str(event / "predictions"),
-                   "logs_dir": str(event / "logs"), **worker},
-        "dispatcher": {"hunger_policy": "exit", "n_workers": 1, "n_threads": 1,
-                       "time_between_collection": 0.2, **dispatcher},
-    }
-    path = event / "config.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def remote_dispatcher(**more) -> dict:
+    """The dispatcher section of a remote test event (for ``tests.events.make_event``): one
+    run at a time, polled every 0.2 s, exit when done; ``more`` updates it."""
+    return {"hunger_policy": "exit", "n_workers": 1, "n_threads": 1,
+            "time_between_collection": 0.2, **more}
 
 
 def _local_kit(remote_kit: Path) -> dict:
@@ -308,19 +251,6 @@ def ssh_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
         "timeout": 120,
         **more,
     }
-
-
-@pytest.fixture
-def instance_at_sshd(aws, sshd, monkeypatch):
-    """Every launched instance answers at the local sshd; the AMI of the event exists."""
-    from runner.aws import ec2
-
-    aws.create_security_group(GroupName="ramp-workers", Description="ramp workers")
-    add_ami(AMI_BASE + "-2024-01-01", "2024-01-01T00:00:00+00:00",
-            tags={"ramp-runner:ami-base-name": AMI_BASE})
-    monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: (sshd.host,
-                                                                              sshd.port))
-    return aws
 
 
 def dispatch_within(config, seconds: float, what: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runner.config import load_event_config
-from tests.events import conda_knowing_ramp_iris, make_event
+from tests.events import make_event
 from tests.test_cli import ramp_runner
 
 # Every verb that reads the event config, with the arguments it needs besides -e.
@@ -36,17 +36,16 @@ LEDGER_VERBS = ("check-config", "dispatch", "status", "status --submission", "su
 
 
 @pytest.fixture(scope="module")
-def event(tmp_path_factory):
+def event(tmp_path_factory, fake_conda_module):
     """The example event (its conda env known to a stand-in conda) and a spare submission."""
     root = tmp_path_factory.mktemp("cli-errors")
-    with conda_knowing_ramp_iris(root):
-        config = make_event(root / "event", submissions=("starting_kit",))
-        spare = root / "spare"
-        shutil.copytree(config.parent / "submissions" / "starting_kit", spare)
-        outputs = root / "outputs.json"
-        outputs.write_text(json.dumps({"amiBaseName": "ramp-iris", "securityGroupName": "ramp-iris",
-                                       "keyName": "ramp-iris", "region": "eu-west-3"}))
-        yield config, {"submission": str(spare), "outputs": str(outputs)}
+    config = make_event(root / "event", submissions=("starting_kit",))
+    spare = root / "spare"
+    shutil.copytree(config.parent / "submissions" / "starting_kit", spare)
+    outputs = root / "outputs.json"
+    outputs.write_text(json.dumps({"amiBaseName": "ramp-iris", "securityGroupName": "ramp-iris",
+                                   "keyName": "ramp-iris", "region": "eu-west-3"}))
+    return config, {"submission": str(spare), "outputs": str(outputs)}
 
 
 def run_verb(verb: str, config: Path, values: dict[str, str]):

@@ -17,12 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from time import sleep
 
-import distributed
 import pytest
 
 from runner.dask.worker import DaskWorker  # ADAPTED: was ramp_engine.remote
 from runner.local.worker import CondaEnvWorker  # ADAPTED: was ramp_engine.local
-from tests.events import EXAMPLE, conda_knowing_ramp_iris
+from tests.events import EXAMPLE
 
 ALL_WORKERS = [CondaEnvWorker, DaskWorker]
 # ADAPTED: why some cases fail today. strict=True: once fixed, the XPASS says drop the mark.
@@ -32,9 +31,10 @@ KIT_ROOT = Path()  # ADAPTED: set by the kit_root fixture
 
 
 @pytest.fixture(scope="module", autouse=True)
-def kit_root(tmp_path_factory):
-    """ADAPTED: ``kits/iris`` as ramp-board's tests lay it out, from the example kit, and a
-    conda on PATH (before the Dask cluster starts, so its workers see it too)."""
+def kit_root(tmp_path_factory, fake_conda_module):
+    """ADAPTED: ``kits/iris`` as ramp-board's tests lay it out, from the example kit; the
+    module's conda is on PATH first (before the Dask cluster starts, so its workers see it
+    too)."""
     global KIT_ROOT
     root = tmp_path_factory.mktemp("ramp-engine-tests")
     kit = root / "kits" / "iris"
@@ -43,16 +43,14 @@ def kit_root(tmp_path_factory):
     shutil.copytree(EXAMPLE / "submissions" / "random_forest",
                     kit / "submissions" / "random_forest_10_10")
     KIT_ROOT = root
-    with conda_knowing_ramp_iris(root):
-        yield root
+    return root
 
 
 @pytest.fixture(scope="module")
-def dask_scheduler(kit_root):
-    """ADAPTED: ramp-board's conftest starts a scheduler; a LocalCluster here."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster:
-        yield cluster.scheduler_address
+def dask_scheduler(kit_root, local_cluster):
+    """ADAPTED: ramp-board's conftest starts a scheduler; the module's LocalCluster here
+    (tests/real_parts.py), started after ``kit_root``."""
+    return local_cluster.scheduler_address
 
 
 @contextmanager

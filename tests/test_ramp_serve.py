@@ -15,17 +15,15 @@ from ramp_database.tools.submission import get_submission_state
 
 from runner.errors import ConfigError
 from runner.ramp_server import load_ramp_config, load_ramp_event, serve
-from tests.events import conda_knowing_ramp_iris
 from tests.rampboard import add_board_event, board_session, make_board, sqlite_database
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def board(tmp_path_factory):
+def board(tmp_path_factory, fake_conda_module):
     root = tmp_path_factory.mktemp("serve-board")
-    with conda_knowing_ramp_iris(root):
-        yield make_board(root, sqlite_database(root))
+    return make_board(root, sqlite_database(root))
 
 
 def test_ramp_defaults_fill_what_the_event_config_leaves_out(tmp_path):

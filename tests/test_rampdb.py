@@ -36,8 +36,7 @@ from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
 from runner.ramp_server import load_ramp_event
 from runner.rampdb import NO_TRACEBACK_MESSAGE, public_error
-from tests.events import conda_knowing_ramp_iris, make_event
-from tests.postgres import PostgresServer
+from tests.events import make_event
 from tests.rampboard import (
     EVENT,
     SUBMISSIONS,
@@ -51,22 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
 
 
-# -- real parts, started once per module ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fake_conda_module(tmp_path_factory):
-    """A ``conda`` on PATH knowing ``ramp-iris`` (the env RAMP's event configs name)."""
-    with conda_knowing_ramp_iris(tmp_path_factory.mktemp("conda")) as prefix:
-        yield prefix
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A PostgreSQL 15 server on loopback; the test fails if it cannot start."""
-    server = PostgresServer()
-    yield server
-    server.close()
+# -- boards on the real parts (postgres, fake_conda_module: tests/real_parts.py) ----------
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from runner.aws.worker import AWSWorker
 from runner.config import load_event_config
 from runner.errors import ConfigError
 from runner.ssh.worker import SSHWorker
-from tests.sshd import SSHServer, aws_worker_section, make_event, ssh_worker_section
+from tests.events import make_event
+from tests.sshd import SSHServer, aws_worker_section, remote_dispatcher, ssh_worker_section
 
 
 def _server(key_path: Path) -> SSHServer:
@@ -30,8 +31,9 @@ def key(tmp_path) -> Path:
 
 @pytest.mark.parametrize("margin", [0, 300, 599])
 def test_self_destruct_margin_below_ten_minutes_is_refused(tmp_path, key, margin):
-    path = make_event(tmp_path, aws_worker_section(_server(key), tmp_path / "kit",
-                                                   self_destruct_margin=margin))
+    path = make_event(tmp_path / "event", worker=aws_worker_section(
+        _server(key), tmp_path / "kit", self_destruct_margin=margin),
+        dispatcher=remote_dispatcher())
     with pytest.raises(ConfigError) as caught:
         load_event_config(path)
     message = str(caught.value)
@@ -40,13 +42,15 @@ def test_self_destruct_margin_below_ten_minutes_is_refused(tmp_path, key, margin
 
 
 def test_self_destruct_margin_of_ten_minutes_is_accepted(tmp_path, key):
-    path = make_event(tmp_path, aws_worker_section(_server(key), tmp_path / "kit",
-                                                   self_destruct_margin=600))
+    path = make_event(tmp_path / "event", worker=aws_worker_section(
+        _server(key), tmp_path / "kit", self_destruct_margin=600),
+        dispatcher=remote_dispatcher())
     assert load_event_config(path).worker.self_destruct_margin == 600
 
 
 def _aws(tmp_path, key):
-    path = make_event(tmp_path, aws_worker_section(_server(key), tmp_path / "kit"))
+    path = make_event(tmp_path / "event", worker=aws_worker_section(_server(key), tmp_path / "kit"),
+                      dispatcher=remote_dispatcher())
     return load_event_config(path).worker_dict()
 
 
@@ -57,7 +61,8 @@ def _ssh(tmp_path, key):
     section = ssh_worker_section(_server(other), tmp_path / "kit")
     section["hosts"].append({"host": "10.0.0.2", "user": "ubuntu", "key_path": str(key),
                              "remote_ramp_kit_folder": "/srv/kit"})
-    return load_event_config(make_event(tmp_path, section)).worker_dict()
+    return load_event_config(make_event(tmp_path / "event", worker=section,
+                                        dispatcher=remote_dispatcher())).worker_dict()
 
 
 # (worker class, worker dict, the key that names the file checked)

@@ -18,9 +18,8 @@ from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
 from runner.ssh import worker as ssh_module
 from tests import hostile
-from tests.sshd import VENV_BIN, make_event, remote_kit, ssh_worker_section, sshd
-
-__all__ = ["remote_kit", "sshd"]  # fixtures, imported for pytest
+from tests.events import make_event
+from tests.sshd import VENV_BIN, remote_dispatcher, ssh_worker_section
 
 SECRET = "remote-sandbox-secret-4d1e"
 
@@ -66,8 +65,10 @@ def hostile_event(sshd, kit, tmp_path_factory):
     secret = root / "secret.txt"
     secret.write_text(SECRET)
     secret.chmod(0o644)
-    path = make_event(root, ssh_worker_section(sshd, kit, sandbox="required", log_limit_mb=1,
-                                               timeout=60), submissions=())
+    path = make_event(root / "event", (),
+                      worker=ssh_worker_section(sshd, kit, sandbox="required", log_limit_mb=1,
+                                                timeout=60),
+                      dispatcher=remote_dispatcher())
     subs = path.parent / "submissions"
     hostile.add_submission(subs, "x_curious", curious(path, secret, kit))
     hostile.add_submission(subs, "x_chatty", hostile.chatty(3))
@@ -120,9 +121,9 @@ def _broken_bwrap(folder: Path) -> str:
 
 def test_sandbox_required_on_a_host_where_it_does_not_work_is_checking_error(
         sshd, kit, tmp_path):
-    path = make_event(tmp_path, ssh_worker_section(
+    path = make_event(tmp_path / "event", ("starting_kit",), worker=ssh_worker_section(
         sshd, kit, sandbox="required", remote_path_prefix=_broken_bwrap(tmp_path / "bin")),
-        submissions=("starting_kit",), max_attempts=1)
+        dispatcher=remote_dispatcher(max_attempts=1))
     config = load_event_config(path)
     Dispatcher(config).run()
     with Ledger(config.ledger_path) as ledger:
@@ -137,9 +138,9 @@ def test_sandbox_required_on_a_host_where_it_does_not_work_is_checking_error(
 
 def test_sandbox_auto_on_such_a_host_warns_loudly_and_runs_without(sshd, kit, tmp_path,
                                                                     caplog):
-    path = make_event(tmp_path, ssh_worker_section(
+    path = make_event(tmp_path / "event", ("starting_kit",), worker=ssh_worker_section(
         sshd, kit, remote_path_prefix=_broken_bwrap(tmp_path / "bin")),
-        submissions=("starting_kit",))
+        dispatcher=remote_dispatcher())
     config = load_event_config(path)
     with caplog.at_level(logging.WARNING):
         rows_before = len(caplog.records)

@@ -14,23 +14,21 @@ from runner.ledger import Ledger
 from runner.ssh import worker as ssh_module
 from runner.ssh.session import HostKeyError
 from runner.ssh.worker import SSHWorker
+from tests.events import make_event
 from tests.sshd import (
     FAULTS,
     dispatch_within,
     inject_fault,
-    make_event,
-    remote_kit,
+    remote_dispatcher,
     session_members,
     ssh_worker_section,
-    sshd,
 )
-
-__all__ = ["remote_kit", "sshd"]  # fixtures, imported for pytest
 
 
 def _worker(tmp_path, sshd, remote_kit, submission, **more):
-    path = make_event(tmp_path, ssh_worker_section(sshd, remote_kit, **more),
-                      submissions=(submission,))
+    path = make_event(tmp_path / "event", (submission,),
+                      worker=ssh_worker_section(sshd, remote_kit, **more),
+                      dispatcher=remote_dispatcher())
     config = load_event_config(path)
     return SSHWorker(config.worker_dict(dispatcher_id="test"), submission), config
 
@@ -43,8 +41,9 @@ def _run_until_done(worker, limit=120):
 
 
 def test_dispatch_over_ssh_scores_and_errors(tmp_path, sshd, remote_kit):
-    path = make_event(tmp_path, ssh_worker_section(sshd, remote_kit),
-                      submissions=("starting_kit", "raising_error"), n_workers=2)
+    path = make_event(tmp_path / "event", ("starting_kit", "raising_error"),
+                      worker=ssh_worker_section(sshd, remote_kit),
+                      dispatcher=remote_dispatcher(n_workers=2))
     config = load_event_config(path)
     Dispatcher(config).run()
     with Ledger(config.ledger_path) as ledger:
@@ -153,8 +152,9 @@ def test_reap_kills_runs_a_dead_dispatcher_left(tmp_path, sshd, remote_kit):
 def test_a_failed_poll_or_collect_releases_the_host(tmp_path, sshd, remote_kit, monkeypatch,
                                                     fault):
     inject_fault(monkeypatch, fault, remote_kit)
-    path = make_event(tmp_path, ssh_worker_section(sshd, remote_kit),
-                      submissions=("starting_kit",), max_attempts=1)
+    path = make_event(tmp_path / "event", ("starting_kit",),
+                      worker=ssh_worker_section(sshd, remote_kit),
+                      dispatcher=remote_dispatcher(max_attempts=1))
     config = load_event_config(path)
     dispatch_within(config, 120, fault)
     with Ledger(config.ledger_path) as ledger:

@@ -20,27 +20,20 @@ from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
 from runner.ssh import remote_worker
-from tests import events
+from tests.events import make_event
 from tests.sshd import (
     FAULTS,
     REPO,
     SUBMISSIONS,
     all_instances,
-    aws,
     aws_worker_section,
     dispatch_within,
     free_port,
     inject_fault,
-    instance_at_sshd,
     live_instances,
-    make_event,
-    moto_server,
-    remote_kit,
+    remote_dispatcher,
     session_members,
-    sshd,
 )
-
-__all__ = ["aws", "instance_at_sshd", "moto_server", "remote_kit", "sshd"]  # fixtures
 
 
 def _ledger(config):
@@ -50,16 +43,17 @@ def _ledger(config):
 
 def test_aws_event_scores_like_the_local_worker(tmp_path, sshd, remote_kit, instance_at_sshd,
                                                 fake_conda):
-    path = make_event(tmp_path / "aws", aws_worker_section(sshd, remote_kit, timeout=15),
-                      n_workers=2)
+    path = make_event(tmp_path / "aws" / "event", SUBMISSIONS,
+                      worker=aws_worker_section(sshd, remote_kit, timeout=15),
+                      dispatcher=remote_dispatcher(n_workers=2))
     config = load_event_config(path)
     Dispatcher(config).run()
     remote = _ledger(config)
 
     # The local reference needs no hanging run: its timeout is checked on the remote side.
     finishing = tuple(name for name in SUBMISSIONS if name != "hanging")
-    local_path = events.make_event(tmp_path / "local", submissions=finishing,
-                                   worker={"timeout": 15})
+    local_path = make_event(tmp_path / "local", submissions=finishing,
+                            worker={"timeout": 15})
     local_config = load_event_config(local_path)
     Dispatcher(local_config).run()
     local = _ledger(local_config)
@@ -90,8 +84,9 @@ def test_ssh_never_up_terminates_and_retries_then_checking_error(
     from runner.aws import ec2
 
     monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: ("127.0.0.1", 9))
-    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, ssh_ready_timeout=3),
-                      submissions=("starting_kit",), max_attempts=2)
+    path = make_event(tmp_path / "event", ("starting_kit",),
+                      worker=aws_worker_section(sshd, remote_kit, ssh_ready_timeout=3),
+                      dispatcher=remote_dispatcher(max_attempts=2))
     config = load_event_config(path)
     Dispatcher(config).run()
     submission = _ledger(config)["starting_kit"]
@@ -108,8 +103,9 @@ def test_shutdown_during_a_slow_boot_terminates_the_instance_at_once(
 
     # An instance whose SSH would take up to ten minutes to answer.
     monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: ("127.0.0.1", 9))
-    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, ssh_ready_timeout=600),
-                      submissions=("starting_kit",))
+    path = make_event(tmp_path / "event", ("starting_kit",),
+                      worker=aws_worker_section(sshd, remote_kit, ssh_ready_timeout=600),
+                      dispatcher=remote_dispatcher())
     config = load_event_config(path)
     dispatcher = Dispatcher(config)
     thread = threading.Thread(target=dispatcher.run)
@@ -128,8 +124,9 @@ def test_shutdown_during_a_slow_boot_terminates_the_instance_at_once(
 
 def test_timeout_kills_the_remote_tree_and_terminates(tmp_path, sshd, remote_kit,
                                                       instance_at_sshd):
-    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, timeout=4),
-                      submissions=("hanging",))
+    path = make_event(tmp_path / "event", ("hanging",),
+                      worker=aws_worker_section(sshd, remote_kit, timeout=4),
+                      dispatcher=remote_dispatcher())
     config = load_event_config(path)
     worker = AWSWorker(config.worker_dict(dispatcher_id="test"), "hanging")
     worker.setup()
@@ -191,8 +188,9 @@ def metadata(monkeypatch):
 def test_spot_notice_retries_on_a_new_instance(tmp_path, sshd, remote_kit, instance_at_sshd,
                                                metadata):
     metadata.notices = 1
-    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, use_spot_instance=True),
-                      submissions=("starting_kit",))
+    path = make_event(tmp_path / "event", ("starting_kit",),
+                      worker=aws_worker_section(sshd, remote_kit, use_spot_instance=True),
+                      dispatcher=remote_dispatcher())
     config = load_event_config(path)
     Dispatcher(config).run()
     submission = _ledger(config)["starting_kit"]
@@ -216,8 +214,9 @@ Dispatcher(load_event_config(sys.argv[1])).run()
 
 
 def test_reap_after_the_dispatcher_was_killed(tmp_path, sshd, remote_kit, instance_at_sshd):
-    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, timeout=600),
-                      submissions=("hanging",))
+    path = make_event(tmp_path / "event", ("hanging",),
+                      worker=aws_worker_section(sshd, remote_kit, timeout=600),
+                      dispatcher=remote_dispatcher())
     dispatcher = subprocess.Popen([sys.executable, "-c", DISPATCHER, str(path), str(sshd.port)],
                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid_file = remote_kit / ".ramp-runner" / "hanging" / "pid"
@@ -256,9 +255,9 @@ def test_reap_after_the_dispatcher_was_killed(tmp_path, sshd, remote_kit, instan
 def test_secrets_stay_out_of_logs_reprs_and_the_host(tmp_path, sshd, remote_kit,
                                                      instance_at_sshd, caplog):
     secret = "wJalrXUtnFEMIxK7MDENGxbPxRfiCYzSECRETKEY"
-    path = make_event(tmp_path, aws_worker_section(
+    path = make_event(tmp_path / "event", ("starting_kit",), worker=aws_worker_section(
         sshd, remote_kit, access_key_id="AKIATESTEXPLICIT", secret_access_key=secret),
-        submissions=("starting_kit",))
+        dispatcher=remote_dispatcher())
     config = load_event_config(path)
     caplog.set_level(logging.DEBUG)
     Dispatcher(config).run()
@@ -274,8 +273,9 @@ def test_a_failed_poll_or_collect_leaves_no_instance_running(tmp_path, sshd, rem
                                                              instance_at_sshd, monkeypatch,
                                                              fault):
     inject_fault(monkeypatch, fault, remote_kit)
-    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit),
-                      submissions=("starting_kit",), max_attempts=1)
+    path = make_event(tmp_path / "event", ("starting_kit",),
+                      worker=aws_worker_section(sshd, remote_kit),
+                      dispatcher=remote_dispatcher(max_attempts=1))
     config = load_event_config(path)
     dispatch_within(config, 120, fault)
     submission = _ledger(config)["starting_kit"]
@@ -287,8 +287,9 @@ def test_a_failed_poll_or_collect_leaves_no_instance_running(tmp_path, sshd, rem
 
 def test_a_closed_endpoint_at_dispatch_is_one_line_and_launches_nothing(
         tmp_path, sshd, remote_kit, instance_at_sshd):
-    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit),
-                      submissions=("starting_kit",))
+    path = make_event(tmp_path / "event", ("starting_kit",),
+                      worker=aws_worker_section(sshd, remote_kit),
+                      dispatcher=remote_dispatcher())
     closed = f"http://127.0.0.1:{free_port()}"
     # The organiser's shell: keys in the environment, EC2's endpoint closed.
     key_id = "AKIACLOSEDENDPOINT01"
@@ -329,8 +330,9 @@ def test_an_endpoint_closed_mid_run_is_one_line_naming_the_instance_left(
     port = free_port()
     endpoint = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     endpoint.start()
-    path = make_event(tmp_path, aws_worker_section(sshd, remote_kit, timeout=4),
-                      submissions=("hanging",))
+    path = make_event(tmp_path / "event", ("hanging",),
+                      worker=aws_worker_section(sshd, remote_kit, timeout=4),
+                      dispatcher=remote_dispatcher())
     config = load_event_config(path)
     dispatcher = subprocess.Popen(
         [sys.executable, "-c", CLI, str(path), str(sshd.port)], cwd=REPO, text=True,

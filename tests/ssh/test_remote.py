@@ -11,9 +11,7 @@ import pytest
 
 from runner.ssh import session as session_module
 from runner.ssh.session import HostKeyError, RemoteSession, forget_host, known_host_name
-from tests.sshd import free_port, frozen, sshd
-
-__all__ = ["sshd"]  # fixture, imported for pytest
+from tests.sshd import free_port, frozen
 
 
 def _session(sshd, known_hosts, **more):

@@ -10,9 +10,7 @@ from botocore.exceptions import ClientError
 
 from runner.aws import ec2
 from runner.errors import InfrastructureError
-from tests.sshd import AMI_BASE, REGION, add_ami, all_instances, aws, live_instances, moto_server
-
-__all__ = ["aws", "moto_server"]  # fixtures, imported for pytest
+from tests.sshd import AMI_BASE, REGION, add_ami, all_instances, live_instances
 
 
 class _Raw:

@@ -14,6 +14,10 @@ import psutil
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
+from tests.events import env_prefix_like_this_one, install_fake_conda
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "RR_TEST_SECRET_TOKEN"
 
 # ramp-test refuses source naming process functions, hence the assembled names.
 SLOW_CLASSIFIER = '''
@@ -34,6 +38,17 @@ class Classifier:
     def predict_proba(self, X):
         return self.model.predict_proba(X)
 '''
+
+
+
+def cluster_env(folder: Path) -> dict[str, str]:
+    """The Dask workers' environment: ramp-runner importable (as after ``pip install``),
+    a conda knowing ``ramp-iris``, and a secret (``SECRET``) the submissions must not see."""
+    prefix = env_prefix_like_this_one(folder / "envs" / "ramp-iris")
+    conda = install_fake_conda(folder / "conda-bin", {"ramp-iris": prefix})
+    return {"PYTHONPATH": str(REPO), "PATH": f"{conda.parent}:{os.environ['PATH']}",
+            SECRET: "must-not-leak"}
+
 
 def drive(worker) -> threading.Thread:
     """Watch a launched worker from a thread, as a dispatcher slot does, until it stops running."""

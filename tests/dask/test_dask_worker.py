@@ -25,19 +25,17 @@ from runner.dask.cluster import LoopbackCluster, make_certificates
 from runner.dask.worker import DaskWorker
 from runner.dispatcher import prepare_data
 from runner.errors import ConfigError
-from tests import dask_helpers as h
 from tests import hostile
+from tests.dask import helpers as h
+from tests.dask.helpers import REPO, SECRET
 from tests.events import (
     ENV_DUMP_CLASSIFIER,
-    env_prefix_like_this_one,
     environment_in_log,
     install_fake_conda,
     make_event,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting", "raising_error")
-SECRET = "RR_TEST_SECRET_TOKEN"
 DISPATCHER = """
 import sys
 from runner.config import load_event_config
@@ -46,43 +44,8 @@ config = load_event_config(sys.argv[1])
 DaskWorker(config.worker_dict(), "hanging").launch()
 """
 
-
-# -- clusters (real, started once per module; a failure to start fails the tests) -----------
-
-
-@pytest.fixture(scope="module")
-def local_cluster():
-    """A LocalCluster of two single-thread worker processes."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster:
-        yield cluster
-
-
-def _cluster_env(folder: Path) -> dict[str, str]:
-    """The Dask workers' environment: ramp-runner importable (as after ``pip install``),
-    a conda knowing ``ramp-iris``, and a secret the submissions must not see."""
-    prefix = env_prefix_like_this_one(folder / "envs" / "ramp-iris")
-    conda = install_fake_conda(folder / "conda-bin", {"ramp-iris": prefix})
-    return {"PYTHONPATH": str(REPO), "PATH": f"{conda.parent}:{os.environ['PATH']}",
-            SECRET: "must-not-leak"}
-
-
-@pytest.fixture(scope="module")
-def plain_cluster(tmp_path_factory):
-    """``dask scheduler`` + two ``dask worker`` processes on 127.0.0.1, cwd elsewhere."""
-    folder = tmp_path_factory.mktemp("plain-cluster")
-    with LoopbackCluster(folder / "cluster", workers=2, cwd=folder,
-                         env=_cluster_env(folder)) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def tls_cluster(tmp_path_factory):
-    """The same with TLS: certificates made here, encryption required."""
-    folder = tmp_path_factory.mktemp("tls-cluster")
-    with LoopbackCluster(folder / "cluster", workers=2, tls=True, cwd=folder,
-                         env=_cluster_env(folder)) as cluster:
-        yield cluster
+# The clusters (local_cluster, plain_cluster, tls_cluster) are tests/real_parts.py's,
+# started once per module.
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Tests of runner/dask: the Dask worker on real clusters."""

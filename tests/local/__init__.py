@@ -1,0 +1,1 @@
+"""Tests of runner/local: the conda worker, real ramp-test runs of the example kit."""
