@@ -14,10 +14,9 @@ from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
 from runner.ssh.remote_worker import BLINDED_FOLDER
+from tests.events import make_event
 from tests.label_reader import label_reader
-from tests.sshd import make_event, remote_kit, ssh_worker_section, sshd
-
-__all__ = ["remote_kit", "sshd"]  # fixtures, imported for pytest
+from tests.sshd import remote_dispatcher, ssh_worker_section
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,9 @@ def dispatched(sshd, remote_kit, tmp_path_factory):
     kit = tmp_path_factory.mktemp("hidden-host") / "iris"
     shutil.copytree(remote_kit, kit)
     root = tmp_path_factory.mktemp("hidden-remote")
-    path = make_event(root, ssh_worker_section(sshd, kit, timeout=60),
-                      submissions=("starting_kit",))
+    path = make_event(root / "event", ("starting_kit",),
+                      worker=ssh_worker_section(sshd, kit, timeout=60),
+                      dispatcher=remote_dispatcher())
     reader = path.parent / "submissions" / "reader"
     reader.mkdir()
     (reader / "classifier.py").write_text(label_reader([str(kit), str(kit / "data")]))
