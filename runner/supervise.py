@@ -166,11 +166,13 @@ def bwrap_argv(options, command, uid):
     # Folders bubblewrap creates on its own for a mount's parents are 0700 root's: the
     # unprivileged command could not walk through them.
     # Parents inside a read-only mount already exist and could not be made anyway.
+    # A parent that is itself mounted (the run's /tmp, when the event lives below /tmp) is
+    # made inside that mount, and is not replaced by a bare folder.
     mounted = [d for d, arguments in mounts.items() if arguments[0].startswith("--ro-bind")]
     for dest in list(mounts):
         parent = os.path.dirname(dest)
-        while parent != "/" and not any(parent == m or parent.startswith(m + "/")
-                                        for m in mounted):
+        while parent != "/" and parent not in mounts and not any(
+                parent == m or parent.startswith(m + "/") for m in mounted):
             mounts[parent] = ["--perms", "0755", "--dir", parent]
             parent = os.path.dirname(parent)
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc",
