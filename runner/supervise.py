@@ -37,7 +37,7 @@ as a child subreaper, so that descendants that leave the group are still its own
   between, and the run is stopped. Where the cgroup or the mount is refused (not root), the
   supervisor says so in one line on stderr and falls back: memory (the tree's proportional
   set size) and processes (RLIMIT_NPROC and a count) sampled every TICK_SECONDS, files
-  measured under ``--rw`` and ``--tmp`` (and each file's size capped, RLIMIT_FSIZE).
+  measured under ``--rw`` and ``--tmp``. Each file's size is capped too (RLIMIT_FSIZE).
 - SIGTERM ends the run and the supervisor, the run's cgroup removed (exit 143); the group
   of a supervisor killed outright is removed by the next supervisor on the host.
 
@@ -700,7 +700,7 @@ class Run:
 
     def _limit_self(self):
         """In the child, before exec: its cgroup, and the limits the kernel enforces by
-        itself where the cgroup or the disk could not be made."""
+        itself."""
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WAITED_SIGNALS)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if self.group is not None:
@@ -708,7 +708,8 @@ class Run:
         elif "max_processes" in self.limits:
             n = self.limits["max_processes"]
             resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
-        if "output_limit_mb" in self.limits and self.disk is None:
+        # Even on the run's own disk: a sparse file can be far larger than the disk.
+        if "output_limit_mb" in self.limits:
             size = self.limits["output_limit_mb"] * MIB
             resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
