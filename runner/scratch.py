@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from runner import supervise
 
@@ -31,7 +32,7 @@ def remove_tree(path: str | os.PathLike[str], max_depth: int = MAX_DEPTH,
     """
     top = os.path.realpath(path)
     try:
-        for mount_point in supervise.mounts_under(top):
+        for mount_point in mounts_under(top):
             supervise.unmount(mount_point)
         if not os.path.lexists(top):
             return True
@@ -45,6 +46,19 @@ def remove_tree(path: str | os.PathLike[str], max_depth: int = MAX_DEPTH,
         logger.warning("scratch: left %r behind: %s", top, problem)
         return False
     return True
+
+
+def mounts_under(top: str) -> list[str]:
+    """The mount points at or under ``top`` (a real path), deepest first."""
+    found = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            # Field 5 is the mount point, with space, tab, newline and backslash in octal.
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                           line.split(" ", 5)[4])
+            if point == top or point.startswith(top.rstrip("/") + "/"):
+                found.append(point)
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
 def _remove_folder(top: str, max_depth: int, max_entries: int) -> str | None:

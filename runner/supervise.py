@@ -50,7 +50,6 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -865,19 +864,6 @@ def mount(source, target, fstype, flags, data):
 def unmount(target):
     """Detach the mount at ``target`` now, even if something still holds it."""
     _checked(libc().umount2(target.encode(), MNT_DETACH), f"unmount {target}")
-
-
-def mounts_under(top):
-    """The mount points at or under ``top`` (a real path), deepest first."""
-    found = []
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            # Field 5 is the mount point, with space, tab, newline and backslash in octal.
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
-                           line.split(" ", 5)[4])
-            if point == top or point.startswith(top.rstrip("/") + "/"):
-                found.append(point)
-    return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
 def main(argv):

@@ -42,7 +42,7 @@ def _groups_on_host() -> list[str]:
 
 
 def _mounts_under(path: Path) -> list[str]:
-    return supervise.mounts_under(os.path.realpath(path))
+    return scratch.mounts_under(os.path.realpath(path))
 
 
 @pytest.fixture(autouse=True)
