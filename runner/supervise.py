@@ -344,10 +344,13 @@ class Group:
             self.remove()
             raise
         memory = self.folder("memory")
-        self.peak_file = os.path.join(memory, "memory.max_usage_in_bytes" if not self.v2
-                                      else "memory.peak" if os.path.exists(
-                                          os.path.join(memory, "memory.peak"))
-                                      else "memory.current")
+        if not self.v2:
+            self.peak_file = os.path.join(memory, "memory.max_usage_in_bytes")
+        elif os.path.exists(os.path.join(memory, "memory.peak")):
+            self.peak_file = os.path.join(memory, "memory.peak")
+        else:
+            # v2 kernels before 5.19 keep no peak: the current use, read every tick, stands in.
+            self.peak_file = os.path.join(memory, "memory.current")
         self.peak_mib = 0.0
 
     def folder(self, controller):
