@@ -30,7 +30,10 @@ def remove_tree(path: str | os.PathLike[str], max_depth: int = MAX_DEPTH,
 
     Never raises on what the tree holds: what is left is said in one warning line.
     """
-    top = os.path.realpath(path)
+    # The parent's real path, as the mount table names it; ``path`` itself, if a link, is
+    # removed, never followed.
+    parent, name = os.path.split(os.path.abspath(path))
+    top = os.path.join(os.path.realpath(parent), name)
     try:
         for mount_point in mounts_under(top):
             supervise.unmount(mount_point)

@@ -265,6 +265,15 @@ def test_a_deep_tree_with_mounts_is_removed_without_recursion(tmp_path):
     assert not top.exists()
 
 
+def test_a_scratch_that_is_a_link_is_removed_not_followed(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "ledger").write_text("precious")
+    (tmp_path / "scratch").symlink_to(kept)
+    assert scratch.remove_tree(tmp_path / "scratch")
+    assert (kept / "ledger").read_text() == "precious"
+
+
 def test_what_cannot_be_removed_is_said_in_one_line_and_left(tmp_path, caplog):
     top = tmp_path / "scratch"
     top.mkdir()
