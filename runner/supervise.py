@@ -397,9 +397,12 @@ class Group:
 
     def enter(self):
         """Put the calling process in the group (the run's first process, before exec)."""
+        # v1: the forked child has one thread, and moving the current thread ("0" in
+        # tasks) skips the lock a whole-process move takes: an RCU grace period, 5-14 ms.
+        file, me = ("cgroup.procs", str(os.getpid())) if self.v2 else ("tasks", "0")
         for folder in self.folders.values():
-            with open(os.path.join(folder, "cgroup.procs"), "w") as handle:
-                handle.write(str(os.getpid()))
+            with open(os.path.join(folder, file), "w") as handle:
+                handle.write(me)
 
     def processes(self):
         """The pids in the group."""
