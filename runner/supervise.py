@@ -333,8 +333,8 @@ class Group:
     """
 
     def __init__(self, limits, sandboxed):
-        self.v2 = os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers")
-        reap_stale_groups(self.v2)
+        self.v2 = unified()
+        reap_stale_groups()
         name = f"{GROUP_PREFIX}{os.getpid()}-{start_time(os.getpid())}"
         self.cores = []
         self.folders = {}
@@ -480,9 +480,15 @@ def remove_group(folders):
         print(f"supervise: could not remove the run's cgroup {folders[0]}", file=sys.stderr)
 
 
-def reap_stale_groups(v2):
-    """Remove the groups of supervisors that are gone (killed before they could)."""
-    tops = [CGROUP_ROOT] if v2 else [f"{CGROUP_ROOT}/{c}" for c in V1_CONTROLLERS]
+def unified():
+    """Whether this host's cgroups are v2's single hierarchy."""
+    return os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers")
+
+
+def reap_stale_groups():
+    """Remove the groups of supervisors that are gone (killed before they could), with
+    what is left in them."""
+    tops = [CGROUP_ROOT] if unified() else [f"{CGROUP_ROOT}/{c}" for c in V1_CONTROLLERS]
     try:
         names = {n for n in os.listdir(tops[0]) if n.startswith(GROUP_PREFIX)}
     except OSError:
