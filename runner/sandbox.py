@@ -81,12 +81,16 @@ class Confinement:
     hidden: tuple[str, ...]
     tmp: str
     limits: Mapping[str, int]
+    # The worker's n_threads: the cores the run may use (None: not confined).
+    cpus: int | None = None
 
     def options(self) -> list[str]:
         """The ``supervise.py`` options (before ``--``) for this confinement."""
         options = ["--tmp", self.tmp]
         for name in LIMITS:
             options += [f"--{name.replace('_', '-')}", str(int(self.limits[name]))]
+        if self.cpus:
+            options += ["--cpus", str(int(self.cpus))]
         if self.sandbox:
             options.append("--sandbox")
             if self.network:

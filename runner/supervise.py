@@ -10,7 +10,8 @@ It runs as the leader of the run's process group (its starter gives it a new ses
 as a child subreaper, so that descendants that leave the group are still its own:
 - ``--watch PID``: once PID is gone (a SIGKILLed dispatcher or Dask worker), the whole
   run is killed: no orphan keeps training after the process that owned it;
-- ``--peak-rss FILE``: the peak memory, in MiB, of the run's whole tree is written to FILE;
+- ``--peak-rss FILE``: the peak memory, in MiB, of the run's whole tree is written to FILE
+  (its cgroup's high-water mark, page cache it brought in included);
 - ``--reason FILE``: when the supervisor itself ends the run (a limit passed, or the sandbox
   could not start) it writes ``{"fault": "submission" | "event", "message": ...}`` there;
 - ``--sandbox``: COMMAND runs in bubblewrap: new PID, IPC, UTS and network namespaces
@@ -21,12 +22,24 @@ as a child subreaper, so that descendants that leave the group are still its own
   folder over PATH. Run as root, COMMAND runs as a uid of its own (no capabilities, no new
   privileges); as another user, as that user inside a user namespace. When the sandbox's
   first process dies, the kernel kills everything left in its PID namespace;
-- limits, each ending the run with a reason naming it: ``--memory-limit-mb N`` (the tree's
-  total proportional set size, sampled every TICK_SECONDS), ``--output-limit-mb N`` (the
-  disk used under ``--rw`` and ``--tmp``; also each file's size, RLIMIT_FSIZE),
-  ``--log-limit-mb N`` (COMMAND's output goes through the supervisor to its stdout: the head
-  and the tail are kept, with a marker between, and the run is stopped),
-  ``--max-processes N`` (processes and threads: RLIMIT_NPROC, plus the sampled count).
+- limits, each ending the run with a reason naming it. The run gets a cgroup of its own
+  (v2, or v1's memory, pids, cpu and cpuset controllers), entered before COMMAND starts,
+  removed at its end: ``--memory-limit-mb N`` is a ceiling that counts shared memory,
+  memfd and tmpfs files too, with no swap (an out-of-memory kill ends the run);
+  ``--max-processes N`` caps processes and threads (``pids.max``: a refused fork ends the
+  run); ``--cpus N`` is a CPU quota of N cores and, where the host has more and they are
+  free, N cores no other run holds. ``--output-limit-mb N`` with ``--tmp DIR`` mounts a
+  tmpfs of N MiB and DISK_INODES inodes over DIR and moves the ``--rw`` folders into it,
+  bound back in place: the run writes nothing anywhere else, and a run that fails with its
+  disk full has passed the limit. The disk stays mounted for its starter to collect from
+  (``runner.scratch.remove_tree`` unmounts it). ``--log-limit-mb N``: COMMAND's output
+  goes through the supervisor to its stdout: the head and the tail are kept, with a marker
+  between, and the run is stopped. Where the cgroup or the mount is refused (not root), the
+  supervisor says so in one line on stderr and falls back: memory (the tree's proportional
+  set size) and processes (RLIMIT_NPROC and a count) sampled every TICK_SECONDS, files
+  measured under ``--rw`` and ``--tmp``. Each file's size is capped too (RLIMIT_FSIZE).
+- SIGTERM ends the run and the supervisor, the run's cgroup removed (exit 143); the group
+  of a supervisor killed outright is removed by the next supervisor on the host.
 
 The exit code is the command's, or 128 + signal number when a signal ended it.
 ``--check-sandbox`` prints whether the sandbox works here and exits 0 if it does.
@@ -34,6 +47,7 @@ The exit code is the command's, or 128 + signal number when a signal ended it.
 
 import collections
 import ctypes
+import fcntl
 import json
 import os
 import resource
@@ -42,6 +56,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 TICK_SECONDS = 0.25
 # The file system is walked less often than memory is sampled: it costs more.
@@ -51,6 +66,25 @@ MIB = 1024 * 1024
 # lives, so that RLIMIT_NPROC counts exactly the run's processes.
 UID_BASE = 2_000_000_000
 PR_SET_CHILD_SUBREAPER = 36
+WAITED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM)
+MNT_DETACH = 2
+MS_NOSUID, MS_NODEV, MS_BIND = 2, 4, 4096
+CGROUP_ROOT = "/sys/fs/cgroup"
+# A run's cgroup is ramp-run-<supervisor pid>-<its start time>: the folders of a supervisor
+# that is gone are known as such and removed by the next one.
+GROUP_PREFIX = "ramp-run-"
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuset")
+CFS_PERIOD_US = 100_000
+# bubblewrap's own two processes (its monitor and the namespace's init) are in the group.
+SANDBOX_TASKS = 2
+# One lock file per core, held while a run has the core: every supervisor of the host
+# (slots of one dispatcher, other dispatchers) shares the allocation; the kernel releases
+# a dead supervisor's locks.
+CORE_LOCKS = "/run/ramp-runner/cores"
+# The inodes of a run's disk: two orders of magnitude above what an honest run writes
+# (sources, __pycache__, fold_i/ predictions, library caches in /tmp: hundreds), while a
+# full disk stays cheap to walk (~1 s) and its inodes cost the kernel ~100 MB at most.
+DISK_INODES = 100_000
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # What programs need of /etc; the rest (keys, credentials, the machine's config) stays out.
 ETC_ENTRIES = ("passwd", "group", "hosts", "resolv.conf", "nsswitch.conf", "host.conf",
@@ -59,11 +93,13 @@ ETC_ENTRIES = ("passwd", "group", "hosts", "resolv.conf", "nsswitch.conf", "host
 FLAGS = ("--sandbox", "--network", "--check-sandbox")
 REPEATED = ("--ro", "--rw", "--hide")
 VALUED = ("--watch", "--peak-rss", "--reason", "--tmp", "--memory-limit-mb",
-          "--output-limit-mb", "--log-limit-mb", "--max-processes")
+          "--output-limit-mb", "--log-limit-mb", "--max-processes", "--cpus")
+LIMITS = ("memory_limit_mb", "output_limit_mb", "log_limit_mb", "max_processes", "cpus")
 USAGE = ("usage: supervise.py [--watch PID] [--peak-rss FILE] [--reason FILE] [--sandbox "
          "[--network] [--ro PATH]... [--rw PATH]... [--hide PATH]...] [--tmp DIR] "
          "[--memory-limit-mb N] [--output-limit-mb N] [--log-limit-mb N] "
-         "[--max-processes N] -- COMMAND [ARG...]\n       supervise.py --check-sandbox")
+         "[--max-processes N] [--cpus N] -- COMMAND [ARG...]\n"
+         "       supervise.py --check-sandbox")
 
 
 def start_time(pid):
@@ -96,8 +132,7 @@ def parse(argv):
         return options, []
     if len(argv) < 2:
         sys.exit(USAGE)
-    for name in ("--memory-limit-mb", "--output-limit-mb", "--log-limit-mb", "--max-processes",
-                 "--watch"):
+    for name in [*(f"--{limit.replace('_', '-')}" for limit in LIMITS), "--watch"]:
         if name in options and not options[name].isdigit():
             sys.exit(f"supervise.py: {name} expects a whole number, got {options[name]!r}")
     return options, argv[1:]
@@ -166,11 +201,13 @@ def bwrap_argv(options, command, uid):
     # Folders bubblewrap creates on its own for a mount's parents are 0700 root's: the
     # unprivileged command could not walk through them.
     # Parents inside a read-only mount already exist and could not be made anyway.
+    # A parent that is itself mounted (the run's /tmp, when the event lives below /tmp) is
+    # made inside that mount, and is not replaced by a bare folder.
     mounted = [d for d, arguments in mounts.items() if arguments[0].startswith("--ro-bind")]
     for dest in list(mounts):
         parent = os.path.dirname(dest)
-        while parent != "/" and not any(parent == m or parent.startswith(m + "/")
-                                        for m in mounted):
+        while parent != "/" and parent not in mounts and not any(
+                parent == m or parent.startswith(m + "/") for m in mounted):
             mounts[parent] = ["--perms", "0755", "--dir", parent]
             parent = os.path.dirname(parent)
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc",
@@ -216,9 +253,290 @@ def own_tree(paths, uid):
     """Give the sandbox's uid the writable folders (without following any link)."""
     for top in paths:
         os.lchown(top, uid, uid)
-        for folder, dirs, files in os.walk(top):
-            for name in dirs + files:
-                os.lchown(os.path.join(folder, name), uid, uid)
+        for entry in walk(top):
+            os.lchown(entry.path, uid, uid)
+
+
+def walk(top):
+    """Every entry under ``top`` (os.DirEntry), links not followed, without recursion: a
+    submission's tree may be thousands of folders deep."""
+    folders = [top]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    yield entry
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+        except OSError:
+            continue
+
+
+# -- the run's disk ---------------------------------------------------------------------
+
+
+def make_disk(tmp, folders, limit_mb):
+    """Mount a tmpfs of ``limit_mb`` and DISK_INODES over ``tmp`` and move ``folders`` into
+    it, each bound back where it was, so that everything the run writes is on it.
+
+    It stays mounted after the run (the starter collects what the run wrote there); who
+    removes the scratch unmounts it (``runner.scratch.remove_tree``).
+    """
+    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={limit_mb}m,nr_inodes={DISK_INODES},mode=0755")
+    mounted = [tmp]
+    try:
+        for index, folder in enumerate(folders):
+            store = os.path.join(tmp, "writable", str(index))
+            copy_tree(folder, store)
+            mount(store, folder, None, MS_BIND, None)
+            mounted.append(folder)
+    except OSError:
+        for point in reversed(mounted):
+            unmount(point)
+        raise
+
+
+def copy_tree(source, target):
+    """Copy folders, regular files and links (as links) of ``source`` to a new ``target``."""
+    os.makedirs(target)
+    shutil.copymode(source, target)
+    for entry in walk(source):
+        destination = os.path.join(target, os.path.relpath(entry.path, source))
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), destination)
+        elif entry.is_dir(follow_symlinks=False):
+            os.mkdir(destination)
+            shutil.copymode(entry.path, destination)
+        elif entry.is_file(follow_symlinks=False):
+            shutil.copy(entry.path, destination)
+
+
+def disk_full(tmp):
+    """Whether the run's disk has no room left: no inode, or less than 1 % (1 MiB) free."""
+    disk = os.statvfs(tmp)
+    size = disk.f_blocks * disk.f_frsize
+    return disk.f_favail == 0 or disk.f_bavail * disk.f_frsize < max(MIB, size // 100)
+
+
+# -- the run's cgroup -------------------------------------------------------------------
+
+
+class Group:
+    """The run's own cgroup: v2 (one folder) or v1 (one folder per controller).
+
+    Memory counts what the run's processes hold and the shared memory, memfd and tmpfs
+    files they write, with no swap; an out-of-memory kill ends the run. ``pids.max`` caps
+    processes and threads; ``cpus`` cores are a CFS quota and, when the host has more
+    cores than that and enough are free, a cpuset of cores no other run holds.
+    Raises OSError when the host does not let this supervisor make it.
+    """
+
+    def __init__(self, limits, sandboxed):
+        self.v2 = unified()
+        reap_stale_groups()
+        name = f"{GROUP_PREFIX}{os.getpid()}-{start_time(os.getpid())}"
+        self.cores = []
+        self.folders = {}
+        try:
+            self._make(name, limits, sandboxed)
+        except OSError:
+            self.remove()
+            raise
+        memory = self.folder("memory")
+        if not self.v2:
+            self.peak_file = os.path.join(memory, "memory.max_usage_in_bytes")
+        elif os.path.exists(os.path.join(memory, "memory.peak")):
+            self.peak_file = os.path.join(memory, "memory.peak")
+        else:
+            # v2 kernels before 5.19 keep no peak: the current use, read every tick, stands in.
+            self.peak_file = os.path.join(memory, "memory.current")
+        self.peak_mib = 0.0
+
+    def folder(self, controller):
+        """The group's folder for ``controller``."""
+        return self.folders["" if self.v2 else controller]
+
+    def _make(self, name, limits, sandboxed):
+        settings = []
+        if "memory_limit_mb" in limits:
+            ceiling = limits["memory_limit_mb"] * MIB
+            settings += [("memory", "memory.max" if self.v2 else "memory.limit_in_bytes", ceiling),
+                         ("memory", "memory.swap.max", 0) if self.v2 else
+                         ("memory", "memory.memsw.limit_in_bytes", ceiling)]
+        if "max_processes" in limits:
+            settings.append(("pids", "pids.max",
+                             limits["max_processes"] + (SANDBOX_TASKS if sandboxed else 0)))
+        if "cpus" in limits:
+            quota = limits["cpus"] * CFS_PERIOD_US
+            settings += [("cpu", "cpu.max", f"{quota} {CFS_PERIOD_US}")] if self.v2 else [
+                ("cpu", "cpu.cfs_period_us", CFS_PERIOD_US), ("cpu", "cpu.cfs_quota_us", quota)]
+            self.cores = claim_cores(limits["cpus"], self.v2)
+        if self.cores:
+            settings.append(("cpuset", "cpuset.cpus", ",".join(c for c, _ in self.cores)))
+            if not self.v2:
+                with open(f"{CGROUP_ROOT}/cpuset/cpuset.mems") as handle:
+                    settings.append(("cpuset", "cpuset.mems", handle.read().strip()))
+        # Memory and pids always: the peak and what was refused are read from them.
+        controllers = sorted({controller for controller, _, _ in settings} | {"memory", "pids"})
+        if self.v2:
+            with open(f"{CGROUP_ROOT}/cgroup.subtree_control", "w") as handle:
+                handle.write(" ".join(f"+{c}" for c in controllers))
+            self.folders[""] = f"{CGROUP_ROOT}/{name}"
+        else:
+            self.folders.update((c, f"{CGROUP_ROOT}/{c}/{name}") for c in controllers)
+        for folder in self.folders.values():
+            os.mkdir(folder)
+        for controller, file, value in settings:
+            path = os.path.join(self.folder(controller), file)
+            # Without swap accounting (v1) or swap (v2) there is no swap file to cap.
+            if os.path.exists(path) or file not in ("memory.memsw.limit_in_bytes",
+                                                    "memory.swap.max"):
+                with open(path, "w") as handle:
+                    handle.write(str(value))
+
+    def enter(self):
+        """Put the calling process in the group (the run's first process, before exec)."""
+        # v1: the forked child has one thread, and moving the current thread ("0" in
+        # tasks) skips the lock a whole-process move takes: an RCU grace period, 5-14 ms.
+        file, me = ("cgroup.procs", str(os.getpid())) if self.v2 else ("tasks", "0")
+        for folder in self.folders.values():
+            with open(os.path.join(folder, file), "w") as handle:
+                handle.write(me)
+
+    def processes(self):
+        """The pids in the group."""
+        return group_processes(self.folder("memory"))
+
+    def memory_mib(self):
+        """The group's peak memory so far, in MiB."""
+        try:
+            with open(self.peak_file) as handle:
+                self.peak_mib = max(self.peak_mib, int(handle.read()) / MIB)
+        except (OSError, ValueError):
+            pass
+        return self.peak_mib
+
+    def out_of_memory(self):
+        """Whether the kernel killed a process of the run for memory."""
+        memory = self.folder("memory")
+        if self.v2:
+            return _count(os.path.join(memory, "memory.events"), "oom_kill") > 0
+        return _count(os.path.join(memory, "memory.oom_control"), "oom_kill") > 0
+
+    def refused_processes(self):
+        """Whether the kernel refused the run a process or thread at ``pids.max``."""
+        return _count(os.path.join(self.folder("pids"), "pids.events"), "max") > 0
+
+    def remove(self):
+        """Kill everything in the group, remove its folders, free its cores."""
+        remove_group(list(self.folders.values()))
+        for _, handle in self.cores:
+            handle.close()
+        self.cores = []
+
+
+def _count(path, key):
+    try:
+        with open(path) as handle:
+            for line in handle:
+                words = line.split()
+                if len(words) == 2 and words[0] == key:
+                    return int(words[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def group_processes(folder):
+    """The pids in the cgroup ``folder`` (none once it is gone)."""
+    try:
+        with open(os.path.join(folder, "cgroup.procs")) as handle:
+            return [int(line) for line in handle if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def remove_group(folders):
+    """SIGKILL what is in a group until it is empty, then remove its folders (within 2 s)."""
+    deadline = time.monotonic() + 2
+    while folders and time.monotonic() < deadline:
+        for pid in group_processes(folders[0]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for folder in list(folders):
+            try:
+                os.rmdir(folder)
+                folders.remove(folder)
+            except FileNotFoundError:
+                folders.remove(folder)
+            except OSError:
+                pass
+        if folders:
+            time.sleep(0.01)
+    if folders:
+        print(f"supervise: could not remove the run's cgroup {folders[0]}", file=sys.stderr)
+
+
+def unified():
+    """Whether this host's cgroups are v2's single hierarchy."""
+    return os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers")
+
+
+def reap_stale_groups():
+    """Remove the groups of supervisors that are gone (killed before they could), with
+    what is left in them."""
+    tops = [CGROUP_ROOT] if unified() else [f"{CGROUP_ROOT}/{c}" for c in V1_CONTROLLERS]
+    try:
+        names = {n for n in os.listdir(tops[0]) if n.startswith(GROUP_PREFIX)}
+    except OSError:
+        return
+    for name in names:
+        pid, _, born = name[len(GROUP_PREFIX):].partition("-")
+        if pid.isdigit() and start_time(int(pid)) != born:
+            remove_group([f"{top}/{name}" for top in tops if os.path.isdir(f"{top}/{name}")])
+
+
+def claim_cores(count, v2):
+    """Lock ``count`` of the host's cores for the run: [(core, open lock file)], or [] when
+    the run may use them all or fewer are free (then its CPU quota alone confines it)."""
+    path = f"{CGROUP_ROOT}/cpuset.cpus.effective" if v2 else \
+        f"{CGROUP_ROOT}/cpuset/cpuset.effective_cpus"
+    try:
+        with open(path) as handle:
+            cores = cpu_list(handle.read())
+        os.makedirs(CORE_LOCKS, mode=0o700, exist_ok=True)
+    except OSError:
+        return []
+    held = []
+    for core in cores if count < len(cores) else []:
+        try:
+            handle = open(os.path.join(CORE_LOCKS, core), "a")
+        except OSError:
+            break
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        held.append((core, handle))
+        if len(held) == count:
+            return held
+    for _, handle in held:
+        handle.close()
+    return []
+
+
+def cpu_list(text):
+    """The cores of a cpuset list such as ``0-3,8``."""
+    cores = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cores += [str(n) for n in range(int(first), int(last or first) + 1)]
+    return cores
 
 
 # -- watching the run -------------------------------------------------------------------
@@ -268,12 +586,11 @@ def disk_mib(paths):
     """The disk space used under ``paths``, in MiB, links not followed."""
     total = 0
     for top in paths:
-        for folder, dirs, files in os.walk(top):
-            for name in dirs + files:
-                try:
-                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-                except OSError:
-                    pass
+        for entry in walk(top):
+            try:
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                pass
     return total / MIB
 
 
@@ -327,16 +644,43 @@ class Run:
 
     def __init__(self, options, command):
         self.options = options
-        self.limits = {name: int(options[f"--{name.replace('_', '-')}"])
-                       for name in ("memory_limit_mb", "output_limit_mb", "log_limit_mb",
-                                    "max_processes")
+        self.limits = {name: int(options[f"--{name.replace('_', '-')}"]) for name in LIMITS
                        if f"--{name.replace('_', '-')}" in options}
         tmp = options.get("--tmp")
         self.writable = [*options["--rw"], *([tmp] if tmp else [])]
+        self.sandboxed = bool(options.get("--sandbox"))
+        self.reason = None
+        self.peak_mib = 0.0
+        self.disk = None
+        self.group = None
+        fallbacks = []
         if tmp:
+            os.makedirs(tmp, exist_ok=True)
+            if "output_limit_mb" in self.limits:
+                try:
+                    make_disk(tmp, options["--rw"], self.limits["output_limit_mb"])
+                    self.disk = tmp
+                except OSError as error:
+                    fallbacks.append(f"no disk of its own ({error}): its files are "
+                                     "measured every second")
             for sub in ("tmp", "shm"):
                 os.makedirs(os.path.join(tmp, sub), exist_ok=True)
-        self.sandboxed = bool(options.get("--sandbox"))
+        if self.limits.keys() & {"memory_limit_mb", "max_processes", "cpus"}:
+            try:
+                self.group = Group(self.limits, self.sandboxed)
+            except OSError as error:
+                fallbacks.append(f"no cgroup ({error}): memory and processes are sampled "
+                                 f"every {TICK_SECONDS} s, CPU is not confined")
+        if fallbacks:
+            print(f"supervise: limits fall back to sampling: {'; '.join(fallbacks)}",
+                  file=sys.stderr, flush=True)
+        try:
+            self._start(options, command, tmp)
+        except BaseException:
+            self.release()
+            raise
+
+    def _start(self, options, command, tmp):
         env = dict(os.environ)
         if self.sandboxed:
             uid = UID_BASE + os.getpid() if os.geteuid() == 0 else None
@@ -347,8 +691,6 @@ class Run:
             argv = list(command)
             if tmp:
                 env["TMPDIR"] = os.path.join(tmp, "tmp")
-        self.reason = None
-        self.peak_mib = 0.0
         info_read, info_write = os.pipe() if self.sandboxed else (None, None)
         if info_write is not None:
             argv[1:1] = ["--info-fd", str(info_write)]
@@ -368,11 +710,16 @@ class Run:
             self.log = Log(log_read, self.limits["log_limit_mb"])
 
     def _limit_self(self):
-        """In the child, before exec: the limits the kernel enforces by itself."""
+        """In the child, before exec: its cgroup, and the limits the kernel enforces by
+        itself."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WAITED_SIGNALS)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if "max_processes" in self.limits:
+        if self.group is not None:
+            self.group.enter()
+        elif "max_processes" in self.limits:
             n = self.limits["max_processes"]
             resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+        # Even on the run's own disk: a sparse file can be far larger than the disk.
         if "output_limit_mb" in self.limits:
             size = self.limits["output_limit_mb"] * MIB
             resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
@@ -385,27 +732,37 @@ class Run:
         return [pid for init in inits for pid in descendants(table, init)[1:]]
 
     def check(self, tick):
-        """Sample the run; stop it with a reason when it passed a limit."""
-        if not self.started:
-            try:
-                self.started = bool(os.read(self.info, 4096))
-            except BlockingIOError:
-                pass
+        """Look at the run; stop it with a reason when it passed a limit."""
+        self._see_started()
+        self._reap_orphans()
+        if self.group is not None:
+            self.check_group()
+        else:
+            self.sample()
+        if self.reason is None and self.log is not None and self.log.overflowed.is_set():
+            self.stop("log_limit_mb", "printed more than its log may hold")
+        elif self.reason is None and self.disk is None and tick % OUTPUT_EVERY_TICKS == 0:
+            self.check_output(strict=True)
+
+    def check_group(self):
+        """Stop the run once the kernel refused it memory or a process."""
+        self.peak_mib = self.group.memory_mib()
+        if self.group.out_of_memory():
+            self.stop("memory_limit_mb", "tried to use more memory")
+        elif self.group.refused_processes():
+            self.stop("max_processes", "tried to start more processes and threads")
+
+    def sample(self):
+        """Without a cgroup: sum the memory and count the tasks of the run's tree."""
         table = processes()
-        self._reap_orphans(table)
         pids = self.tree(table)
         mib = sum(proportional_mib(pid) for pid in pids)
         self.peak_mib = max(self.peak_mib, mib)
         tasks = sum(table[pid][2] for pid in pids if pid in table)
-        limits = self.limits
-        if "memory_limit_mb" in limits and mib > limits["memory_limit_mb"]:
+        if "memory_limit_mb" in self.limits and mib > self.limits["memory_limit_mb"]:
             self.stop("memory_limit_mb", f"used {mib:.0f} MB of memory")
-        elif "max_processes" in limits and tasks >= limits["max_processes"]:
+        elif "max_processes" in self.limits and tasks >= self.limits["max_processes"]:
             self.stop("max_processes", f"reached {tasks} processes and threads")
-        elif self.log is not None and self.log.overflowed.is_set():
-            self.stop("log_limit_mb", "printed more than its log may hold")
-        elif tick % OUTPUT_EVERY_TICKS == 0:
-            self.check_output(strict=True)
 
     def check_output(self, strict):
         """Stop the run once its files use more than ``output_limit_mb``."""
@@ -426,36 +783,49 @@ class Run:
 
     def kill(self):
         """SIGKILL the run's tree (the sandbox's init first: its namespace dies with it)."""
-        # Under this subreaper, not only under the child: orphans were reparented here.
-        table = processes()
-        for pid in [self.child.pid, *descendants(table, os.getpid())[1:]]:
+        if self.group is not None:
+            pids = self.group.processes()
+        else:
+            # Under this subreaper, not only under the child: orphans were reparented here.
+            pids = descendants(processes(), os.getpid())[1:]
+        for pid in [self.child.pid, *pids]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
 
-    def _reap_orphans(self, table):
-        # Orphans of the run are reparented to this subreaper: reap them once they exit.
-        for pid, (ppid, state, _) in table.items():
-            if ppid == os.getpid() and state == "Z" and pid != self.child.pid:
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
+    def _reap_orphans(self):
+        # Orphans of the run are reparented to this subreaper: reap them once they exit,
+        # leaving the command itself to Popen.
+        while True:
+            try:
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if ended is None or ended.si_pid == self.child.pid:
+                return
+            os.waitpid(ended.si_pid, 0)
 
-    def finish(self, returncode):
-        """Kill what is left, write the log's tail and the reason."""
+    def _see_started(self):
         if not self.started:
             try:
                 self.started = bool(os.read(self.info, 4096))
             except (BlockingIOError, OSError):
                 pass
+
+    def finish(self, returncode):
+        """Kill what is left, write the log's tail and the reason."""
+        self._see_started()
+        if self.group is not None and self.reason is None:
+            self.check_group()
         if self.reason is None and returncode != 0:
             if not self.started:
                 self.reason = {"fault": "event", "message": (
                     f"the sandbox (bubblewrap) could not start the run (exit {returncode}); "
                     "see the end of the log")}
-            else:
+            elif self.disk is not None and disk_full(self.disk):
+                self.stop("output_limit_mb", "filled its disk and tried to write more")
+            elif self.disk is None:
                 self.check_output(strict=False)
         self.kill()
         while True:
@@ -468,14 +838,44 @@ class Run:
             # A run that printed past its limit and ended before a check saw it.
             if self.log.overflowed.is_set() and self.reason is None:
                 self.stop("log_limit_mb", "printed more than its log may hold")
+        if self.group is not None:
+            self.peak_mib = self.group.memory_mib()
+
+    def release(self):
+        """Remove the run's cgroup (its disk stays: the starter collects from it)."""
+        if self.group is not None:
+            self.group.remove()
 
 
 def set_subreaper():
     """Become the reaper of the run's orphans (Linux; elsewhere nothing changes)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def libc():
+    """The C library, its calls setting ``ctypes.get_errno()``."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _checked(result, what):
+    if result != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"{what}: {os.strerror(number)}")
+
+
+def mount(source, target, fstype, flags, data):
+    """mount(2) (OSError on failure)."""
+    _checked(libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                          ctypes.c_ulong(flags), data.encode() if data else None),
+             f"mount {target}")
+
+
+def unmount(target):
+    """Detach the mount at ``target`` now, even if something still holds it."""
+    _checked(libc().umount2(target.encode(), MNT_DETACH), f"unmount {target}")
 
 
 def main(argv):
@@ -492,23 +892,22 @@ def main(argv):
         # The starter died before we could look at it: nobody would stop this run.
         return 128 + signal.SIGKILL
     set_subreaper()
+    # Waited for, not handled: the run's end wakes the loop at once, and SIGTERM ends the
+    # run cleanly (its cgroup removed) instead of killing the supervisor.
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS)
     run = Run(options, command)
-    tick = 0
-    while True:
-        try:
-            returncode = run.child.wait(TICK_SECONDS)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        tick += 1
-        if watched is not None and start_time(watched) != born:
-            run.kill()
+    try:
+        returncode, ended_by = watch(run, watched, born)
+        run.finish(returncode)
+    finally:
+        run.release()
+    if ended_by is not None:
+        if ended_by == signal.SIGKILL:
             os.killpg(os.getpgrp(), signal.SIGKILL)
-        run.check(tick)
-    run.finish(returncode)
+        return 128 + ended_by
     if "--peak-rss" in options:
-        # ru_maxrss (KiB, Linux) covers a run too short to be sampled.
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        # Without a cgroup, ru_maxrss (KiB, Linux) covers a run too short to be sampled.
+        peak_kib = 0 if run.group else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         with open(options["--peak-rss"], "w") as handle:
             handle.write(f"{max(peak_kib / 1024, run.peak_mib):.1f}\n")
     if run.reason is not None and "--reason" in options:
@@ -517,6 +916,30 @@ def main(argv):
     if returncode == 0 and run.reason is not None:
         return 128 + signal.SIGKILL  # a limit ended it: never a success
     return 128 - returncode if returncode < 0 else returncode
+
+
+def watch(run, watched, born):
+    """Wait for the run's end, checking it every TICK_SECONDS; return (its exit code, the
+    signal that ended the supervision: SIGTERM, SIGKILL once the watched process is gone,
+    or None)."""
+    ended_by = None
+    next_tick, tick = time.monotonic() + TICK_SECONDS, 0
+    while True:
+        returncode = run.child.poll()
+        if returncode is not None:
+            return returncode, ended_by
+        wait = next_tick - time.monotonic()
+        if wait > 0:
+            got = signal.sigtimedwait(WAITED_SIGNALS, wait)
+            if got is not None and got.si_signo == signal.SIGTERM:
+                ended_by = signal.SIGTERM
+                run.kill()
+            continue
+        next_tick, tick = next_tick + TICK_SECONDS, tick + 1
+        if watched is not None and start_time(watched) != born:
+            ended_by = signal.SIGKILL
+            run.kill()
+        run.check(tick)
 
 
 if __name__ == "__main__":
