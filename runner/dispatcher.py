@@ -32,6 +32,7 @@ from runner import blinded, training_output
 from runner.config import EventConfig
 from runner.errors import EventError, LedgerError, RunnerError, SubmissionError
 from runner.eventlock import DispatcherBusy
+from runner.scratch import remove_tree
 from runner.signals import stop_on_signals
 from runner.source import FolderSource, SubmissionSource
 from runner.states import SubmissionState
@@ -158,10 +159,8 @@ class Dispatcher:
             return
         left = list(self.scratch_dir.iterdir())
         for path in left:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            # Iterative, unmounting a run's disk, and never raising on what a run shaped.
+            remove_tree(path)
         if left:
             logger.warning("removed %d scratch folder(s) left by a dead dispatcher in %s",
                            len(left), self.scratch_dir)

@@ -106,7 +106,7 @@ class Confinement:
 
 def confinement(settings: WorkerSection, sandboxed: bool, read_only: Sequence[str | Path],
                 writable: Sequence[str | Path], tmp: str | Path,
-                hidden: Sequence[str | Path] = ()) -> Confinement:
+                hidden: Sequence[str | Path] = (), cpus: int | None = None) -> Confinement:
     """The confinement of a run under a worker's ``settings``, wherever it runs.
 
     ``sandboxed`` is ``use_sandbox``'s answer on the machine the run goes to (this one, an
@@ -120,4 +120,5 @@ def confinement(settings: WorkerSection, sandboxed: bool, read_only: Sequence[st
         hidden=tuple(map(str, hidden)),
         tmp=str(tmp),
         limits={name: getattr(settings, name) for name in LIMITS},
+        cpus=cpus,
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import shutil
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from runner.config import PATH_KEYS, CustomWorkerSection, WorkerSection, worker_
 from runner.errors import EventError
 from runner.registry import worker_class
 from runner.results import RunEnd, install_run
+from runner.scratch import remove_tree
 from runner.training_output import RunResults
 
 __all__ = ["BaseWorker", "ContractError", "RunArtifacts", "RunState", "WorkerStatus",
@@ -386,7 +386,7 @@ class BaseWorker:
             raise ContractError(f"{self!r}: collect_results() before teardown()")
         self.release_run()
         if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            remove_tree(self._scratch)
         self.status = S.KILLED
         logger.debug("%r torn down", self)
 

@@ -28,6 +28,7 @@ from runner import archive, blinded, ingest, ramptest, results, sandbox
 from runner.errors import SubmissionError
 from runner.local.conda import conda_env_prefix
 from runner.local.process import LocalRun
+from runner.scratch import remove_tree
 
 CACHE_FOLDER = "ramp-runner-cache"
 # How often a running task checks that the dispatcher still wants it (a cancelled future
@@ -102,7 +103,7 @@ def run_submission(job: dict[str, Any]) -> TaskResult:
     try:
         return _run(job, folders["kit"], folders["data"], scratch, worker)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
 
 
 def kill_run(run_id: str) -> bool:
@@ -194,7 +195,8 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
         return TaskResult(TaskOutcome.NO_SANDBOX, worker.address, no_sandbox=no_sandbox)
     confinement = sandbox.confinement(
         settings, sandbox.use_sandbox(mode, f"Dask worker {worker.address}"),
-        read_only=read_only, writable=[submissions / submission], tmp=scratch / "tmp")
+        read_only=read_only, writable=[submissions / submission], tmp=scratch / "tmp",
+        cpus=job.get("n_threads"))
     with _LOCK:
         if run_id in _KILLED:
             return TaskResult(TaskOutcome.KILLED, worker.address)

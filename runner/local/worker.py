@@ -95,7 +95,8 @@ class CondaEnvWorker(BaseWorker):
         self._confinement = sandbox.confinement(
             settings, sandbox.use_sandbox(settings.sandbox, type(self).__name__),
             read_only=[settings.kit_dir, *data], writable=[copy], tmp=self.scratch / "tmp",
-            hidden=[kit_data] if hidden is not None and kit_data.is_dir() else [])
+            hidden=[kit_data] if hidden is not None and kit_data.is_dir() else [],
+            cpus=self.config.get("n_threads"))
         self.sandboxed = self._confinement.sandbox
         super().setup()
 

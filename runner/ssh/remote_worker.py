@@ -77,6 +77,13 @@ def known_hosts_path(settings: RemoteWorkerSection, event_dir: str | None) -> Pa
     return Path(event_dir or settings.logs_dir) / "known_hosts"
 
 
+def remote_removal(*paths: str) -> str:
+    """A shell command removing ``paths`` on a host: the supervisor run as root there puts
+    a run's disk on a mount of its own, which ``rm`` alone cannot remove."""
+    quoted = " ".join(shlex.quote(path) for path in paths)
+    return f"for p in {quoted}; do umount -R -l \"$p\" 2>/dev/null; done; rm -rf {quoted}"
+
+
 class RemoteWorker(BaseWorker):
     """A run of ramp-test on a remote host; subclasses say how to get the host.
 
@@ -120,7 +127,7 @@ class RemoteWorker(BaseWorker):
                 files.append((path, f"submissions/{self.submission}/{relative.as_posix()}"))
         files.append((local, f"{RUN_FOLDER}/{self.submission}"))
         files.append((supervise.__file__, f"{RUN_FOLDER}/{self.submission}/supervise.py"))
-        before = f"rm -rf {self._stale_files()} && "
+        before = f"{self._stale_files()} && "
         if self.hidden_labels is not None:
             self._upload_blinded(self.hidden_labels.folder)
             # Beside the blinded data, where the sandbox shows it (the run's folder is hidden).
@@ -133,7 +140,7 @@ class RemoteWorker(BaseWorker):
             self.sandboxed = self._host_sandbox()
         except EventError:
             # The subclass forgets the session on a setup error: clean the host first.
-            self.session.run(f"rm -rf {self._stale_files()}", 60)
+            self.session.run(self._stale_files(), 60)
             raise
 
     def _upload_blinded(self, folder: Path) -> None:
@@ -153,8 +160,7 @@ class RemoteWorker(BaseWorker):
         self.session.run(f"mv -T {staged} {target} 2>/dev/null || rm -rf {staged}")
 
     def _stale_files(self) -> str:
-        return " ".join(shlex.quote(p) for p in (
-            f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
+        return remote_removal(f"{self.remote_kit}/submissions/{self.submission}", self.run_dir)
 
     def _host_sandbox(self) -> bool:
         """Whether runs on this host go in the sandbox (``runner.sandbox.use_sandbox`` with
@@ -180,7 +186,7 @@ class RemoteWorker(BaseWorker):
             hidden.append(f"{kit}/data")
         options = sandbox.confinement(
             self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
-            hidden=hidden).options()
+            hidden=hidden, cpus=self.config.get("n_threads")).options()
         return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
                 "--reason", f"{run}/reason", *options, "--", *argv]
 

@@ -22,6 +22,7 @@ from runner.ssh.remote_worker import (
     RemoteWorker,
     check_private_key,
     known_hosts_path,
+    remote_removal,
 )
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
 from runner.ssh.settings import SSHHost, SSHWorkerSection
@@ -110,9 +111,8 @@ class SSHWorker(RemoteWorker):
                     # A step past its deadline closed it (a hung poll): one more try.
                     self.session.reconnect()
                 self.stop_run()
-                stale = " ".join(shlex.quote(path) for path in (
-                    f"{self.remote_kit}/submissions/{self.submission}", self.run_dir))
-                self.session.run(f"rm -rf {stale}", 60)
+                self.session.run(remote_removal(
+                    f"{self.remote_kit}/submissions/{self.submission}", self.run_dir), 60)
         except Exception as error:  # noqa: BLE001 - cleaning is best effort; release anyway
             logger.warning("%r: could not clean the host: %s", self, error)
         finally:
@@ -139,6 +139,7 @@ class SSHWorker(RemoteWorker):
             kit = shlex.quote(host.remote_ramp_kit_folder.rstrip("/"))
             act = "" if dry_run else (
                 f'pid=$(cat "$d/pid" 2>/dev/null); {KILL_SESSION}'
+                'umount -R -l "$d"tmp "../submissions/${d%/}" 2>/dev/null; '
                 'rm -rf "$d" "../submissions/${d%/}"; ')
             script = (f"cd {kit}/{RUN_FOLDER} 2>/dev/null || exit 0; "
                       f'for d in */; do [ -d "$d" ] || continue; echo "${{d%/}}"; {act}done')
