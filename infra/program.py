@@ -11,6 +11,7 @@ from .ami_pipeline import AmiPipeline
 from .data_secrets import DataSecrets
 from .stack_config import StackConfig, read_stack_config
 from .worker_access import WorkerAccess
+from .worker_contract import HEARTBEAT_FILE, HEARTBEAT_TIMEOUT_SECONDS, RUN_USER
 
 
 def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str, pulumi.Input]:
@@ -29,6 +30,9 @@ def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str,
         "keyName": access.key_pair.key_name,
         "region": config.region,
         "instanceUser": config.instance_user,
+        "runUser": RUN_USER,
+        "heartbeatFile": HEARTBEAT_FILE,
+        "heartbeatTimeoutSeconds": HEARTBEAT_TIMEOUT_SECONDS,
         "remoteKitFolder": config.remote_kit_folder,
     }
 

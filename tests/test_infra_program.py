@@ -69,6 +69,7 @@ class Mocks(pulumi.runtime.Mocks):
                 "aws:imagebuilder/distributionConfiguration:DistributionConfiguration": (
                     "distribution-configuration"
                 ),
+                "aws:imagebuilder/lifecyclePolicy:LifecyclePolicy": "lifecycle-policy",
             }[args.typ]
             version = f"/{outputs['version']}" if "version" in outputs else ""
             outputs["arn"] = f"arn:aws:imagebuilder:eu-west-1:123456789012:{kind}/{name}{version}"
@@ -112,6 +113,26 @@ class Mocks(pulumi.runtime.Mocks):
         found = self.of_type(suffix)
         assert len(found) == 1, [r.name for r in found]
         return found[0]
+
+    def named(self, suffix: str, name_end: str) -> Recorded:
+        """The single resource of a type whose logical name ends with name_end."""
+        found = [r for r in self.of_type(suffix) if r.name.endswith(name_end)]
+        assert len(found) == 1, [r.name for r in self.of_type(suffix)]
+        return found[0]
+
+    def component(self, document: str) -> Recorded:
+        """The Component of one ami/ document (its name is <challenge>-<document>)."""
+        found = [c for c in self.of_type("Component") if c.inputs["name"].endswith(f"-{document}")]
+        assert len(found) == 1, [c.inputs["name"] for c in self.of_type("Component")]
+        return found[0]
+
+    def recipe_values(self, document: str) -> dict:
+        """The parameter values the recipe gives one document's component."""
+        arn = self.component(document).outputs["arn"]
+        [entry] = [
+            c for c in self.one("ImageRecipe").inputs["components"] if c["componentArn"] == arn
+        ]
+        return {p["name"]: p["value"] for p in entry["parameters"]}
 
 
 class OptionsMonitor(MockMonitor):
@@ -189,7 +210,8 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
     def check(values):
         pipeline = mocks.one("ImagePipeline")
         recipe = mocks.one("ImageRecipe")
-        component = mocks.one("Component")
+        component = mocks.component("ramp-worker")
+        guard = mocks.component("worker-guard")
         infrastructure = mocks.one("InfrastructureConfiguration")
         distribution = mocks.one("DistributionConfiguration")
         assert values["pipelineArn"] == pipeline.outputs["arn"]
@@ -200,14 +222,15 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
         assert pipeline.inputs["imageTestsConfiguration"]["imageTestsEnabled"] is True
 
         assert [c["componentArn"] for c in recipe.inputs["components"]] == [
-            component.outputs["arn"]
+            guard.outputs["arn"],
+            component.outputs["arn"],
         ]
         worker = ami_documents.load_documents()["ramp-worker"]
         assert component.inputs["data"] == worker.text
         assert component.inputs["version"] == worker.version
         assert component.inputs["platform"] == "Linux"
         assert component.options.retainOnDelete, "images built from a version refer to it"
-        parameters = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        parameters = mocks.recipe_values("ramp-worker")
         assert set(parameters) == set(worker.parameters)
         assert parameters["ChallengeName"] == "iris"
         assert parameters["KitRepository"] == "https://github.com/ramp-kits/iris.git"
@@ -243,7 +266,7 @@ def test_build_instance_profile_role_has_ssm_core_and_no_data_access(mocks):
     def check(_):
         infrastructure = mocks.one("InfrastructureConfiguration")
         profile = mocks.one("InstanceProfile")
-        role = mocks.one("Role")
+        role = mocks.named("Role", "-build-role")
         assert infrastructure.inputs["instanceProfileName"] == profile.outputs["name"]
         assert profile.inputs["role"] == role.outputs["name"]
         assume = json.loads(role.inputs["assumeRolePolicy"])
@@ -254,7 +277,8 @@ def test_build_instance_profile_role_has_ssm_core_and_no_data_access(mocks):
             if a.inputs["role"] == role.outputs["name"]
         }
         assert "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore" in attached
-        assert mocks.of_type("RolePolicy") == [], "dataSource none needs no data access"
+        own = [p for p in mocks.of_type("RolePolicy") if p.inputs["role"] == role.outputs["name"]]
+        assert own == [], "dataSource none needs no data access"
         assert infrastructure.inputs["terminateInstanceOnFailure"] is True
         assert infrastructure.inputs["instanceTypes"] == ["m5.large"]
         assert infrastructure.inputs["instanceMetadataOptions"]["httpTokens"] == "required"
@@ -344,11 +368,10 @@ def test_osf_credentials_live_only_in_ssm_secure_strings(mocks):
             text = json.dumps(resource.inputs, default=str)
             assert OSF_PASSWORD not in text, resource.name
             assert OSF_USER not in text, resource.name
-        recipe = mocks.one("ImageRecipe")
-        values = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        values = mocks.recipe_values("ramp-worker")
         assert values["OsfUsernameParameter"] == "/ramp-runner/iris/osf-username"
         assert values["OsfPasswordParameter"] == "/ramp-runner/iris/osf-password"
-        policy = json.loads(mocks.one("RolePolicy").inputs["policy"])
+        policy = json.loads(mocks.named("RolePolicy", "-build-data").inputs["policy"])
         [statement] = policy["Statement"]
         assert statement["Action"] == "ssm:GetParameter"
         assert sorted(statement["Resource"]) == sorted(p.outputs["arn"] for p in parameters)
@@ -362,14 +385,13 @@ def test_s3_data_source_reads_only_its_prefix(mocks):
     outputs = run_program(config)
 
     def check(_):
-        policy = json.loads(mocks.one("RolePolicy").inputs["policy"])
+        policy = json.loads(mocks.named("RolePolicy", "-build-data").inputs["policy"])
         resources = {s["Action"]: s["Resource"] for s in policy["Statement"]}
         assert resources == {
             "s3:ListBucket": "arn:aws:s3:::ramp-data",
             "s3:GetObject": "arn:aws:s3:::ramp-data/iris/v2/*",
         }
-        recipe = mocks.one("ImageRecipe")
-        values = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        values = mocks.recipe_values("ramp-worker")
         assert values["DataS3Uri"] == "s3://ramp-data/iris/v2/"
         assert mocks.of_type("Parameter") == []
 
@@ -385,7 +407,7 @@ def test_gpu_drivers_component_comes_first(mocks):
         components = {c.outputs["arn"]: c for c in mocks.of_type("Component")}
         recipe = mocks.one("ImageRecipe")
         names = [components[c["componentArn"]].inputs["name"] for c in recipe.inputs["components"]]
-        assert names == ["iris-gpu-drivers", "iris-ramp-worker"]
+        assert names == ["iris-gpu-drivers", "iris-worker-guard", "iris-ramp-worker"]
         assert recipe.inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 80
         assert recipe.inputs["parentImage"] == "ami-0given"
         tokens = [token for token, _ in mocks.calls if "getComponents" not in token]
@@ -396,13 +418,13 @@ def test_gpu_drivers_component_comes_first(mocks):
 
 def test_editing_one_line_gives_new_component_version_and_replaced_recipe(tmp_path):
     before, after = deploy(BASE_CONFIG), deploy(BASE_CONFIG, edited_documents(tmp_path))
-    old, new = before.one("Component"), after.one("Component")
+    old, new = before.component("ramp-worker"), after.component("ramp-worker")
     assert old.inputs["name"] == new.inputs["name"]
     assert old.inputs["version"] != new.inputs["version"]
     assert old.outputs["arn"] != new.outputs["arn"]
     old_recipe, new_recipe = before.one("ImageRecipe"), after.one("ImageRecipe")
     assert old_recipe.inputs["version"] != new_recipe.inputs["version"]
-    assert new_recipe.inputs["components"][0]["componentArn"] == new.outputs["arn"]
+    assert new_recipe.inputs["components"][1]["componentArn"] == new.outputs["arn"]
     assert after.one("ImagePipeline").inputs["imageRecipeArn"] == new_recipe.outputs["arn"]
     unchanged = deploy(BASE_CONFIG).one("ImageRecipe")
     assert unchanged.inputs["version"] == old_recipe.inputs["version"]
@@ -474,14 +496,14 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
     seen = []
     for documents_dir in (original, edited, original, original):
         recorder = deploy(BASE_CONFIG, documents_dir, prepare=same_account)
-        component = recorder.one("Component")
+        component = recorder.component("ramp-worker")
         version_arn = component.outputs["arn"]
         if version_arn in account:
             assert component.options.importId == f"{version_arn}/1", "must adopt, not create"
         else:
             assert component.options.importId == ""
         recipe = recorder.one("ImageRecipe")
-        assert recipe.inputs["components"][0]["componentArn"] == version_arn
+        assert recipe.inputs["components"][1]["componentArn"] == version_arn
         account.add(version_arn)
         seen.append(component)
     assert [c.outputs["arn"] for c in seen[1:]] == [
@@ -575,3 +597,80 @@ def test_example_stack_config_is_valid():
     assert set(raw) <= set(stack_config.PLAIN_KEYS)
     config = stack_config.parse_stack_config(raw, {}, example["config"]["aws:region"])
     assert config.challenge_name == "iris"
+
+
+@pulumi.runtime.test
+def test_recipe_builds_from_an_encrypted_root_volume(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(_):
+        [device] = mocks.one("ImageRecipe").inputs["blockDeviceMappings"]
+        assert device["ebs"]["encrypted"] == "true"
+
+    return settled(outputs, check)
+
+
+def snake(name: str) -> str:
+    """A Pulumi input name (camelCase) as the Python argument it came from."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def test_every_recipe_input_but_tags_is_hashed_into_its_version():
+    """CreateImageRecipe has no update: whatever the recipe is given, except its tags,
+    replaces it, so all of it must reach the version, or the replacement reuses the
+    name and version Image Builder already has."""
+    recorder = deploy(BASE_CONFIG)
+    recipe = recorder.one("ImageRecipe")
+    config = stack_config.parse_stack_config(BASE_CONFIG, {}, "eu-west-1")
+    hashed = ami_pipeline.recipe_arguments(
+        config, f"ssm:{stack_config.UBUNTU_2204_PARAMETER}", "/dev/sda1"
+    )
+    given = {snake(key) for key in recipe.inputs} - {"version", "tags", "components"}
+    assert given == set(hashed)
+
+
+@pytest.mark.parametrize(
+    ("argument", "change"),
+    [
+        ("volume_type", lambda a: a["block_device_mappings"][0]["ebs"].update(volume_type="gp2")),
+        (
+            "delete_on_termination",
+            lambda a: a["block_device_mappings"][0]["ebs"].update(delete_on_termination="false"),
+        ),
+        ("encrypted", lambda a: a["block_device_mappings"][0]["ebs"].update(encrypted="false")),
+        ("description", lambda a: a.update(description="another description")),
+        ("working_directory", lambda a: a.update(working_directory="/opt/build")),
+    ],
+)
+def test_recipe_version_follows_every_replacement_forcing_argument(monkeypatch, argument, change):
+    before = deploy(BASE_CONFIG).one("ImageRecipe")
+    original = ami_pipeline.recipe_arguments
+
+    def changed(*args):
+        arguments = original(*args)
+        change(arguments)
+        return arguments
+
+    monkeypatch.setattr(ami_pipeline, "recipe_arguments", changed)
+    after = deploy(BASE_CONFIG).one("ImageRecipe")
+    assert after.inputs != before.inputs, argument
+    assert after.inputs["version"] != before.inputs["version"], argument
+
+
+@pulumi.runtime.test
+def test_worker_contract_outputs(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(values):
+        assert values["runUser"] == "ramp-run"
+        assert values["heartbeatFile"] == "/run/ramp-runner/heartbeat"
+        assert values["heartbeatTimeoutSeconds"] == 600
+        guard = mocks.recipe_values("worker-guard")
+        assert guard == {
+            "InstanceUser": "ubuntu",
+            "RunUser": values["runUser"],
+            "HeartbeatFile": values["heartbeatFile"],
+            "HeartbeatTimeout": str(values["heartbeatTimeoutSeconds"]),
+        }
+
+    return settled(outputs, check)
