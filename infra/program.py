@@ -1,4 +1,5 @@
-"""The stack: data secrets, AMI pipeline and worker access, wired from the stack config."""
+"""The stack: data secrets, AMI pipeline, worker access and launch, wired from the stack
+config."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from .ami_documents import DOCUMENTS_DIR
 from .ami_pipeline import AmiPipeline
 from .data_secrets import DataSecrets
 from .stack_config import StackConfig, read_stack_config
+from .tags import challenge_tags
 from .worker_access import WorkerAccess
 from .worker_contract import HEARTBEAT_FILE, HEARTBEAT_TIMEOUT_SECONDS, RUN_USER
+from .worker_launch import WorkerLaunch
 
 
 def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str, pulumi.Input]:
@@ -22,12 +25,19 @@ def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str,
         f"{prefix}-ami", config, secrets.names, secrets.arns, documents_dir=documents_dir
     )
     access = WorkerAccess(f"{prefix}-access", config)
+    launch = WorkerLaunch(
+        f"{prefix}-launch", config, access.security_group, access.key_pair, pipeline.root_device
+    )
     return {
         "pipelineArn": pipeline.pipeline.arn,
         "amiBaseName": config.ami_base_name,
         "securityGroupName": access.security_group.name,
         "securityGroupId": access.security_group.id,
         "keyName": access.key_pair.key_name,
+        "launchTemplateId": launch.launch_template.id,
+        "launchTemplateName": launch.launch_template.name,
+        "dispatcherPolicyArn": launch.dispatcher_policy.arn,
+        "workerTags": challenge_tags(config.challenge_name),
         "region": config.region,
         "instanceUser": config.instance_user,
         "runUser": RUN_USER,

@@ -34,6 +34,7 @@ PLAIN_KEYS = (
     "keyName",
     "instanceUser",
     "logBucket",
+    "workerInstanceTypes",
 )
 SECRET_KEYS = ("osfUsername", "osfPassword")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$")
@@ -44,6 +45,9 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$")
 BUILD_DATE_SUFFIX = "-{{ imagebuilder:buildDate }}"
 AMI_NAME_MAX = 127
 AMI_BASE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+# An EC2 instance type, or an IAM StringLike pattern of them (g5.*): the dispatcher policy's
+# ec2:InstanceType condition takes either.
+INSTANCE_TYPE_PATTERN = re.compile(r"^[a-z0-9*?][a-z0-9*?-]*\.[a-z0-9*?-]+$")
 PUBLIC_KEY_PATTERN = re.compile(r"^(ssh-rsa|ssh-ed25519) [A-Za-z0-9+/=]+( .*)?$")
 
 
@@ -78,6 +82,7 @@ class StackConfig:
     key_name: str
     instance_user: str
     log_bucket: str | None
+    worker_instance_types: tuple[str, ...]
     osf_username: pulumi.Output[str] | None = None
     osf_password: pulumi.Output[str] | None = None
 
@@ -157,6 +162,7 @@ def parse_stack_config(
         key_name=raw.get("keyName") or f"{challenge}-ramp-worker",
         instance_user=instance_user,
         log_bucket=raw.get("logBucket"),
+        worker_instance_types=_worker_instance_types(raw),
         osf_username=secrets.get("osfUsername") if data_source == "osf" else None,
         osf_password=secrets.get("osfPassword") if data_source == "osf" else None,
     )
@@ -196,6 +202,23 @@ def _instance_types(raw: Mapping[str, str | None]) -> tuple[str, ...]:
         return ("m5.large",)
     if not types:
         raise StackConfigError("instanceTypes", "at least one instance type")
+    return tuple(types)
+
+
+def _worker_instance_types(raw: Mapping[str, str | None]) -> tuple[str, ...]:
+    # By default the types the AMI was built and tested on.
+    types = _string_list(raw, "workerInstanceTypes")
+    if types is None:
+        return _instance_types(raw)
+    if not types:
+        raise StackConfigError("workerInstanceTypes", "at least one instance type")
+    for instance_type in types:
+        if not INSTANCE_TYPE_PATTERN.match(instance_type):
+            raise StackConfigError(
+                "workerInstanceTypes",
+                f"an instance type such as t3.large, or a pattern such as g5.*, "
+                f"not {instance_type!r}",
+            )
     return tuple(types)
 
 

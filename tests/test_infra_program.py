@@ -544,6 +544,9 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
         ({"amiBaseName": "iris {{ x }}"}, "amiBaseName"),
         ({"challengeName": "sg-iris"}, "challengeName"),
         ({"allowWorkerEgress": "open"}, "allowWorkerEgress"),
+        ({"workerInstanceTypes": json.dumps([])}, "workerInstanceTypes"),
+        ({"workerInstanceTypes": json.dumps(["m5.large", "*"])}, "workerInstanceTypes"),
+        ({"workerInstanceTypes": json.dumps(['t3.large"}']) }, "workerInstanceTypes"),
     ],
 )
 def test_bad_config_names_the_key(changes, key):
@@ -585,6 +588,8 @@ def test_config_defaults_and_comma_lists():
         "none",
         "iris-ramp-worker",
     )
+    # Workers may use the types the AMI was built and tested on, unless the stack says more.
+    assert config.worker_instance_types == config.instance_types == ("m5.large",)
 
 
 def test_example_stack_config_is_valid():
@@ -597,6 +602,82 @@ def test_example_stack_config_is_valid():
     assert set(raw) <= set(stack_config.PLAIN_KEYS)
     config = stack_config.parse_stack_config(raw, {}, example["config"]["aws:region"])
     assert config.challenge_name == "iris"
+
+
+def statements(policy_document: str) -> list[dict]:
+    """The statements of a JSON policy document."""
+    return json.loads(policy_document)["Statement"]
+
+
+@pulumi.runtime.test
+def test_launch_template_requires_imdsv2_encrypts_and_terminates(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(values):
+        template = mocks.one("LaunchTemplate")
+        metadata = template.inputs["metadataOptions"]
+        assert metadata["httpTokens"] == "required"
+        assert metadata["httpPutResponseHopLimit"] == 1
+        assert metadata["httpEndpoint"] == "enabled"
+        # The mapping must name the parent image's root device, or it adds a second volume.
+        [device] = template.inputs["blockDeviceMappings"]
+        assert device["deviceName"] == "/dev/sda1"
+        assert device["ebs"]["encrypted"] == "true"
+        assert device["ebs"]["deleteOnTermination"] == "true"
+        assert template.inputs["instanceInitiatedShutdownBehavior"] == "terminate"
+        assert template.inputs["keyName"] == mocks.one("KeyPair").outputs["keyName"]
+        assert template.inputs["vpcSecurityGroupIds"] == [values["securityGroupId"]]
+        assert "imageId" not in template.inputs, "the dispatcher picks the newest AMI"
+        specs = template.inputs["tagSpecifications"]
+        tagged = {spec["resourceType"]: spec["tags"] for spec in specs}
+        assert tagged == {kind: {tags.TAG_CHALLENGE: "iris"} for kind in ("instance", "volume")}
+        assert values["launchTemplateId"] == f"{template.name}-id"
+        assert values["launchTemplateName"] == template.outputs["name"] == "iris-ramp-worker"
+        assert values["workerTags"] == {tags.TAG_CHALLENGE: "iris"}
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_dispatcher_may_launch_only_through_the_template_with_the_worker_tags(mocks):
+    config = {**BASE_CONFIG, "workerInstanceTypes": json.dumps(["t3.large", "g5.*"])}
+    outputs = run_program(config)
+
+    def check(values):
+        policy = mocks.one("Policy")
+        assert values["dispatcherPolicyArn"] == policy.outputs["arn"]
+        template_arn = mocks.one("LaunchTemplate").outputs["arn"]
+        found = statements(policy.inputs["policy"])
+        launches = [s for s in found if s["Action"] == "ec2:RunInstances"]
+        assert launches
+        for statement in launches:
+            assert statement["Resource"] != "*", statement
+            condition = statement["Condition"]
+            assert condition["ArnEquals"] == {"ec2:LaunchTemplate": template_arn}, statement
+        by_sid = {s["Sid"]: s for s in found}
+        instance = by_sid["LaunchInstance"]["Condition"]
+        assert instance["StringLike"] == {"ec2:InstanceType": ["t3.large", "g5.*"]}
+        for sid in ("LaunchInstance", "LaunchVolume"):
+            condition = by_sid[sid]["Condition"]
+            assert condition["StringEquals"] == {f"aws:RequestTag/{tags.TAG_CHALLENGE}": "iris"}
+            assert condition["Null"] == {
+                f"aws:RequestTag/{tags.TAG_EVENT}": "false",
+                f"aws:RequestTag/{tags.TAG_DEADLINE}": "false",
+            }
+            assert condition["ForAllValues:StringLike"] == {
+                "aws:TagKeys": [f"{tags.TAG_PREFIX}*", "Name"]
+            }
+        image = by_sid["LaunchStackImage"]
+        assert image["Resource"] == "arn:aws:ec2:eu-west-1::image/*"
+        assert image["Condition"]["StringEquals"] == {
+            f"aws:ResourceTag/{tags.TAG_AMI_BASE_NAME}": "iris-ramp-worker"
+        }
+        own = {"StringEquals": {f"aws:ResourceTag/{tags.TAG_CHALLENGE}": "iris"}}
+        assert by_sid["TerminateOwnWorkers"]["Condition"] == own
+        tagging = [s for s in found if s["Action"] == "ec2:CreateTags"]
+        assert all("Condition" in s for s in tagging)
+
+    return settled(outputs, check)
 
 
 @pulumi.runtime.test
