@@ -1,5 +1,5 @@
-"""The stack: data secrets, AMI pipeline, worker access and launch, wired from the stack
-config."""
+"""The stack: data secrets, AMI pipeline, worker access and launch, the reaper, wired from
+the stack config."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pulumi
 from .ami_documents import DOCUMENTS_DIR
 from .ami_pipeline import AmiPipeline
 from .data_secrets import DataSecrets
+from .reaper import InstanceReaper
 from .stack_config import StackConfig, read_stack_config
 from .tags import challenge_tags
 from .worker_access import WorkerAccess
@@ -28,6 +29,7 @@ def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str,
     launch = WorkerLaunch(
         f"{prefix}-launch", config, access.security_group, access.key_pair, pipeline.root_device
     )
+    reaper = InstanceReaper(f"{prefix}-reaper", config)
     return {
         "pipelineArn": pipeline.pipeline.arn,
         "amiBaseName": config.ami_base_name,
@@ -38,6 +40,7 @@ def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str,
         "launchTemplateName": launch.launch_template.name,
         "dispatcherPolicyArn": launch.dispatcher_policy.arn,
         "workerTags": challenge_tags(config.challenge_name),
+        "reaperFunctionName": reaper.function.name,
         "region": config.region,
         "instanceUser": config.instance_user,
         "runUser": RUN_USER,

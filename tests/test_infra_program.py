@@ -12,7 +12,7 @@ import pulumi
 import pytest
 from pulumi.runtime.mocks import MockMonitor
 
-from infra import ami_documents, ami_pipeline, program, stack_config, tags
+from infra import ami_documents, ami_pipeline, program, reaper_lambda, stack_config, tags
 
 INFRA_DIR = Path(program.__file__).resolve().parent
 
@@ -736,6 +736,54 @@ def test_recipe_version_follows_every_replacement_forcing_argument(monkeypatch, 
     after = deploy(BASE_CONFIG).one("ImageRecipe")
     assert after.inputs != before.inputs, argument
     assert after.inputs["version"] != before.inputs["version"], argument
+
+
+def test_reaper_schedule_runs_the_lambda_whose_role_terminates_only_the_challenge():
+    # The schedule waits on the function's ARN: read the resources once the whole program ran.
+    mocks = deploy(BASE_CONFIG)
+    function = mocks.one("Function")
+    schedule = mocks.one("Schedule")
+    assert schedule.inputs["scheduleExpression"] == "rate(5 minutes)"
+    assert schedule.inputs["flexibleTimeWindow"] == {"mode": "OFF"}
+    target = schedule.inputs["target"]
+    assert target["arn"] == function.outputs["arn"]
+    scheduler_role = mocks.named("Role", "-reaper-scheduler-role")
+    assert target["roleArn"] == scheduler_role.outputs["arn"]
+    [trust] = statements(scheduler_role.inputs["assumeRolePolicy"])
+    assert trust["Principal"] == {"Service": "scheduler.amazonaws.com"}
+    invoke = mocks.named("RolePolicy", "-reaper-invoke")
+    assert invoke.inputs["role"] == scheduler_role.outputs["name"]
+    assert statements(invoke.inputs["policy"]) == [
+        {
+            "Effect": "Allow",
+            "Action": "lambda:InvokeFunction",
+            "Resource": function.outputs["arn"],
+        }
+    ]
+
+    assert function.inputs["handler"] == "reaper_lambda.handler"
+    assert function.inputs["runtime"].startswith("python3.")
+    assert set(function.inputs["code"].assets) == {"reaper_lambda.py"}
+    assert function.inputs["code"].assets["reaper_lambda.py"].path == reaper_lambda.__file__
+    assert function.inputs["environment"]["variables"] == {
+        "CHALLENGE_TAG": tags.TAG_CHALLENGE,
+        "CHALLENGE_NAME": "iris",
+        "DEADLINE_TAG": tags.TAG_DEADLINE,
+    }
+    role = mocks.named("Role", "-reaper-role")
+    assert function.inputs["role"] == role.outputs["arn"]
+    [trust] = statements(role.inputs["assumeRolePolicy"])
+    assert trust["Principal"] == {"Service": "lambda.amazonaws.com"}
+    allowed = statements(mocks.named("RolePolicy", "-reaper-terminate").inputs["policy"])
+    ec2_actions = {s["Action"]: s for s in allowed if str(s["Action"]).startswith("ec2:")}
+    assert set(ec2_actions) == {"ec2:DescribeInstances", "ec2:TerminateInstances"}
+    assert ec2_actions["ec2:TerminateInstances"]["Condition"] == {
+        "StringEquals": {f"aws:ResourceTag/{tags.TAG_CHALLENGE}": "iris"}
+    }
+    log_group = mocks.one("LogGroup")
+    assert log_group.inputs["name"] == f"/aws/lambda/{function.inputs['name']}"
+    [logs] = [s for s in allowed if s not in ec2_actions.values()]
+    assert logs["Resource"] == f"{log_group.outputs['arn']}:*"
 
 
 @pulumi.runtime.test
