@@ -1,5 +1,5 @@
-"""The stack: data secrets, AMI pipeline, worker access and launch, the reaper, wired from
-the stack config."""
+"""The stack: data secrets, AMI pipeline and lifecycle, worker access and launch, the reaper,
+wired from the stack config."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pulumi
 
 from .ami_documents import DOCUMENTS_DIR
+from .ami_lifecycle import AmiLifecycle, image_tags
 from .ami_pipeline import AmiPipeline
 from .data_secrets import DataSecrets
 from .reaper import InstanceReaper
@@ -25,6 +26,7 @@ def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str,
     pipeline = AmiPipeline(
         f"{prefix}-ami", config, secrets.names, secrets.arns, documents_dir=documents_dir
     )
+    lifecycle = AmiLifecycle(f"{prefix}-ami-lifecycle", config)
     access = WorkerAccess(f"{prefix}-access", config)
     launch = WorkerLaunch(
         f"{prefix}-launch", config, access.security_group, access.key_pair, pipeline.root_device
@@ -33,6 +35,8 @@ def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str,
     return {
         "pipelineArn": pipeline.pipeline.arn,
         "amiBaseName": config.ami_base_name,
+        "imageTags": image_tags(config),
+        "lifecyclePolicyArn": lifecycle.policy.arn,
         "securityGroupName": access.security_group.name,
         "securityGroupId": access.security_group.id,
         "keyName": access.key_pair.key_name,

@@ -35,6 +35,7 @@ PLAIN_KEYS = (
     "instanceUser",
     "logBucket",
     "workerInstanceTypes",
+    "keepAmis",
 )
 SECRET_KEYS = ("osfUsername", "osfPassword")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$")
@@ -83,6 +84,7 @@ class StackConfig:
     instance_user: str
     log_bucket: str | None
     worker_instance_types: tuple[str, ...]
+    keep_amis: int
     osf_username: pulumi.Output[str] | None = None
     osf_password: pulumi.Output[str] | None = None
 
@@ -163,6 +165,7 @@ def parse_stack_config(
         instance_user=instance_user,
         log_bucket=raw.get("logBucket"),
         worker_instance_types=_worker_instance_types(raw),
+        keep_amis=_keep_amis(raw),
         osf_username=secrets.get("osfUsername") if data_source == "osf" else None,
         osf_password=secrets.get("osfPassword") if data_source == "osf" else None,
     )
@@ -220,6 +223,18 @@ def _worker_instance_types(raw: Mapping[str, str | None]) -> tuple[str, ...]:
                 f"not {instance_type!r}",
             )
     return tuple(types)
+
+
+def _keep_amis(raw: Mapping[str, str | None]) -> int:
+    value = raw.get("keepAmis") or "3"
+    try:
+        count = int(value)
+    except ValueError:
+        raise StackConfigError("keepAmis", f"a number of AMIs, not {value!r}") from None
+    # Image Builder's lifecycle COUNT filter takes 1-1000.
+    if not 1 <= count <= 1000:
+        raise StackConfigError("keepAmis", f"between 1 and 1000, not {count}")
+    return count
 
 
 def _volume_size(raw: Mapping[str, str | None]) -> int:

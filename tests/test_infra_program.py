@@ -544,6 +544,9 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
         ({"amiBaseName": "iris {{ x }}"}, "amiBaseName"),
         ({"challengeName": "sg-iris"}, "challengeName"),
         ({"allowWorkerEgress": "open"}, "allowWorkerEgress"),
+        ({"keepAmis": "0"}, "keepAmis"),
+        ({"keepAmis": "1001"}, "keepAmis"),
+        ({"keepAmis": "all"}, "keepAmis"),
         ({"workerInstanceTypes": json.dumps([])}, "workerInstanceTypes"),
         ({"workerInstanceTypes": json.dumps(["m5.large", "*"])}, "workerInstanceTypes"),
         ({"workerInstanceTypes": json.dumps(['t3.large"}']) }, "workerInstanceTypes"),
@@ -590,6 +593,7 @@ def test_config_defaults_and_comma_lists():
     )
     # Workers may use the types the AMI was built and tested on, unless the stack says more.
     assert config.worker_instance_types == config.instance_types == ("m5.large",)
+    assert config.keep_amis == 3
 
 
 def test_example_stack_config_is_valid():
@@ -736,6 +740,37 @@ def test_recipe_version_follows_every_replacement_forcing_argument(monkeypatch, 
     after = deploy(BASE_CONFIG).one("ImageRecipe")
     assert after.inputs != before.inputs, argument
     assert after.inputs["version"] != before.inputs["version"], argument
+
+
+@pytest.mark.parametrize(("keep", "expected"), [(None, 3), ("7", 7)])
+@pulumi.runtime.test
+def test_lifecycle_policy_deletes_amis_and_snapshots_beyond_the_newest(mocks, keep, expected):
+    config = {**BASE_CONFIG, **({"keepAmis": keep} if keep else {})}
+    outputs = run_program(config)
+
+    def check(values):
+        policy = mocks.one("LifecyclePolicy")
+        assert policy.inputs["resourceType"] == "AMI_IMAGE"
+        assert policy.inputs["status"] == "ENABLED"
+        [detail] = policy.inputs["policyDetails"]
+        assert detail["action"]["type"] == "DELETE"
+        assert detail["action"]["includeResources"] == {"amis": True, "snapshots": True}
+        assert detail["filter"] == {"type": "COUNT", "value": expected}
+        assert policy.inputs["resourceSelection"] == {"tagMap": {tags.TAG_CHALLENGE: "iris"}}
+        # Images built by the pipeline carry no pipeline tags: build-ami passes these.
+        assert values["imageTags"] == policy.inputs["resourceSelection"]["tagMap"]
+        role = mocks.named("Role", "-ami-lifecycle-role")
+        assert policy.inputs["executionRole"] == role.outputs["arn"]
+        [trust] = statements(role.inputs["assumeRolePolicy"])
+        assert trust["Principal"] == {"Service": "imagebuilder.amazonaws.com"}
+        [attached] = [
+            a for a in mocks.of_type("RolePolicyAttachment")
+            if a.inputs["role"] == role.outputs["name"]
+        ]
+        assert attached.inputs["policyArn"].endswith("/EC2ImageBuilderLifecycleExecutionPolicy")
+        assert values["lifecyclePolicyArn"] == policy.outputs["arn"]
+
+    return settled(outputs, check)
 
 
 def test_reaper_schedule_runs_the_lambda_whose_role_terminates_only_the_challenge():
