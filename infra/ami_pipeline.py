@@ -25,6 +25,11 @@ def ami_name_pattern(base_name: str) -> str:
     return f"{base_name}{BUILD_DATE_SUFFIX}"
 
 
+def build_log_group(config: StackConfig) -> str:
+    """CloudWatch log group of the builds: Image Builder names it after the image (recipe)."""
+    return f"/aws/imagebuilder/{config.challenge_name}-ramp-worker"
+
+
 def log_prefix(config: StackConfig) -> str:
     """Key prefix of the build logs in the optional log bucket."""
     return f"imagebuilder/{config.challenge_name}"

@@ -9,7 +9,7 @@ import pulumi
 
 from .ami_documents import DOCUMENTS_DIR
 from .ami_lifecycle import AmiLifecycle, image_tags
-from .ami_pipeline import AmiPipeline
+from .ami_pipeline import AmiPipeline, build_log_group
 from .data_secrets import DataSecrets
 from .reaper import InstanceReaper
 from .stack_config import StackConfig, read_stack_config
@@ -34,6 +34,9 @@ def build(config: StackConfig, documents_dir: Path = DOCUMENTS_DIR) -> dict[str,
     reaper = InstanceReaper(f"{prefix}-reaper", config)
     return {
         "pipelineArn": pipeline.pipeline.arn,
+        # Where a failed build's step logs are, for build-ami to name with Image Builder's
+        # failure context.
+        "buildLogGroup": build_log_group(config),
         "amiBaseName": config.ami_base_name,
         "imageTags": image_tags(config),
         "lifecyclePolicyArn": lifecycle.policy.arn,

@@ -255,6 +255,7 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
         assert ami["amiTags"][tags.TAG_AMI_BASE_NAME] == "iris-ramp-worker"
         assert ami["amiTags"][tags.TAG_CHALLENGE] == "iris"
         assert values["amiBaseName"] == "iris-ramp-worker"
+        assert values["buildLogGroup"] == f"/aws/imagebuilder/{recipe.inputs['name']}"
 
     return settled(outputs, check)
 
