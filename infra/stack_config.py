@@ -47,8 +47,9 @@ BUILD_DATE_SUFFIX = "-{{ imagebuilder:buildDate }}"
 AMI_NAME_MAX = 127
 AMI_BASE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 # An EC2 instance type, or an IAM StringLike pattern of them (g5.*): the dispatcher policy's
-# ec2:InstanceType condition takes either.
-INSTANCE_TYPE_PATTERN = re.compile(r"^[a-z0-9*?][a-z0-9*?-]*\.[a-z0-9*?-]+$")
+# ec2:InstanceType condition takes either. The family starts with a letter, so no pattern
+# (*.*) allows every type.
+INSTANCE_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9*?-]*\.[a-z0-9*?-]+$")
 PUBLIC_KEY_PATTERN = re.compile(r"^(ssh-rsa|ssh-ed25519) [A-Za-z0-9+/=]+( .*)?$")
 
 

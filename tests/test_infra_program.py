@@ -550,6 +550,7 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
         ({"keepAmis": "all"}, "keepAmis"),
         ({"workerInstanceTypes": json.dumps([])}, "workerInstanceTypes"),
         ({"workerInstanceTypes": json.dumps(["m5.large", "*"])}, "workerInstanceTypes"),
+        ({"workerInstanceTypes": json.dumps(["*.*"])}, "workerInstanceTypes"),
         ({"workerInstanceTypes": json.dumps(['t3.large"}']) }, "workerInstanceTypes"),
     ],
 )
@@ -839,3 +840,24 @@ def test_worker_contract_outputs(mocks):
         }
 
     return settled(outputs, check)
+
+
+def test_every_iam_document_is_one_iam_accepts(monkeypatch):
+    """moto's IAM checks documents as IAM does (condition operators, action prefixes,
+    ARNs): each policy and trust policy the stack makes is created there once."""
+    import boto3
+    from moto import mock_aws
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    recorder = deploy({**BASE_CONFIG, "dataSource": "s3", "dataBucket": "ramp-data"})
+    documents = [r.inputs["policy"] for r in recorder.of_type("Policy")]
+    documents += [r.inputs["policy"] for r in recorder.of_type("RolePolicy")]
+    trusts = [r.inputs["assumeRolePolicy"] for r in recorder.of_type("Role")]
+    assert len(documents) == 4 and len(trusts) == 4
+    with mock_aws():
+        iam = boto3.client("iam", region_name="us-east-1")
+        for number, document in enumerate(documents):
+            iam.create_policy(PolicyName=f"policy-{number}", PolicyDocument=document)
+        for number, trust in enumerate(trusts):
+            iam.create_role(RoleName=f"role-{number}", AssumeRolePolicyDocument=trust)
