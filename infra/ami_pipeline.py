@@ -10,9 +10,11 @@ import pulumi
 import pulumi_aws as aws
 
 from .ami_documents import DOCUMENTS_DIR, ComponentDocument, load_document
+from .iam import assume_role_policy
 from .stack_config import BUILD_DATE_SUFFIX, StackConfig
 from .tags import TAG_AMI_BASE_NAME, challenge_tags
 from .versions import content_version
+from .worker_contract import HEARTBEAT_FILE, HEARTBEAT_TIMEOUT_SECONDS, RUN_USER
 
 SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 IMAGE_BUILDER_POLICY = "arn:aws:iam::aws:policy/EC2InstanceProfileForImageBuilder"
@@ -21,6 +23,11 @@ IMAGE_BUILDER_POLICY = "arn:aws:iam::aws:policy/EC2InstanceProfileForImageBuilde
 def ami_name_pattern(base_name: str) -> str:
     """AMI name given by the distribution: base name + Image Builder's build date."""
     return f"{base_name}{BUILD_DATE_SUFFIX}"
+
+
+def build_log_group(config: StackConfig) -> str:
+    """CloudWatch log group of the builds: Image Builder names it after the image (recipe)."""
+    return f"/aws/imagebuilder/{config.challenge_name}-ramp-worker"
 
 
 def log_prefix(config: StackConfig) -> str:
@@ -73,6 +80,44 @@ def worker_parameters(config: StackConfig, secret_names: Mapping[str, str]) -> d
     }
 
 
+def guard_parameters(config: StackConfig) -> dict[str, str]:
+    """Values of the worker-guard document's parameters: the contract of worker_contract.py."""
+    return {
+        "InstanceUser": config.instance_user,
+        "RunUser": RUN_USER,
+        "HeartbeatFile": HEARTBEAT_FILE,
+        "HeartbeatTimeout": str(HEARTBEAT_TIMEOUT_SECONDS),
+    }
+
+
+def recipe_arguments(config: StackConfig, parent_image: str, root_device: str) -> dict:
+    """Every ImageRecipe argument but its components, version and tags.
+
+    Image Builder has no UpdateImageRecipe: a change to any of these replaces the recipe,
+    and a replacement under the same name and version is refused. So the recipe version is
+    a hash of all of them (and of the components' versions and parameters); only tags,
+    which are updated in place, stay out.
+    """
+    return {
+        "name": f"{config.challenge_name}-ramp-worker",
+        "description": f"RAMP worker for {config.challenge_name}",
+        "parent_image": parent_image,
+        "block_device_mappings": [
+            {
+                "device_name": root_device,
+                "ebs": {
+                    "volume_size": config.volume_size,
+                    "volume_type": "gp3",
+                    "delete_on_termination": "true",
+                    # The AMI holds the private test data: its snapshot is encrypted (with
+                    # the account's default EBS key), and so is every worker's volume.
+                    "encrypted": "true",
+                },
+            }
+        ],
+    }
+
+
 class AmiPipeline(pulumi.ComponentResource):
     """Components, recipe, build role, infrastructure, distribution and a manual pipeline."""
 
@@ -90,27 +135,30 @@ class AmiPipeline(pulumi.ComponentResource):
         self._child = pulumi.ResourceOptions(parent=self)
         tags = challenge_tags(config.challenge_name)
 
-        specs = [("ramp-worker", worker_parameters(config, secret_names))]
+        # The guard's test phase, which disarms the heartbeat timer on the test instance,
+        # must come before ramp-worker's, which outlasts the timeout.
+        specs = [
+            ("worker-guard", guard_parameters(config)),
+            ("ramp-worker", worker_parameters(config, secret_names)),
+        ]
         if config.gpu_drivers:
-            # Drivers first: the worker's test phase may then see the GPU.
+            # Drivers first: the worker's test phase may then see the GPU, and the timer is
+            # enabled after the drivers' reboot.
             specs.insert(0, ("gpu-drivers", {"DriverVersion": config.gpu_driver_version}))
         documents = [
             (load_document(documents_dir / f"{stem}.yml"), values) for stem, values in specs
         ]
         self.components = [self._component(config, document, tags) for document, _ in documents]
-        parent_image, root_device = resolve_parent_image(config.parent_image)
+        parent_image, self.root_device = resolve_parent_image(config.parent_image)
+        arguments = recipe_arguments(config, parent_image, self.root_device)
         self.recipe_version = content_version(
             [document.version for document, _ in documents],
             [values for _, values in documents],
-            parent_image,
-            root_device,
-            config.volume_size,
+            arguments,
         )
         self.recipe = aws.imagebuilder.ImageRecipe(
             f"{name}-recipe",
-            name=f"{config.challenge_name}-ramp-worker",
             version=self.recipe_version,
-            parent_image=parent_image,
             components=[
                 {
                     "component_arn": component.arn,
@@ -118,16 +166,7 @@ class AmiPipeline(pulumi.ComponentResource):
                 }
                 for component, (_, values) in zip(self.components, documents, strict=True)
             ],
-            block_device_mappings=[
-                {
-                    "device_name": root_device,
-                    "ebs": {
-                        "volume_size": config.volume_size,
-                        "volume_type": "gp3",
-                        "delete_on_termination": "true",
-                    },
-                }
-            ],
+            **arguments,
             tags=tags,
             # Create the new version, move the pipeline to it, then delete the old one: the
             # explicit name makes the provider ask for delete-before-replace, which Image
@@ -225,18 +264,7 @@ class AmiPipeline(pulumi.ComponentResource):
         name = self._name
         role = aws.iam.Role(
             f"{name}-build-role",
-            assume_role_policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Effect": "Allow",
-                            "Principal": {"Service": "ec2.amazonaws.com"},
-                            "Action": "sts:AssumeRole",
-                        }
-                    ],
-                }
-            ),
+            assume_role_policy=assume_role_policy("ec2.amazonaws.com"),
             tags=challenge_tags(config.challenge_name),
             opts=self._child,
         )

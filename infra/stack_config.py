@@ -34,6 +34,8 @@ PLAIN_KEYS = (
     "keyName",
     "instanceUser",
     "logBucket",
+    "workerInstanceTypes",
+    "keepAmis",
 )
 SECRET_KEYS = ("osfUsername", "osfPassword")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$")
@@ -44,6 +46,10 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$")
 BUILD_DATE_SUFFIX = "-{{ imagebuilder:buildDate }}"
 AMI_NAME_MAX = 127
 AMI_BASE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+# An EC2 instance type, or an IAM StringLike pattern of them (g5.*): the dispatcher policy's
+# ec2:InstanceType condition takes either. The family starts with a letter, so no pattern
+# (*.*) allows every type.
+INSTANCE_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9*?-]*\.[a-z0-9*?-]+$")
 PUBLIC_KEY_PATTERN = re.compile(r"^(ssh-rsa|ssh-ed25519) [A-Za-z0-9+/=]+( .*)?$")
 
 
@@ -78,6 +84,8 @@ class StackConfig:
     key_name: str
     instance_user: str
     log_bucket: str | None
+    worker_instance_types: tuple[str, ...]
+    keep_amis: int
     osf_username: pulumi.Output[str] | None = None
     osf_password: pulumi.Output[str] | None = None
 
@@ -157,6 +165,8 @@ def parse_stack_config(
         key_name=raw.get("keyName") or f"{challenge}-ramp-worker",
         instance_user=instance_user,
         log_bucket=raw.get("logBucket"),
+        worker_instance_types=_worker_instance_types(raw),
+        keep_amis=_keep_amis(raw),
         osf_username=secrets.get("osfUsername") if data_source == "osf" else None,
         osf_password=secrets.get("osfPassword") if data_source == "osf" else None,
     )
@@ -197,6 +207,35 @@ def _instance_types(raw: Mapping[str, str | None]) -> tuple[str, ...]:
     if not types:
         raise StackConfigError("instanceTypes", "at least one instance type")
     return tuple(types)
+
+
+def _worker_instance_types(raw: Mapping[str, str | None]) -> tuple[str, ...]:
+    # By default the types the AMI was built and tested on.
+    types = _string_list(raw, "workerInstanceTypes")
+    if types is None:
+        return _instance_types(raw)
+    if not types:
+        raise StackConfigError("workerInstanceTypes", "at least one instance type")
+    for instance_type in types:
+        if not INSTANCE_TYPE_PATTERN.match(instance_type):
+            raise StackConfigError(
+                "workerInstanceTypes",
+                f"an instance type such as t3.large, or a pattern such as g5.*, "
+                f"not {instance_type!r}",
+            )
+    return tuple(types)
+
+
+def _keep_amis(raw: Mapping[str, str | None]) -> int:
+    value = raw.get("keepAmis") or "3"
+    try:
+        count = int(value)
+    except ValueError:
+        raise StackConfigError("keepAmis", f"a number of AMIs, not {value!r}") from None
+    # Image Builder's lifecycle COUNT filter takes 1-1000.
+    if not 1 <= count <= 1000:
+        raise StackConfigError("keepAmis", f"between 1 and 1000, not {count}")
+    return count
 
 
 def _volume_size(raw: Mapping[str, str | None]) -> int:

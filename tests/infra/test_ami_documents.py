@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +28,7 @@ IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def test_the_documents_are_there():
-    assert set(DOCUMENTS) == {"ramp-worker", "gpu-drivers"}
+    assert set(DOCUMENTS) == {"ramp-worker", "gpu-drivers", "worker-guard"}
 
 
 @pytest.mark.parametrize("document", DOCUMENTS.values(), ids=list(DOCUMENTS))
@@ -314,3 +318,203 @@ def test_test_phase_checks_conda_in_login_shells():
                       if b.phase == "test")
     assert "bash -lc 'conda info && command -v ramp-test'" in tests
     assert "bash -lc 'ramp-test --submission starting_kit --quick-test'" in tests
+
+
+GUARD_PARAMETERS = {
+    "InstanceUser": "ubuntu",
+    "RunUser": "ramp-run",
+    "HeartbeatFile": "/run/ramp-runner/heartbeat",
+    "HeartbeatTimeout": "600",
+}
+HEREDOC = re.compile(r"<<'?([A-Z]+)'?\n(.*?)\n\1\n", re.DOTALL)
+
+
+def guard_block(phase, step):
+    [block] = [
+        b for b in DOCUMENTS["worker-guard"].bash_blocks() if (b.phase, b.step) == (phase, step)
+    ]
+    return block
+
+
+@pytest.fixture
+def installed_guard(tmp_path):
+    """InstallHeartbeatHalt run for real, with the system folders it writes bound to temp
+    folders by bubblewrap (and a fake systemctl): the files it leaves, by system path."""
+    bwrap = shutil.which("bwrap")
+    assert bwrap, "bubblewrap is required: apt-get install -y bubblewrap"
+    folders = {
+        "/usr/local/sbin": tmp_path / "sbin",
+        "/etc/systemd/system": tmp_path / "systemd",
+        "/etc/tmpfiles.d": tmp_path / "tmpfiles.d",
+    }
+    binds = []
+    for system_path, folder in folders.items():
+        folder.mkdir()
+        binds += ["--bind", str(folder), system_path]
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(f'#!/bin/bash\necho "systemctl $*" >> "{log}"\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    block = guard_block("build", "InstallHeartbeatHalt")
+    script = ami_documents.PARAMETER_REFERENCE.sub(
+        lambda m: GUARD_PARAMETERS[m.group(1)], block.script
+    )
+    namespace = [bwrap, "--bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *binds]
+    result = subprocess.run(
+        [*namespace, "bash", "-c", script],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = {
+        f"{system_path}/{path.name}": path
+        for system_path, folder in folders.items()
+        for path in folder.iterdir()
+    }
+    return files, log.read_text().splitlines(), namespace
+
+
+def test_heartbeat_timer_is_installed_enabled_and_valid(installed_guard):
+    files, calls, namespace = installed_guard
+    service = files["/etc/systemd/system/ramp-runner-heartbeat.service"].read_text()
+    timer = files["/etc/systemd/system/ramp-runner-heartbeat.timer"].read_text()
+    assert (
+        "ExecStart=/usr/local/sbin/ramp-runner-heartbeat-check /run/ramp-runner/heartbeat 600"
+        in service.splitlines()
+    )
+    assert "OnUnitActiveSec=1min" in timer.splitlines()
+    assert "WantedBy=timers.target" in timer.splitlines()
+    assert calls == ["systemctl enable ramp-runner-heartbeat.timer"], "enabled, not started"
+    # systemd's own checker, where the units and their ExecStart are at their real paths.
+    verify = subprocess.run(
+        [*namespace, "systemd-analyze", "verify", "--man=no",
+         "/etc/systemd/system/ramp-runner-heartbeat.timer",
+         "/etc/systemd/system/ramp-runner-heartbeat.service"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "ramp-runner-heartbeat" not in verify.stdout + verify.stderr
+    tmpfiles = files["/etc/tmpfiles.d/ramp-runner-heartbeat.conf"].read_text().splitlines()
+    assert tmpfiles == [
+        "d /run/ramp-runner 0755 root root -",
+        "f /run/ramp-runner/heartbeat 0644 ubuntu - -",
+    ]
+
+
+def test_heartbeat_check_script_passes_shellcheck(installed_guard):
+    files, _, _ = installed_guard
+    check = files["/usr/local/sbin/ramp-runner-heartbeat-check"]
+    assert check.stat().st_mode & 0o777 == 0o755
+    result = subprocess.run(
+        ["shellcheck", "--severity=style", str(check)],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("heartbeat_age", "timeout", "halts"),
+    [
+        (0, 600, False),  # the dispatcher polled just now
+        (9 * 60, 600, False),
+        (11 * 60, 600, True),  # the dispatcher is gone
+        (None, 1, True),  # never a heartbeat, and the machine booted more than 1 s ago
+        (None, 10**9, False),
+    ],
+    ids=["fresh", "nine-minutes", "eleven-minutes", "none-after-boot", "none-yet"],
+)
+def test_heartbeat_check_halts_only_without_a_recent_heartbeat(
+    installed_guard, tmp_path, heartbeat_age, timeout, halts
+):
+    files, _, _ = installed_guard
+    check = files["/usr/local/sbin/ramp-runner-heartbeat-check"]
+    heartbeat = tmp_path / "run" / "heartbeat"
+    heartbeat.parent.mkdir()
+    if heartbeat_age is not None:
+        heartbeat.touch()
+        then = time.time() - heartbeat_age
+        os.utime(heartbeat, (then, then))
+    fake_bin, halted = tmp_path / "fake-bin", tmp_path / "halted"
+    fake_bin.mkdir()
+    (fake_bin / "shutdown").write_text(f'#!/bin/bash\necho "shutdown $*" >> "{halted}"\n')
+    (fake_bin / "shutdown").chmod(0o755)
+    result = subprocess.run(
+        [str(check), str(heartbeat), str(timeout)],
+        env={"PATH": f"{fake_bin}:/usr/bin:/bin"},
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = halted.read_text().splitlines() if halted.exists() else []
+    if halts:
+        [call] = calls
+        assert call.startswith("shutdown -h now "), call
+    else:
+        assert calls == []
+
+
+def test_only_the_instance_user_can_touch_the_heartbeat(installed_guard):
+    """The tmpfiles lines applied to a temp folder (uid 1000 standing for the instance user,
+    65534 for the run's user): the owner refreshes the file, another user cannot, and
+    cannot replace it either."""
+    files, _, _ = installed_guard
+    # Outside pytest's own folder, which only root may enter.
+    with tempfile.TemporaryDirectory() as parent:
+        Path(parent).chmod(0o755)
+        check_heartbeat_permissions(files, Path(parent) / "run-ramp-runner")
+
+
+def check_heartbeat_permissions(files, folder):
+    """Create the folder and file as tmpfiles would, and touch the file as two users."""
+    heartbeat = folder / "heartbeat"
+    modes = {}
+    for line in files["/etc/tmpfiles.d/ramp-runner-heartbeat.conf"].read_text().splitlines():
+        kind, path, mode, owner, *_ = line.split()
+        modes[kind] = (int(mode, 8), owner)
+    folder.mkdir()
+    folder.chmod(modes["d"][0])
+    heartbeat.touch()
+    heartbeat.chmod(modes["f"][0])
+    assert modes["f"][1] == "ubuntu" and modes["d"][1] == "root"
+    os.chown(heartbeat, 1000, 1000)
+
+    def touch_as(uid: int, *argv: str) -> int:
+        return subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+            capture_output=True, check=False, timeout=30,
+        ).returncode
+
+    assert touch_as(1000, "touch", str(heartbeat)) == 0
+    assert touch_as(65534, "touch", str(heartbeat)) != 0
+    assert touch_as(65534, "rm", "-f", str(heartbeat)) != 0
+    assert touch_as(65534, "touch", str(folder / "other")) != 0
+
+
+def test_run_user_gets_conda_in_login_shells_and_no_group(tmp_path):
+    home = tmp_path / "ramp-run"
+    home.mkdir()
+    fakes = {
+        "id": "exit 1",  # the user does not exist yet
+        "useradd": "exit 0",
+        "getent": f"echo 'ramp-run:x:1001:1001::{home}:/bin/bash'",
+        "chown": "exit 0",
+    }
+    block = guard_block("build", "CreateRunUser")
+    for _ in range(2):  # a rebuilt image: one activation line, not two
+        result, calls = run_block(block, GUARD_PARAMETERS, fakes, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    [useradd] = [c.split() for c in calls if c.startswith("useradd")][:1]
+    assert useradd[-1] == "ramp-run"
+    assert not any(arg.startswith(("-G", "--groups", "-g", "--gid")) for arg in useradd)
+    profile = (home / ".profile").read_text().splitlines()
+    assert profile.count(". ~ubuntu/miniforge3/etc/profile.d/conda.sh && conda activate base") == 1
+
+
+def test_guard_test_phase_disarms_the_timer_first_and_checks_the_run_user():
+    steps = [b.step for b in DOCUMENTS["worker-guard"].bash_blocks() if b.phase == "test"]
+    assert steps[0] == "HeartbeatHaltArmed"
+    armed = guard_block("test", "HeartbeatHaltArmed").script
+    assert armed.index("systemctl is-active") < armed.index("heartbeat-halt.disabled")
+    installed = guard_block("build", "InstallHeartbeatHalt").script
+    assert "ConditionPathExists=!/etc/ramp-runner/heartbeat-halt.disabled" in installed
+    no_root = guard_block("test", "RunUserHasNoRoot").script
+    assert 'sudo -l -U "$run_user"' in no_root

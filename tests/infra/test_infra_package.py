@@ -88,6 +88,11 @@ def test_infra_tags_use_the_runner_prefix():
     assert tags.TAG_AMI_BASE_NAME.startswith(prefix)
 
 
+def test_event_tag_is_the_key_the_runner_writes():
+    # The dispatcher policy requires it on every launch.
+    assert tags.TAG_EVENT == ec2.TAG_EVENT
+
+
 def test_ami_base_name_tag_is_the_key_the_runner_reads():
     # The runner finds the newest AMI of an event by this tag (issue 12); its constant
     # must carry the same literal.

@@ -12,7 +12,7 @@ import pulumi
 import pytest
 from pulumi.runtime.mocks import MockMonitor
 
-from infra import ami_documents, ami_pipeline, program, stack_config, tags
+from infra import ami_documents, ami_pipeline, program, reaper_lambda, stack_config, tags
 
 INFRA_DIR = Path(program.__file__).resolve().parent
 
@@ -69,6 +69,7 @@ class Mocks(pulumi.runtime.Mocks):
                 "aws:imagebuilder/distributionConfiguration:DistributionConfiguration": (
                     "distribution-configuration"
                 ),
+                "aws:imagebuilder/lifecyclePolicy:LifecyclePolicy": "lifecycle-policy",
             }[args.typ]
             version = f"/{outputs['version']}" if "version" in outputs else ""
             outputs["arn"] = f"arn:aws:imagebuilder:eu-west-1:123456789012:{kind}/{name}{version}"
@@ -112,6 +113,26 @@ class Mocks(pulumi.runtime.Mocks):
         found = self.of_type(suffix)
         assert len(found) == 1, [r.name for r in found]
         return found[0]
+
+    def named(self, suffix: str, name_end: str) -> Recorded:
+        """The single resource of a type whose logical name ends with name_end."""
+        found = [r for r in self.of_type(suffix) if r.name.endswith(name_end)]
+        assert len(found) == 1, [r.name for r in self.of_type(suffix)]
+        return found[0]
+
+    def component(self, document: str) -> Recorded:
+        """The Component of one ami/ document (its name is <challenge>-<document>)."""
+        found = [c for c in self.of_type("Component") if c.inputs["name"].endswith(f"-{document}")]
+        assert len(found) == 1, [c.inputs["name"] for c in self.of_type("Component")]
+        return found[0]
+
+    def recipe_values(self, document: str) -> dict:
+        """The parameter values the recipe gives one document's component."""
+        arn = self.component(document).outputs["arn"]
+        [entry] = [
+            c for c in self.one("ImageRecipe").inputs["components"] if c["componentArn"] == arn
+        ]
+        return {p["name"]: p["value"] for p in entry["parameters"]}
 
 
 class OptionsMonitor(MockMonitor):
@@ -189,7 +210,8 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
     def check(values):
         pipeline = mocks.one("ImagePipeline")
         recipe = mocks.one("ImageRecipe")
-        component = mocks.one("Component")
+        component = mocks.component("ramp-worker")
+        guard = mocks.component("worker-guard")
         infrastructure = mocks.one("InfrastructureConfiguration")
         distribution = mocks.one("DistributionConfiguration")
         assert values["pipelineArn"] == pipeline.outputs["arn"]
@@ -200,14 +222,15 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
         assert pipeline.inputs["imageTestsConfiguration"]["imageTestsEnabled"] is True
 
         assert [c["componentArn"] for c in recipe.inputs["components"]] == [
-            component.outputs["arn"]
+            guard.outputs["arn"],
+            component.outputs["arn"],
         ]
         worker = ami_documents.load_documents()["ramp-worker"]
         assert component.inputs["data"] == worker.text
         assert component.inputs["version"] == worker.version
         assert component.inputs["platform"] == "Linux"
         assert component.options.retainOnDelete, "images built from a version refer to it"
-        parameters = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        parameters = mocks.recipe_values("ramp-worker")
         assert set(parameters) == set(worker.parameters)
         assert parameters["ChallengeName"] == "iris"
         assert parameters["KitRepository"] == "https://github.com/ramp-kits/iris.git"
@@ -232,6 +255,7 @@ def test_pipeline_graph_from_components_to_pipeline(mocks):
         assert ami["amiTags"][tags.TAG_AMI_BASE_NAME] == "iris-ramp-worker"
         assert ami["amiTags"][tags.TAG_CHALLENGE] == "iris"
         assert values["amiBaseName"] == "iris-ramp-worker"
+        assert values["buildLogGroup"] == f"/aws/imagebuilder/{recipe.inputs['name']}"
 
     return settled(outputs, check)
 
@@ -243,7 +267,7 @@ def test_build_instance_profile_role_has_ssm_core_and_no_data_access(mocks):
     def check(_):
         infrastructure = mocks.one("InfrastructureConfiguration")
         profile = mocks.one("InstanceProfile")
-        role = mocks.one("Role")
+        role = mocks.named("Role", "-build-role")
         assert infrastructure.inputs["instanceProfileName"] == profile.outputs["name"]
         assert profile.inputs["role"] == role.outputs["name"]
         assume = json.loads(role.inputs["assumeRolePolicy"])
@@ -254,7 +278,8 @@ def test_build_instance_profile_role_has_ssm_core_and_no_data_access(mocks):
             if a.inputs["role"] == role.outputs["name"]
         }
         assert "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore" in attached
-        assert mocks.of_type("RolePolicy") == [], "dataSource none needs no data access"
+        own = [p for p in mocks.of_type("RolePolicy") if p.inputs["role"] == role.outputs["name"]]
+        assert own == [], "dataSource none needs no data access"
         assert infrastructure.inputs["terminateInstanceOnFailure"] is True
         assert infrastructure.inputs["instanceTypes"] == ["m5.large"]
         assert infrastructure.inputs["instanceMetadataOptions"]["httpTokens"] == "required"
@@ -344,11 +369,10 @@ def test_osf_credentials_live_only_in_ssm_secure_strings(mocks):
             text = json.dumps(resource.inputs, default=str)
             assert OSF_PASSWORD not in text, resource.name
             assert OSF_USER not in text, resource.name
-        recipe = mocks.one("ImageRecipe")
-        values = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        values = mocks.recipe_values("ramp-worker")
         assert values["OsfUsernameParameter"] == "/ramp-runner/iris/osf-username"
         assert values["OsfPasswordParameter"] == "/ramp-runner/iris/osf-password"
-        policy = json.loads(mocks.one("RolePolicy").inputs["policy"])
+        policy = json.loads(mocks.named("RolePolicy", "-build-data").inputs["policy"])
         [statement] = policy["Statement"]
         assert statement["Action"] == "ssm:GetParameter"
         assert sorted(statement["Resource"]) == sorted(p.outputs["arn"] for p in parameters)
@@ -362,14 +386,13 @@ def test_s3_data_source_reads_only_its_prefix(mocks):
     outputs = run_program(config)
 
     def check(_):
-        policy = json.loads(mocks.one("RolePolicy").inputs["policy"])
+        policy = json.loads(mocks.named("RolePolicy", "-build-data").inputs["policy"])
         resources = {s["Action"]: s["Resource"] for s in policy["Statement"]}
         assert resources == {
             "s3:ListBucket": "arn:aws:s3:::ramp-data",
             "s3:GetObject": "arn:aws:s3:::ramp-data/iris/v2/*",
         }
-        recipe = mocks.one("ImageRecipe")
-        values = {p["name"]: p["value"] for p in recipe.inputs["components"][0]["parameters"]}
+        values = mocks.recipe_values("ramp-worker")
         assert values["DataS3Uri"] == "s3://ramp-data/iris/v2/"
         assert mocks.of_type("Parameter") == []
 
@@ -385,7 +408,7 @@ def test_gpu_drivers_component_comes_first(mocks):
         components = {c.outputs["arn"]: c for c in mocks.of_type("Component")}
         recipe = mocks.one("ImageRecipe")
         names = [components[c["componentArn"]].inputs["name"] for c in recipe.inputs["components"]]
-        assert names == ["iris-gpu-drivers", "iris-ramp-worker"]
+        assert names == ["iris-gpu-drivers", "iris-worker-guard", "iris-ramp-worker"]
         assert recipe.inputs["blockDeviceMappings"][0]["ebs"]["volumeSize"] == 80
         assert recipe.inputs["parentImage"] == "ami-0given"
         tokens = [token for token, _ in mocks.calls if "getComponents" not in token]
@@ -396,13 +419,13 @@ def test_gpu_drivers_component_comes_first(mocks):
 
 def test_editing_one_line_gives_new_component_version_and_replaced_recipe(tmp_path):
     before, after = deploy(BASE_CONFIG), deploy(BASE_CONFIG, edited_documents(tmp_path))
-    old, new = before.one("Component"), after.one("Component")
+    old, new = before.component("ramp-worker"), after.component("ramp-worker")
     assert old.inputs["name"] == new.inputs["name"]
     assert old.inputs["version"] != new.inputs["version"]
     assert old.outputs["arn"] != new.outputs["arn"]
     old_recipe, new_recipe = before.one("ImageRecipe"), after.one("ImageRecipe")
     assert old_recipe.inputs["version"] != new_recipe.inputs["version"]
-    assert new_recipe.inputs["components"][0]["componentArn"] == new.outputs["arn"]
+    assert new_recipe.inputs["components"][1]["componentArn"] == new.outputs["arn"]
     assert after.one("ImagePipeline").inputs["imageRecipeArn"] == new_recipe.outputs["arn"]
     unchanged = deploy(BASE_CONFIG).one("ImageRecipe")
     assert unchanged.inputs["version"] == old_recipe.inputs["version"]
@@ -474,14 +497,14 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
     seen = []
     for documents_dir in (original, edited, original, original):
         recorder = deploy(BASE_CONFIG, documents_dir, prepare=same_account)
-        component = recorder.one("Component")
+        component = recorder.component("ramp-worker")
         version_arn = component.outputs["arn"]
         if version_arn in account:
             assert component.options.importId == f"{version_arn}/1", "must adopt, not create"
         else:
             assert component.options.importId == ""
         recipe = recorder.one("ImageRecipe")
-        assert recipe.inputs["components"][0]["componentArn"] == version_arn
+        assert recipe.inputs["components"][1]["componentArn"] == version_arn
         account.add(version_arn)
         seen.append(component)
     assert [c.outputs["arn"] for c in seen[1:]] == [
@@ -522,6 +545,13 @@ def test_component_versions_never_collide_after_a_revert_or_a_destroy(tmp_path):
         ({"amiBaseName": "iris {{ x }}"}, "amiBaseName"),
         ({"challengeName": "sg-iris"}, "challengeName"),
         ({"allowWorkerEgress": "open"}, "allowWorkerEgress"),
+        ({"keepAmis": "0"}, "keepAmis"),
+        ({"keepAmis": "1001"}, "keepAmis"),
+        ({"keepAmis": "all"}, "keepAmis"),
+        ({"workerInstanceTypes": json.dumps([])}, "workerInstanceTypes"),
+        ({"workerInstanceTypes": json.dumps(["m5.large", "*"])}, "workerInstanceTypes"),
+        ({"workerInstanceTypes": json.dumps(["*.*"])}, "workerInstanceTypes"),
+        ({"workerInstanceTypes": json.dumps(['t3.large"}']) }, "workerInstanceTypes"),
     ],
 )
 def test_bad_config_names_the_key(changes, key):
@@ -563,6 +593,9 @@ def test_config_defaults_and_comma_lists():
         "none",
         "iris-ramp-worker",
     )
+    # Workers may use the types the AMI was built and tested on, unless the stack says more.
+    assert config.worker_instance_types == config.instance_types == ("m5.large",)
+    assert config.keep_amis == 3
 
 
 def test_example_stack_config_is_valid():
@@ -575,3 +608,256 @@ def test_example_stack_config_is_valid():
     assert set(raw) <= set(stack_config.PLAIN_KEYS)
     config = stack_config.parse_stack_config(raw, {}, example["config"]["aws:region"])
     assert config.challenge_name == "iris"
+
+
+def statements(policy_document: str) -> list[dict]:
+    """The statements of a JSON policy document."""
+    return json.loads(policy_document)["Statement"]
+
+
+@pulumi.runtime.test
+def test_launch_template_requires_imdsv2_encrypts_and_terminates(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(values):
+        template = mocks.one("LaunchTemplate")
+        metadata = template.inputs["metadataOptions"]
+        assert metadata["httpTokens"] == "required"
+        assert metadata["httpPutResponseHopLimit"] == 1
+        assert metadata["httpEndpoint"] == "enabled"
+        # The mapping must name the parent image's root device, or it adds a second volume.
+        [device] = template.inputs["blockDeviceMappings"]
+        assert device["deviceName"] == "/dev/sda1"
+        assert device["ebs"]["encrypted"] == "true"
+        assert device["ebs"]["deleteOnTermination"] == "true"
+        assert template.inputs["instanceInitiatedShutdownBehavior"] == "terminate"
+        assert template.inputs["keyName"] == mocks.one("KeyPair").outputs["keyName"]
+        assert template.inputs["vpcSecurityGroupIds"] == [values["securityGroupId"]]
+        assert "imageId" not in template.inputs, "the dispatcher picks the newest AMI"
+        specs = template.inputs["tagSpecifications"]
+        tagged = {spec["resourceType"]: spec["tags"] for spec in specs}
+        assert tagged == {kind: {tags.TAG_CHALLENGE: "iris"} for kind in ("instance", "volume")}
+        assert values["launchTemplateId"] == f"{template.name}-id"
+        assert values["launchTemplateName"] == template.outputs["name"] == "iris-ramp-worker"
+        assert values["workerTags"] == {tags.TAG_CHALLENGE: "iris"}
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_dispatcher_may_launch_only_through_the_template_with_the_worker_tags(mocks):
+    config = {**BASE_CONFIG, "workerInstanceTypes": json.dumps(["t3.large", "g5.*"])}
+    outputs = run_program(config)
+
+    def check(values):
+        policy = mocks.one("Policy")
+        assert values["dispatcherPolicyArn"] == policy.outputs["arn"]
+        template_arn = mocks.one("LaunchTemplate").outputs["arn"]
+        found = statements(policy.inputs["policy"])
+        launches = [s for s in found if s["Action"] == "ec2:RunInstances"]
+        assert launches
+        for statement in launches:
+            assert statement["Resource"] != "*", statement
+            condition = statement["Condition"]
+            assert condition["ArnEquals"] == {"ec2:LaunchTemplate": template_arn}, statement
+        by_sid = {s["Sid"]: s for s in found}
+        instance = by_sid["LaunchInstance"]["Condition"]
+        assert instance["StringLike"] == {"ec2:InstanceType": ["t3.large", "g5.*"]}
+        for sid in ("LaunchInstance", "LaunchVolume"):
+            condition = by_sid[sid]["Condition"]
+            assert condition["StringEquals"] == {f"aws:RequestTag/{tags.TAG_CHALLENGE}": "iris"}
+            assert condition["Null"] == {
+                f"aws:RequestTag/{tags.TAG_EVENT}": "false",
+                f"aws:RequestTag/{tags.TAG_DEADLINE}": "false",
+            }
+            assert condition["ForAllValues:StringLike"] == {
+                "aws:TagKeys": [f"{tags.TAG_PREFIX}*", "Name"]
+            }
+        image = by_sid["LaunchStackImage"]
+        assert image["Resource"] == "arn:aws:ec2:eu-west-1::image/*"
+        assert image["Condition"]["StringEquals"] == {
+            f"aws:ResourceTag/{tags.TAG_AMI_BASE_NAME}": "iris-ramp-worker"
+        }
+        own = {"StringEquals": {f"aws:ResourceTag/{tags.TAG_CHALLENGE}": "iris"}}
+        assert by_sid["TerminateOwnWorkers"]["Condition"] == own
+        tagging = [s for s in found if s["Action"] == "ec2:CreateTags"]
+        assert all("Condition" in s for s in tagging)
+
+    return settled(outputs, check)
+
+
+@pulumi.runtime.test
+def test_recipe_builds_from_an_encrypted_root_volume(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(_):
+        [device] = mocks.one("ImageRecipe").inputs["blockDeviceMappings"]
+        assert device["ebs"]["encrypted"] == "true"
+
+    return settled(outputs, check)
+
+
+def snake(name: str) -> str:
+    """A Pulumi input name (camelCase) as the Python argument it came from."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def test_every_recipe_input_but_tags_is_hashed_into_its_version():
+    """CreateImageRecipe has no update: whatever the recipe is given, except its tags,
+    replaces it, so all of it must reach the version, or the replacement reuses the
+    name and version Image Builder already has."""
+    recorder = deploy(BASE_CONFIG)
+    recipe = recorder.one("ImageRecipe")
+    config = stack_config.parse_stack_config(BASE_CONFIG, {}, "eu-west-1")
+    hashed = ami_pipeline.recipe_arguments(
+        config, f"ssm:{stack_config.UBUNTU_2204_PARAMETER}", "/dev/sda1"
+    )
+    given = {snake(key) for key in recipe.inputs} - {"version", "tags", "components"}
+    assert given == set(hashed)
+
+
+@pytest.mark.parametrize(
+    ("argument", "change"),
+    [
+        ("volume_type", lambda a: a["block_device_mappings"][0]["ebs"].update(volume_type="gp2")),
+        (
+            "delete_on_termination",
+            lambda a: a["block_device_mappings"][0]["ebs"].update(delete_on_termination="false"),
+        ),
+        ("encrypted", lambda a: a["block_device_mappings"][0]["ebs"].update(encrypted="false")),
+        ("description", lambda a: a.update(description="another description")),
+        ("working_directory", lambda a: a.update(working_directory="/opt/build")),
+    ],
+)
+def test_recipe_version_follows_every_replacement_forcing_argument(monkeypatch, argument, change):
+    before = deploy(BASE_CONFIG).one("ImageRecipe")
+    original = ami_pipeline.recipe_arguments
+
+    def changed(*args):
+        arguments = original(*args)
+        change(arguments)
+        return arguments
+
+    monkeypatch.setattr(ami_pipeline, "recipe_arguments", changed)
+    after = deploy(BASE_CONFIG).one("ImageRecipe")
+    assert after.inputs != before.inputs, argument
+    assert after.inputs["version"] != before.inputs["version"], argument
+
+
+@pytest.mark.parametrize(("keep", "expected"), [(None, 3), ("7", 7)])
+@pulumi.runtime.test
+def test_lifecycle_policy_deletes_amis_and_snapshots_beyond_the_newest(mocks, keep, expected):
+    config = {**BASE_CONFIG, **({"keepAmis": keep} if keep else {})}
+    outputs = run_program(config)
+
+    def check(values):
+        policy = mocks.one("LifecyclePolicy")
+        assert policy.inputs["resourceType"] == "AMI_IMAGE"
+        assert policy.inputs["status"] == "ENABLED"
+        [detail] = policy.inputs["policyDetails"]
+        assert detail["action"]["type"] == "DELETE"
+        assert detail["action"]["includeResources"] == {"amis": True, "snapshots": True}
+        assert detail["filter"] == {"type": "COUNT", "value": expected}
+        assert policy.inputs["resourceSelection"] == {"tagMap": {tags.TAG_CHALLENGE: "iris"}}
+        # Images built by the pipeline carry no pipeline tags: build-ami passes these.
+        assert values["imageTags"] == policy.inputs["resourceSelection"]["tagMap"]
+        role = mocks.named("Role", "-ami-lifecycle-role")
+        assert policy.inputs["executionRole"] == role.outputs["arn"]
+        [trust] = statements(role.inputs["assumeRolePolicy"])
+        assert trust["Principal"] == {"Service": "imagebuilder.amazonaws.com"}
+        [attached] = [
+            a for a in mocks.of_type("RolePolicyAttachment")
+            if a.inputs["role"] == role.outputs["name"]
+        ]
+        assert attached.inputs["policyArn"].endswith("/EC2ImageBuilderLifecycleExecutionPolicy")
+        assert values["lifecyclePolicyArn"] == policy.outputs["arn"]
+
+    return settled(outputs, check)
+
+
+def test_reaper_schedule_runs_the_lambda_whose_role_terminates_only_the_challenge():
+    # The schedule waits on the function's ARN: read the resources once the whole program ran.
+    mocks = deploy(BASE_CONFIG)
+    function = mocks.one("Function")
+    schedule = mocks.one("Schedule")
+    assert schedule.inputs["scheduleExpression"] == "rate(5 minutes)"
+    assert schedule.inputs["flexibleTimeWindow"] == {"mode": "OFF"}
+    target = schedule.inputs["target"]
+    assert target["arn"] == function.outputs["arn"]
+    scheduler_role = mocks.named("Role", "-reaper-scheduler-role")
+    assert target["roleArn"] == scheduler_role.outputs["arn"]
+    [trust] = statements(scheduler_role.inputs["assumeRolePolicy"])
+    assert trust["Principal"] == {"Service": "scheduler.amazonaws.com"}
+    invoke = mocks.named("RolePolicy", "-reaper-invoke")
+    assert invoke.inputs["role"] == scheduler_role.outputs["name"]
+    assert statements(invoke.inputs["policy"]) == [
+        {
+            "Effect": "Allow",
+            "Action": "lambda:InvokeFunction",
+            "Resource": function.outputs["arn"],
+        }
+    ]
+
+    assert function.inputs["handler"] == "reaper_lambda.handler"
+    assert function.inputs["runtime"].startswith("python3.")
+    assert set(function.inputs["code"].assets) == {"reaper_lambda.py"}
+    assert function.inputs["code"].assets["reaper_lambda.py"].path == reaper_lambda.__file__
+    assert function.inputs["environment"]["variables"] == {
+        "CHALLENGE_TAG": tags.TAG_CHALLENGE,
+        "CHALLENGE_NAME": "iris",
+        "DEADLINE_TAG": tags.TAG_DEADLINE,
+    }
+    role = mocks.named("Role", "-reaper-role")
+    assert function.inputs["role"] == role.outputs["arn"]
+    [trust] = statements(role.inputs["assumeRolePolicy"])
+    assert trust["Principal"] == {"Service": "lambda.amazonaws.com"}
+    allowed = statements(mocks.named("RolePolicy", "-reaper-terminate").inputs["policy"])
+    ec2_actions = {s["Action"]: s for s in allowed if str(s["Action"]).startswith("ec2:")}
+    assert set(ec2_actions) == {"ec2:DescribeInstances", "ec2:TerminateInstances"}
+    assert ec2_actions["ec2:TerminateInstances"]["Condition"] == {
+        "StringEquals": {f"aws:ResourceTag/{tags.TAG_CHALLENGE}": "iris"}
+    }
+    log_group = mocks.one("LogGroup")
+    assert log_group.inputs["name"] == f"/aws/lambda/{function.inputs['name']}"
+    [logs] = [s for s in allowed if s not in ec2_actions.values()]
+    assert logs["Resource"] == f"{log_group.outputs['arn']}:*"
+
+
+@pulumi.runtime.test
+def test_worker_contract_outputs(mocks):
+    outputs = run_program(BASE_CONFIG)
+
+    def check(values):
+        assert values["runUser"] == "ramp-run"
+        assert values["heartbeatFile"] == "/run/ramp-runner/heartbeat"
+        assert values["heartbeatTimeoutSeconds"] == 600
+        guard = mocks.recipe_values("worker-guard")
+        assert guard == {
+            "InstanceUser": "ubuntu",
+            "RunUser": values["runUser"],
+            "HeartbeatFile": values["heartbeatFile"],
+            "HeartbeatTimeout": str(values["heartbeatTimeoutSeconds"]),
+        }
+
+    return settled(outputs, check)
+
+
+def test_every_iam_document_is_one_iam_accepts(monkeypatch):
+    """moto's IAM checks documents as IAM does (condition operators, action prefixes,
+    ARNs): each policy and trust policy the stack makes is created there once."""
+    import boto3
+    from moto import mock_aws
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    recorder = deploy({**BASE_CONFIG, "dataSource": "s3", "dataBucket": "ramp-data"})
+    documents = [r.inputs["policy"] for r in recorder.of_type("Policy")]
+    documents += [r.inputs["policy"] for r in recorder.of_type("RolePolicy")]
+    trusts = [r.inputs["assumeRolePolicy"] for r in recorder.of_type("Role")]
+    assert len(documents) == 4 and len(trusts) == 4
+    with mock_aws():
+        iam = boto3.client("iam", region_name="us-east-1")
+        for number, document in enumerate(documents):
+            iam.create_policy(PolicyName=f"policy-{number}", PolicyDocument=document)
+        for number, trust in enumerate(trusts):
+            iam.create_role(RoleName=f"role-{number}", AssumeRolePolicyDocument=trust)
