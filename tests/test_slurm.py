@@ -5,14 +5,22 @@ worker, and a worker stops taking tasks before its walltime without cutting one 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import distributed
 import pytest
+import yaml
 
+from runner.dask.cluster import ADDRESS_FILE
 from runner.dask.slurm import SlurmDaskCluster, SlurmJobs
+from tests.events import make_event
 from tests.slurm import slurm  # noqa: F401 - the fixture
 
+REPO = Path(__file__).resolve().parents[1]
 IDLE_SECONDS = 2.0
 # Jobs start a Python Dask worker: seconds on a loaded machine.
 JOB_START_SECONDS = 60.0
@@ -88,4 +96,41 @@ def test_a_worker_past_its_lifetime_finishes_its_task_then_leaves(slurm, tmp_pat
         assert cluster.cluster.worker_spec == {}
         second = client.submit(job_of_this_worker, pure=False)
         assert second.result(timeout=JOB_START_SECONDS) != first_job
+    assert slurm.wait_for_no_jobs(10) == []
+
+
+def test_the_command_line_serves_the_event_through_slurm_with_tls(slurm, tmp_path):  # noqa: F811
+    """``ramp-runner dask-cluster --slurm -e config.yml``: TLS because the event's scheduler
+    address says tls://, the address in the folder, every job cancelled at Ctrl+C."""
+    config = make_event(tmp_path / "event", submissions=(), dispatcher={"n_workers": 1},
+                        worker={"worker_type": "dask",
+                                "dask_scheduler": "tls://127.0.0.1:8786"})
+    folder = tmp_path / "cluster"
+    command = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ramp-runner"), "dask-cluster", "--slurm",
+         "-e", str(config), "--folder", str(folder), "--port", "0",
+         "--scheduler-host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        # The scheduler there unpickles this module's task.
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        address_file = folder / ADDRESS_FILE
+        deadline = time.monotonic() + JOB_START_SECONDS
+        while not address_file.exists() and command.poll() is None:
+            assert time.monotonic() < deadline, "no scheduler address written"
+            time.sleep(0.2)
+        address = address_file.read_text().strip()
+        assert address.startswith("tls://127.0.0.1:")
+        snippet = yaml.safe_load((folder / "worker-snippet.yml").read_text())["worker"]
+        security = distributed.Security(**snippet["dask_security"])
+        with distributed.Client(address, security=security, set_as_default=False) as client:
+            future = client.submit(job_of_this_worker, pure=False)
+            assert future.result(timeout=JOB_START_SECONDS) in slurm.jobs()
+        with pytest.raises(OSError):  # plain connections are refused
+            distributed.Client(address.replace("tls://", "tcp://"), timeout=2,
+                               set_as_default=False)
+    finally:
+        os.killpg(command.pid, signal.SIGINT)
+        out = command.communicate(timeout=60)[0]
+    assert "stopping the cluster" in out, out
     assert slurm.wait_for_no_jobs(10) == []

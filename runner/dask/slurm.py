@@ -21,6 +21,8 @@ import asyncio
 import dataclasses
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,7 +165,13 @@ def _slurm_cluster_class() -> type:
     has not ended it) and ``adapt`` asks for a new one only when a run waits. A worker that
     left has lost its runs anyway (``allowed-failures`` 0).
     """
+    handler = signal.getsignal(signal.SIGINT)
     from dask_jobqueue import SLURMCluster
+
+    # Importing dask_jobqueue makes Ctrl+C a silent sys.exit() (its runner module sets a
+    # SIGINT handler): Ctrl+C stays KeyboardInterrupt, which ramp-runner handles.
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
 
     class ForgettingSLURMCluster(SLURMCluster):
         def _update_worker_status(self, op, msg):
@@ -285,7 +293,7 @@ def _cluster_security(certificates: Certificates) -> distributed.Security:
 
 
 def serve(config: EventConfig, folder: str | Path, host: str | None = None,
-          port: int | None = None) -> None:
+          port: int | None = None, tls: bool = False) -> None:
     """Run the event's Slurm-backed cluster until Ctrl+C (or SIGTERM), printing the
     ``worker:`` snippet.
 
@@ -296,7 +304,7 @@ def serve(config: EventConfig, folder: str | Path, host: str | None = None,
     jobs = SlurmJobs.from_event(config)
     cluster = SlurmDaskCluster(jobs, folder, host=host,
                                port=port if port is not None else scheduler.port or 0,
-                               tls=scheduler.scheme == "tls")
+                               tls=tls or scheduler.scheme == "tls")
 
     def announce() -> None:
         snippet = announce_address(cluster.folder, cluster.address, cluster.worker_snippet())
