@@ -220,7 +220,10 @@ class Slurm:
             process = self.daemons.pop(name, None)
             if process is not None:
                 _stop_group(process)
-        left = self._leftovers()
+        # A cancelled job's processes may take a moment to exit after squeue forgets it.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while (left := self._leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.2)
         shutil.rmtree(self.root, ignore_errors=True)
         if left:
             for process in left:
