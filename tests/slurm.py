@@ -30,6 +30,7 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 PARTITION = "ramp"
 NODE = "localhost"
+GPU_STAND_INS = ("/dev/null", "/dev/zero")
 
 
 def _free_port() -> int:
@@ -53,12 +54,16 @@ class SlurmFailure(RuntimeError):
 
 
 class Slurm:
-    """munged + slurmctld + slurmd: a one-node cluster with one partition, ``PARTITION``.
+    """munged + slurmctld + slurmd: a one-node cluster with one partition, ``PARTITION``,
+    and ``gpus`` stand-in GPUs.
 
     ``env`` is what a Slurm command (or a SLURMCluster submitting through one) needs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gpus: int = 0) -> None:
+        if gpus > len(GPU_STAND_INS):
+            raise ValueError(f"at most {len(GPU_STAND_INS)} stand-in GPUs")
+        self.gpus = gpus
         for daemon in ("munged", "slurmctld", "slurmd"):
             if not os.access(SBIN / daemon, os.X_OK):
                 raise SlurmFailure(f"{SBIN / daemon} is missing: apt-get install -y "
@@ -136,7 +141,8 @@ class Slurm:
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
-            # Debian's default is pmix, whose library is not installed: errors at start.
+            # Debian's default is pmix, whose library is not installed: job steps must not
+            # ask for it (the daemons still log once that they cannot load it: harmless).
             "MpiDefault=none",
             # The default (/bin/mail) is not installed: an error line at every start.
             "MailProg=/bin/true",
@@ -148,10 +154,26 @@ class Slurm:
             "KillWait=2",
             # A node that was down (slurmd restarted) takes jobs again by itself.
             "ReturnToService=2",
-            f"NodeName={NODE} NodeAddr=127.0.0.1 {_node_hardware()} State=UNKNOWN",
+            *self._gpu_lines(),
+            f"NodeName={NODE} NodeAddr=127.0.0.1 {_node_hardware()}{self._node_gres()} "
+            "State=UNKNOWN",
             f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
             "",
         ]))
+
+    def _gpu_lines(self) -> list[str]:
+        """GPUs that Slurm counts and hands out (``--gres=gpu:N``) but that are no device:
+        enough to see a job ask for them and wait for them."""
+        if not self.gpus:
+            return []
+        # Slurm counts gpu gres by their device files (Count alone is "0 < N" and the
+        # node INVAL); any character device stands in for one.
+        devices = ",".join(GPU_STAND_INS[:self.gpus])
+        (self.root / "gres.conf").write_text(f"NodeName={NODE} Name=gpu File={devices}\n")
+        return ["GresTypes=gpu"]
+
+    def _node_gres(self) -> str:
+        return f" Gres=gpu:{self.gpus}" if self.gpus else ""
 
     def _spawn(self, name: str, argv: list) -> None:
         with open(self.root / f"{name}.out", "ab") as output:
@@ -264,10 +286,11 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def slurm():
-    """A running one-node Slurm, shared by a test module (its daemons take seconds to start).
-    ``SLURM_CONF`` points at it for the module, so that dask-jobqueue's ``sbatch`` finds it."""
+    """A running one-node Slurm with one stand-in GPU, shared by a test module (its daemons
+    take seconds to start). ``SLURM_CONF`` points at it for the module, so that
+    dask-jobqueue's ``sbatch`` finds it."""
     try:
-        cluster = Slurm().start()
+        cluster = Slurm(gpus=1).start()
     except SlurmFailure as failure:
         pytest.fail(str(failure))
     with pytest.MonkeyPatch.context() as patch:

@@ -4,6 +4,7 @@ worker, and a worker stops taking tasks before its walltime without cutting one 
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from runner.dask.cluster import ADDRESS_FILE
-from runner.dask.slurm import SlurmDaskCluster, SlurmJobs
+from runner.dask.slurm import WORKER_OVERHEAD_MB, SlurmDaskCluster, SlurmJobs
 from tests.events import make_event
 from tests.slurm import slurm  # noqa: F401 - the fixture
 
@@ -134,3 +135,23 @@ def test_the_command_line_serves_the_event_through_slurm_with_tls(slurm, tmp_pat
         out = command.communicate(timeout=60)[0]
     assert "stopping the cluster" in out, out
     assert slurm.wait_for_no_jobs(10) == []
+
+
+def gpus_of_this_job() -> str:
+    """What a test task returns: the GPUs Slurm gave its job."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "none")
+
+
+def test_each_job_asks_for_the_runs_memory_cpus_gpus_and_a_walltime_past_the_timeout(
+        slurm, tmp_path):  # noqa: F811
+    jobs = _jobs(max_jobs=1, cpus_per_run=2, gpus_per_run=1)
+    with SlurmDaskCluster(jobs, tmp_path / "cluster", host="127.0.0.1") as cluster, \
+            cluster.client() as client:
+        assert client.submit(gpus_of_this_job, pure=False).result(JOB_START_SECONDS) == "0"
+        job = slurm.command("scontrol", "show", "job", slurm.jobs()[0]).stdout
+    assert "NumCPUs=2 " in job
+    assert f"mem={256 + WORKER_OVERHEAD_MB}M" in job
+    assert "gres:gpu:1" in job
+    # Slurm counts whole minutes, rounded up.
+    assert f"TimeLimit=00:{math.ceil(jobs.walltime_seconds / 60):02d}:00" in job
+    assert jobs.walltime_seconds >= jobs.accepting_seconds + jobs.stagger_seconds + jobs.timeout
