@@ -189,11 +189,12 @@ class SlurmDaskCluster:
     ``folder`` holds the certificates (with ``tls``), the jobs' logs and the address
     files. ``host`` is the address the compute nodes reach the scheduler at (default:
     this machine's address towards the outside); ``port`` 0 picks a free one.
+    ``dashboard`` serves Dask's dashboard on port 8787 (or a free one if taken).
     """
 
     def __init__(self, jobs: SlurmJobs, folder: str | Path, host: str | None = None,
                  port: int = 0, tls: bool = False, idle_seconds: float = IDLE_SECONDS,
-                 python: str | None = None):
+                 python: str | None = None, dashboard: bool = False):
         self.jobs = jobs
         self.folder = Path(folder).resolve()
         self.host = host or distributed.utils.get_ip()
@@ -201,6 +202,7 @@ class SlurmDaskCluster:
         self.tls = tls
         self.idle_seconds = idle_seconds
         self.python = python
+        self.dashboard = dashboard
         self.certificates: Certificates | None = None
         self.cluster = None
 
@@ -231,8 +233,11 @@ class SlurmDaskCluster:
                 log_directory=str(self.folder / "jobs"),
                 local_directory=str(self.folder / "workers"),
                 python=self.python, security=security, protocol="tls://" if self.tls else None,
+                # Without the dashboard, the scheduler's HTTP routes (health, metrics)
+                # still listen: on any free port rather than a busy 8787.
                 scheduler_options={"host": self.host, "port": self.port,
-                                   "dashboard": False})
+                                   "dashboard": self.dashboard,
+                                   "dashboard_address": ":8787" if self.dashboard else ":0"})
         try:
             with self.client() as client:
                 client.register_plugin(DrainBeforeWalltime(self.jobs.accepting_seconds,
@@ -304,13 +309,14 @@ def serve(config: EventConfig, folder: str | Path, host: str | None = None,
     jobs = SlurmJobs.from_event(config)
     cluster = SlurmDaskCluster(jobs, folder, host=host,
                                port=port if port is not None else scheduler.port or 0,
-                               tls=tls or scheduler.scheme == "tls")
+                               tls=tls or scheduler.scheme == "tls", dashboard=True)
 
     def announce() -> None:
         snippet = announce_address(cluster.folder, cluster.address, cluster.worker_snippet())
         print(f"Dask scheduler at {cluster.address}; Slurm jobs of 1 run each, up to "
               f"{jobs.max_jobs}, walltime {jobs.walltime()}, submitted while submissions "
-              f"wait.\nPaste into the event's config.yml (also in {snippet}):\n\n"
+              f"wait; dashboard {cluster.cluster.dashboard_link}\n"
+              f"Paste into the event's config.yml (also in {snippet}):\n\n"
               f"{cluster.worker_snippet()}\nCtrl+C cancels the jobs and stops the scheduler.")
 
     serve_until_interrupted(cluster, announce)
