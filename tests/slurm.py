@@ -254,15 +254,20 @@ class Slurm:
             raise SlurmFailure(f"processes left after stopping Slurm: {left}")
 
     def _leftovers(self) -> list[psutil.Process]:
-        """Job steps and job processes of this cluster still alive after its daemons."""
+        """Job steps and job processes of this cluster still alive after its daemons.
+
+        The caller's own children inherit ``SLURM_CONF`` too (a LocalCluster's workers),
+        but they are the caller's to stop: job steps leave slurmd's tree (parent: init).
+        """
+        own = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
         left = []
         for process in psutil.process_iter(["name", "create_time"]):
             with contextlib.suppress(psutil.Error):
-                if process.info["create_time"] < self.started_at - 1:
+                if process.info["create_time"] < self.started_at - 1 or process.pid in own:
                     continue
                 if process.info["name"] == "slurmstepd" or \
                         process.environ().get("SLURM_CONF") == str(self.conf):
-                    if process.status() != psutil.STATUS_ZOMBIE and process.pid != os.getpid():
+                    if process.status() != psutil.STATUS_ZOMBIE:
                         left.append(process)
         return left
 
