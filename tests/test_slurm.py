@@ -16,6 +16,7 @@ import distributed
 import pytest
 import yaml
 
+from runner.config import load_event_config
 from runner.dask.cluster import ADDRESS_FILE
 from runner.dask.slurm import WORKER_OVERHEAD_MB, SlurmDaskCluster, SlurmJobs
 from tests.events import make_event
@@ -31,6 +32,22 @@ def job_of_this_worker(seconds: float = 0.0) -> str:
     """What a test task returns: the Slurm job it runs in (after ``seconds`` of work)."""
     time.sleep(seconds)
     return os.environ["SLURM_JOB_ID"]
+
+
+def test_the_jobs_follow_the_event_and_outlast_a_run_started_at_the_end_of_the_lifetime(
+        tmp_path):
+    config = load_event_config(make_event(
+        tmp_path / "event", submissions=(), dispatcher={"n_workers": 3, "n_threads": 2},
+        worker={"worker_type": "dask", "dask_scheduler": "tcp://login:8786",
+                "timeout": 7200, "memory_limit_mb": 4096}))
+    jobs = SlurmJobs.from_event(config)
+    assert (jobs.max_jobs, jobs.cpus_per_run, jobs.memory_limit_mb, jobs.gpus_per_run) == \
+        (3, 2, 4096, 0)
+    # Takes runs for 2 h ± 12 min, then finishes one of at most 2 h, then 5 min to leave.
+    assert jobs.walltime() == "0-04:17:00"
+    assert SlurmJobs.from_event(config, lifetime=86400).walltime() == "1-04:29:00"
+    assert jobs.job_directives() == []
+    assert SlurmJobs.from_event(config, gpus_per_run=2).job_directives() == ["--gres=gpu:2"]
 
 
 def _jobs(**more) -> SlurmJobs:

@@ -194,14 +194,13 @@ class SlurmDaskCluster:
 
     def __init__(self, jobs: SlurmJobs, folder: str | Path, host: str | None = None,
                  port: int = 0, tls: bool = False, idle_seconds: float = IDLE_SECONDS,
-                 python: str | None = None, dashboard: bool = False):
+                 dashboard: bool = False):
         self.jobs = jobs
         self.folder = Path(folder).resolve()
         self.host = host or distributed.utils.get_ip()
         self.port = port
         self.tls = tls
         self.idle_seconds = idle_seconds
-        self.python = python
         self.dashboard = dashboard
         self.certificates: Certificates | None = None
         self.cluster = None
@@ -232,7 +231,7 @@ class SlurmDaskCluster:
                 job_script_prologue=prologue, job_name="ramp-runner-dask",
                 log_directory=str(self.folder / "jobs"),
                 local_directory=str(self.folder / "workers"),
-                python=self.python, security=security, protocol="tls://" if self.tls else None,
+                security=security, protocol="tls://" if self.tls else None,
                 # Without the dashboard, the scheduler's HTTP routes (health, metrics)
                 # still listen: on any free port rather than a busy 8787.
                 scheduler_options={"host": self.host, "port": self.port,
