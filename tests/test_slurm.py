@@ -4,22 +4,26 @@ worker, and a worker stops taking tasks before its walltime without cutting one 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import distributed
+import psutil
 import pytest
 import yaml
 
 from runner.config import load_event_config
 from runner.dask.cluster import ADDRESS_FILE
 from runner.dask.slurm import WORKER_OVERHEAD_MB, SlurmDaskCluster, SlurmJobs
-from tests.events import make_event
+from tests import dask_helpers as h
+from tests.events import install_fake_conda, make_event
 from tests.slurm import slurm  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,3 +176,66 @@ def test_each_job_asks_for_the_runs_memory_cpus_gpus_and_a_walltime_past_the_tim
     # Slurm counts whole minutes, rounded up.
     assert f"TimeLimit=00:{math.ceil(jobs.walltime_seconds / 60):02d}:00" in job
     assert jobs.walltime_seconds >= jobs.accepting_seconds + jobs.stagger_seconds + jobs.timeout
+
+
+# -- the example event through the Dask worker, on Slurm --------------------------------------
+
+EVENT_SUBMISSIONS = ("starting_kit", "random_forest", "raising_error")
+
+
+def _slurm_event(root: Path, cluster: SlurmDaskCluster, **dispatcher) -> Path:
+    return make_event(root, submissions=EVENT_SUBMISSIONS, dispatcher=dispatcher,
+                      worker={"worker_type": "dask", "dask_scheduler": cluster.address,
+                              "timeout": 120})
+
+
+def test_the_example_event_scores_as_locally_then_slurm_scales_to_zero(
+        slurm, cluster, tmp_path, monkeypatch):  # noqa: F811
+    rows = h.dispatch(_slurm_event(tmp_path / "slurm", cluster, n_workers=2))
+    conda = install_fake_conda(tmp_path / "conda-bin", {})
+    monkeypatch.delenv("CONDA_EXE", raising=False)
+    monkeypatch.setenv("PATH", f"{conda.parent}:{os.environ['PATH']}")
+    local = h.dispatch(make_event(tmp_path / "local", submissions=EVENT_SUBMISSIONS))
+    assert {n: r.state for n, r in rows.items()} == {n: r.state for n, r in local.items()}
+    for name in ("starting_kit", "random_forest"):
+        assert rows[name].scores == local[name].scores
+    assert "RuntimeError: raising_error" in rows["raising_error"].error_msg
+    assert slurm.wait_for_no_jobs(IDLE_SECONDS + 10) == []
+
+
+def _job_running_ramp_test(slurm,  # noqa: F811
+                           timeout: float = JOB_START_SECONDS) -> tuple[str, list[int]]:
+    """The id of the job one of whose processes has a ramp-test below it, and the pids
+    of that process's descendants (the run's tree)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                environ = process.environ()
+                if environ.get("SLURM_CONF") != str(slurm.conf) or \
+                        "SLURM_JOB_ID" not in environ:
+                    continue
+                tree = process.children(recursive=True)
+                if any("ramp-test" in " ".join(child.cmdline()) for child in tree):
+                    return environ["SLURM_JOB_ID"], [child.pid for child in tree]
+        time.sleep(0.2)
+    raise AssertionError(f"no ramp-test running in a Slurm job after {timeout} s")
+
+
+def test_a_run_whose_job_is_cancelled_is_retried_and_scored(slurm, cluster, tmp_path):  # noqa: F811
+    path = make_event(tmp_path / "event", submissions=(), dispatcher={"n_workers": 1},
+                      worker={"worker_type": "dask", "dask_scheduler": cluster.address,
+                              "timeout": 120})
+    h.add_submission(path, "slow", h.SLOW_CLASSIFIER)
+    rows = {}
+    dispatcher = threading.Thread(target=lambda: rows.update(h.dispatch(path)), daemon=True)
+    dispatcher.start()
+    job_id, run_tree = _job_running_ramp_test(slurm)
+    slurm.command("scancel", job_id)
+    # Slurm's proctrack/linuxproc (and the run's own guard) leave nothing of the lost run.
+    assert h.living(run_tree, timeout=10) == []
+    dispatcher.join(JOB_START_SECONDS + 120)
+    assert not dispatcher.is_alive(), "the dispatcher is still waiting"
+    assert rows["slow"].state == "scored"
+    assert rows["slow"].attempts == 1  # one retry: the run lost with its job
+    assert slurm.wait_for_no_jobs(IDLE_SECONDS + 10) == []
