@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import distributed
 import psutil
 import pytest
@@ -24,7 +25,7 @@ from runner.dask.cluster import ADDRESS_FILE
 from runner.dask.slurm import WORKER_OVERHEAD_MB, SlurmDaskCluster, SlurmJobs
 from tests import dask_helpers as h
 from tests.events import install_fake_conda, make_event
-from tests.slurm import slurm  # noqa: F401 - the fixture
+from tests.slurm import PARTITION, slurm  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_SECONDS = 2.0
@@ -52,6 +53,8 @@ def test_the_jobs_follow_the_event_and_outlast_a_run_started_at_the_end_of_the_l
     assert SlurmJobs.from_event(config, lifetime=86400).walltime() == "1-04:29:00"
     assert jobs.job_directives() == []
     assert SlurmJobs.from_event(config, gpus_per_run=2).job_directives() == ["--gres=gpu:2"]
+    with pytest.raises(ValueError, match="lifetime"):
+        SlurmJobs.from_event(config, lifetime=0)
 
 
 def _jobs(**more) -> SlurmJobs:
@@ -158,18 +161,28 @@ def test_the_command_line_serves_the_event_through_slurm_with_tls(slurm, tmp_pat
     assert slurm.wait_for_no_jobs(10) == []
 
 
-def gpus_of_this_job() -> str:
-    """What a test task returns: the GPUs Slurm gave its job."""
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "none")
+def environment_variable(name: str) -> str | None:
+    """What a test task returns: a variable of its Dask worker's environment (the GPUs
+    Slurm gave the job, what the job script exported)."""
+    return os.environ.get(name)
 
 
 def test_each_job_asks_for_the_runs_memory_cpus_gpus_and_a_walltime_past_the_timeout(
         slurm, tmp_path):  # noqa: F811
     jobs = _jobs(max_jobs=1, cpus_per_run=2, gpus_per_run=1)
-    with SlurmDaskCluster(jobs, tmp_path / "cluster", host="127.0.0.1") as cluster, \
+    # The site's settings, as an organiser writes them in Dask's jobqueue.yaml.
+    site = {"jobqueue.slurm.queue": PARTITION,
+            "jobqueue.slurm.job-script-prologue": ["export SITE_PROLOGUE=ran"],
+            "jobqueue.slurm.job-extra-directives": ["--comment=site"]}
+    with dask.config.set(site), \
+            SlurmDaskCluster(jobs, tmp_path / "cluster", host="127.0.0.1") as cluster, \
             cluster.client() as client:
-        assert client.submit(gpus_of_this_job, pure=False).result(JOB_START_SECONDS) == "0"
+        gpus = client.submit(environment_variable, "CUDA_VISIBLE_DEVICES", pure=False)
+        assert gpus.result(JOB_START_SECONDS) == "0"
+        assert client.submit(environment_variable, "SITE_PROLOGUE").result() == "ran"
         job = slurm.command("scontrol", "show", "job", slurm.jobs()[0]).stdout
+    assert f"Partition={PARTITION} " in job
+    assert "Comment=site" in job
     assert "NumCPUs=2 " in job
     assert f"mem={256 + WORKER_OVERHEAD_MB}M" in job
     assert "gres:gpu:1" in job

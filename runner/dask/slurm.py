@@ -69,8 +69,11 @@ class SlurmJobs:
     gpus_per_run: int = 0
     # How long a Dask worker takes new runs; None: the run's timeout.
     lifetime: float | None = None
-    partition: str | None = None
-    account: str | None = None
+
+    def __post_init__(self) -> None:
+        # A worker that takes no run would be replaced by another, job after job.
+        if self.lifetime is not None and self.lifetime <= 0:
+            raise ValueError(f"lifetime must be positive seconds, not {self.lifetime!r}")
 
     @classmethod
     def from_event(cls, config: EventConfig, **overrides: Any) -> SlurmJobs:
@@ -213,12 +216,17 @@ class SlurmDaskCluster:
     def start(self) -> SlurmDaskCluster:
         """Start the scheduler, register the drain plugin, and let ``adapt`` submit jobs."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        security, prologue = None, []
+        # The site's own settings (partition, account, ``module load``...) come from Dask's
+        # jobqueue configuration (~/.config/dask/jobqueue.yaml, DASK_JOBQUEUE__SLURM__*);
+        # the lists are extended, not replaced.
+        prologue = list(dask.config.get("jobqueue.slurm.job-script-prologue", None) or [])
+        directives = list(dask.config.get("jobqueue.slurm.job-extra-directives", None) or [])
+        security = None
         if self.tls:
             self.certificates = _certificates(self.folder / "certificates")
             security = _cluster_security(self.certificates)
             # dask-jobqueue passes the certificates to ``dask worker``, not this.
-            prologue = ["export DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True"]
+            prologue.append("export DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True")
         # A run lost with its job must fail now (the Dask worker's retry), not be submitted
         # again to a new job that may wait in the queue only to refuse a second run.
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
@@ -226,8 +234,8 @@ class SlurmDaskCluster:
                 cores=1, processes=1,  # one Dask worker thread: one run per job
                 job_cpu=self.jobs.cpus_per_run,
                 memory=f"{self.jobs.memory_limit_mb + WORKER_OVERHEAD_MB}MiB",
-                walltime=self.jobs.walltime(), queue=self.jobs.partition,
-                account=self.jobs.account, job_extra_directives=self.jobs.job_directives(),
+                walltime=self.jobs.walltime(),
+                job_extra_directives=directives + self.jobs.job_directives(),
                 job_script_prologue=prologue, job_name="ramp-runner-dask",
                 log_directory=str(self.folder / "jobs"),
                 local_directory=str(self.folder / "workers"),
