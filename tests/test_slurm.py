@@ -80,15 +80,17 @@ def _wait_for_running_job(slurm, timeout: float = JOB_START_SECONDS) -> str:  # 
     raise AssertionError(f"no Slurm job running after {timeout} s: {slurm.jobs()}")
 
 
-def test_a_task_runs_in_a_slurm_job_and_adapt_scales_back_to_zero(slurm, cluster):  # noqa: F811
+def test_tasks_run_in_a_slurm_job_each_and_adapt_scales_back_to_zero(slurm, cluster):  # noqa: F811
     assert slurm.jobs() == []  # nothing runs before there is work
     with cluster.client() as client:
-        future = client.submit(job_of_this_worker, pure=False)
-        job_id = future.result(timeout=JOB_START_SECONDS)
-        assert job_id in slurm.jobs()
-        # The result is the worker's unique data while a client holds it: released, the
-        # idle worker may go.
-        future.release()
+        futures = client.map(job_of_this_worker, [2, 2], pure=False)
+        job_ids = [future.result(timeout=JOB_START_SECONDS) for future in futures]
+        assert len(set(job_ids)) == 2, "one run per job"
+        assert set(job_ids) <= set(slurm.jobs())
+        # The results are the workers' unique data while a client holds them: released,
+        # the idle workers may go.
+        for future in futures:
+            future.release()
         assert slurm.wait_for_no_jobs(IDLE_SECONDS + 10) == []
         assert client.scheduler_info()["workers"] == {}
 
