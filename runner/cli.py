@@ -365,12 +365,26 @@ def reap(c, event_config=None, dry_run=False):
             "tls": "require TLS, with a throw-away CA and certificates made for this cluster",
             "folder": "where the scheduler address, certificates, logs and worker files go",
             "port": "the scheduler's port (default 8786, as the example's config-dask.yml "
-                    "expects; 0 picks a free one)"})
-def dask_cluster(c, workers=2, tls=False, folder=".dask-cluster", port=8786):
-    """Run a Dask scheduler and workers on 127.0.0.1 until Ctrl+C; print the worker: section."""
-    from runner.dask.cluster import serve
+                    "expects; with --slurm, the port of the event's dask_scheduler; 0 picks "
+                    "a free one)",
+            "slurm": "run the Dask workers as Slurm jobs sized for the event (-e): one run "
+                     "per job, up to its n_workers, none while no submission waits",
+            "scheduler_host": "with --slurm: the address the compute nodes reach the "
+                              "scheduler at (default: this machine's outward address)",
+            **EVENT_CONFIG_HELP})
+def dask_cluster(c, workers=2, tls=False, folder=".dask-cluster", port=None, slurm=False,
+                 scheduler_host=None, event_config=None):
+    """Run a Dask scheduler and workers (on 127.0.0.1, or as Slurm jobs) until Ctrl+C;
+    print the worker: section."""
+    port = None if port is None else int(port)
+    if slurm:
+        from runner.dask.slurm import serve as serve_slurm
 
-    serve(folder, workers=int(workers), tls=tls, port=int(port))
+        serve_slurm(_load(event_config), folder, host=scheduler_host, port=port, tls=tls)
+        return
+    from runner.dask.cluster import DEFAULT_PORT, serve
+
+    serve(folder, workers=int(workers), tls=tls, port=DEFAULT_PORT if port is None else port)
 
 
 namespace = Collection(check_config, dispatch, serve, submit, status, leaderboard, rerun,

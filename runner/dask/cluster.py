@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import distributed
@@ -188,12 +189,6 @@ class LoopbackCluster:
                 time.sleep(0.1)  # the scheduler writes the file once it listens
         raise TimeoutError(f"no scheduler address in {scheduler_file} after {START_TIMEOUT} s")
 
-    def write_address(self) -> Path:
-        """Write the scheduler's address, one line, into ``folder/scheduler-address``."""
-        path = self.folder / ADDRESS_FILE
-        path.write_text(f"{self.address}\n")
-        return path
-
     def client(self, **kwargs) -> distributed.Client:
         """A client of this cluster (with the client certificate under TLS)."""
         security = self.certificates.client_security() if self.certificates else None
@@ -202,14 +197,7 @@ class LoopbackCluster:
 
     def worker_snippet(self) -> str:
         """The ``worker:`` section to paste into an event's config.yml."""
-        lines = ["worker:", "  worker_type: dask", f'  dask_scheduler: "{self.address}"',
-                 f"  n_workers: {self.n_workers}  # one Dask worker per RAMP slot"]
-        if self.certificates:
-            c = self.certificates
-            lines += ["  dask_security:", f"    tls_ca_file: {c.ca_file}",
-                      f"    tls_client_cert: {c.client_cert}",
-                      f"    tls_client_key: {c.client_key}", "    require_encryption: true"]
-        return "\n".join(lines) + "\n"
+        return worker_snippet(self.address, self.n_workers, self.certificates)
 
     def stop(self) -> None:
         """Stop every process started (TERM, then KILL after a grace period); idempotent."""
@@ -233,6 +221,19 @@ class LoopbackCluster:
         self.stop()
 
 
+def worker_snippet(address: str, n_workers: int, certificates: Certificates | None) -> str:
+    """The ``worker:`` section an event's config.yml needs to use the cluster at ``address``
+    (with the client's certificate when the cluster requires TLS)."""
+    lines = ["worker:", "  worker_type: dask", f'  dask_scheduler: "{address}"',
+             f"  n_workers: {n_workers}  # one Dask worker per RAMP slot"]
+    if certificates:
+        c = certificates
+        lines += ["  dask_security:", f"    tls_ca_file: {c.ca_file}",
+                  f"    tls_client_cert: {c.client_cert}",
+                  f"    tls_client_key: {c.client_key}", "    require_encryption: true"]
+    return "\n".join(lines) + "\n"
+
+
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
     try:
         os.killpg(process.pid, signum)
@@ -253,15 +254,32 @@ def serve(folder: str | os.PathLike[str], workers: int = 2, tls: bool = False,
     path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
     cluster = LoopbackCluster(folder, workers=workers, tls=tls, dashboard=True,
                               env={"PYTHONPATH": path}, port=port)
+
+    def announce() -> None:
+        snippet = announce_address(cluster.folder, cluster.address, cluster.worker_snippet())
+        print(f"Dask scheduler at {cluster.address}, {workers} worker(s) of 1 thread; "
+              f"dashboard http://127.0.0.1:8787\nPaste into the event's config.yml "
+              f"(also in {snippet}):\n\n{cluster.worker_snippet()}\nCtrl+C stops the cluster.")
+
+    serve_until_interrupted(cluster, announce)
+
+
+def announce_address(folder: Path, address: str, snippet: str) -> Path:
+    """Write ``folder/scheduler-address`` and ``folder/worker-snippet.yml``; return the
+    latter's path."""
+    (folder / ADDRESS_FILE).write_text(f"{address}\n")
+    path = folder / "worker-snippet.yml"
+    path.write_text(snippet)
+    return path
+
+
+def serve_until_interrupted(cluster, announce: Callable[[], None]) -> None:
+    """Start ``cluster`` (a context manager), call ``announce``, keep it running until
+    Ctrl+C or SIGTERM, then stop it."""
     stop = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with cluster:
-            snippet = Path(cluster.folder) / "worker-snippet.yml"
-            snippet.write_text(cluster.worker_snippet())
-            cluster.write_address()
-            print(f"Dask scheduler at {cluster.address}, {workers} worker(s) of 1 thread; "
-                  f"dashboard http://127.0.0.1:8787\nPaste into the event's config.yml "
-                  f"(also in {snippet}):\n\n{cluster.worker_snippet()}\nCtrl+C stops the cluster.")
+            announce()
             signal.pause() if hasattr(signal, "pause") else time.sleep(1e9)
     except KeyboardInterrupt:
         print("stopping the cluster")
