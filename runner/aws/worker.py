@@ -55,6 +55,9 @@ class AWSWorker(RemoteWorker):
     """Run a submission on its own EC2 instance, from the newest AMI of the event."""
 
     settings_class = AWSWorkerSection
+    # The AMI's contract (infra/worker_contract.py, stack output heartbeatFile): infra/ and
+    # runner/ share no import, so the path is written on both sides.
+    heartbeat_file = "/run/ramp-runner/heartbeat"
 
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)

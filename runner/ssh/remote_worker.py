@@ -92,6 +92,9 @@ class RemoteWorker(BaseWorker):
     """
 
     _check_spot_notice = False
+    # A file whose modification time tells the host its dispatcher is alive (the AMI halts
+    # an instance whose heartbeat is older than ten minutes); touched at start and each poll.
+    heartbeat_file: str | None = None
     runs_ingestion = True
     metadata_url = "http://169.254.169.254"
     # Each poll is an SSH command on the host while RAMP times the run (RAMP's documentation
@@ -248,7 +251,13 @@ class RemoteWorker(BaseWorker):
                 f"curl -sf -m 2 -o /dev/null -H \"X-aws-ec2-metadata-token: $t\" "
                 f"{url}/latest/meta-data/spot/instance-action && echo notice; true"
             )
-        return script
+        return self._beating(script)
+
+    def _beating(self, script: str) -> str:
+        """``script``, refreshing the host's heartbeat first when it keeps one."""
+        if self.heartbeat_file is None:
+            return script
+        return f"touch {shlex.quote(self.heartbeat_file)} 2>/dev/null; {script}"
 
     # -- the run's execution interface ------------------------------------------------------
 
@@ -257,8 +266,9 @@ class RemoteWorker(BaseWorker):
         run = shlex.quote(self.run_dir)
         # "cd || exit" and not "&&": "a && b &" would background a subshell, and $! would
         # name it instead of the session leader.
-        command = (f"cd {run} || exit 1; setsid nohup bash -lc {shlex.quote(self._run_script())} "
-                   f"> {run}/log 2>&1 < /dev/null & echo $! > {run}/pid")
+        command = self._beating(
+            f"cd {run} || exit 1; setsid nohup bash -lc {shlex.quote(self._run_script())} "
+            f"> {run}/log 2>&1 < /dev/null & echo $! > {run}/pid")
         status, _, stderr = self.session.run(command)
         if status != 0:
             raise RuntimeError(f"{self!r}: could not start ramp-test: {stderr.strip()}")

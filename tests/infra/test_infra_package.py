@@ -97,3 +97,12 @@ def test_ami_base_name_tag_is_the_key_the_runner_reads():
     # The runner finds the newest AMI of an event by this tag (issue 12); its constant
     # must carry the same literal.
     assert tags.TAG_AMI_BASE_NAME == "ramp-runner:ami-base-name"
+
+
+def test_the_aws_worker_touches_the_heartbeat_the_ami_watches():
+    from infra.worker_contract import HEARTBEAT_FILE
+    from runner.aws.worker import AWSWorker
+
+    assert AWSWorker.heartbeat_file == HEARTBEAT_FILE
+    worker = AWSWorker.__new__(AWSWorker)  # the script needs no instance state
+    assert worker._beating("echo running") == f"touch {HEARTBEAT_FILE} 2>/dev/null; echo running"

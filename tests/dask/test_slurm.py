@@ -23,11 +23,11 @@ import yaml
 from runner.config import load_event_config
 from runner.dask.cluster import ADDRESS_FILE
 from runner.dask.slurm import WORKER_OVERHEAD_MB, SlurmDaskCluster, SlurmJobs
-from tests import dask_helpers as h
+from tests.dask import helpers as h
 from tests.events import install_fake_conda, make_event
 from tests.slurm import PARTITION, slurm  # noqa: F401 - the fixture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IDLE_SECONDS = 2.0
 # Jobs start a Python Dask worker: seconds on a loaded machine.
 JOB_START_SECONDS = 60.0
