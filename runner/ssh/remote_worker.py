@@ -80,8 +80,16 @@ def known_hosts_path(settings: RemoteWorkerSection, event_dir: str | None) -> Pa
 def remote_removal(*paths: str) -> str:
     """A shell command removing ``paths`` on a host: the supervisor run as root there puts
     a run's disk on a mount of its own, which ``rm`` alone cannot remove."""
-    quoted = " ".join(shlex.quote(path) for path in paths)
-    return f"for p in {quoted}; do umount -R -l \"$p\" 2>/dev/null; done; rm -rf {quoted}"
+    return removal_of_words(" ".join(shlex.quote(path) for path in paths))
+
+
+def removal_of_words(words: str) -> str:
+    """``remote_removal`` of paths given as shell words (they may expand variables)."""
+    # Every mount at or under each path (the run's disk is at <run>/tmp), deepest first.
+    mounted = ("awk -v p=\"$p\" '$2 == p || index($2, p \"/\") == 1 {print $2}' "
+               "/proc/self/mounts")
+    return (f"for p in {words}; do {mounted}; done | sort -r | "
+            f"while read -r m; do umount -l \"$m\"; done; rm -rf {words}")
 
 
 class RemoteWorker(BaseWorker):

@@ -23,11 +23,15 @@ from runner.ssh.remote_worker import (
     check_private_key,
     known_hosts_path,
     remote_removal,
+    removal_of_words,
 )
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
 from runner.ssh.settings import SSHHost, SSHWorkerSection
 
 logger = logging.getLogger("runner.worker")
+# What a dead dispatcher's run left on a host, as shell words of the reaping loop below
+# (its run folder "$d" under the kit's RUN_FOLDER, and its copy of the submission).
+LEFTOVERS = '"$PWD/${d%/}" "$PWD/../submissions/${d%/}"'
 
 # Where hosts are locked while a run uses them: shared by every dispatcher of this user on
 # this machine, and released by the kernel when the process holding a lock dies.
@@ -139,8 +143,7 @@ class SSHWorker(RemoteWorker):
             kit = shlex.quote(host.remote_ramp_kit_folder.rstrip("/"))
             act = "" if dry_run else (
                 f'pid=$(cat "$d/pid" 2>/dev/null); {KILL_SESSION}'
-                'umount -R -l "$d"tmp "../submissions/${d%/}" 2>/dev/null; '
-                'rm -rf "$d" "../submissions/${d%/}"; ')
+                f"{removal_of_words(LEFTOVERS)}; ")
             script = (f"cd {kit}/{RUN_FOLDER} 2>/dev/null || exit 0; "
                       f'for d in */; do [ -d "$d" ] || continue; echo "${{d%/}}"; {act}done')
             session = _session(host, section, config.get("event_dir"))
