@@ -157,6 +157,8 @@ def _write_blinded(kit_dir: str, data_dir: str, folder: Path) -> None:
         folds = {f"{part}_{i}": np.asarray(indexes, dtype=np.int64)
                  for i, fold in enumerate(problem.get_cv(X_train, y_train))
                  for part, indexes in zip(("train", "valid"), fold, strict=True)}
+        if any(indexes.ndim != 1 for indexes in folds.values()):
+            raise ValueError("a fold is not a one-dimensional array of indexes")
     except (TypeError, ValueError) as error:
         raise KitNotSplittable(f"{kit_dir}: its get_cv does not give "
                                f"folds of sample indexes ({error})") from None

@@ -27,6 +27,7 @@ from rich.text import Text
 from runner.config import EventConfig
 from runner.leaderboard import Entry
 from runner.ledger import Submission, Transition
+from runner.ramptest import ENDING_PREFIX
 from runner.signals import stop_on_signals
 from runner.states import FINAL_STATES, SubmissionState
 from runner.training_output import STEPS, ScoreType
@@ -73,9 +74,12 @@ def _state(state: str) -> Text:
 
 
 def last_line(message: str) -> str:
-    """The last non-blank line of a message (a traceback's exception line)."""
-    lines = [line for line in message.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
+    """The last non-blank line of a message (a traceback's exception line), before
+    ramp-runner's own line on how the run ended when there is one."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[-1].startswith(ENDING_PREFIX):
+        return lines[-2]
+    return lines[-1] if lines else ""
 
 
 def runs_per_submission(transitions: Iterable[Transition]) -> Counter[str]:

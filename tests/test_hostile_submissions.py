@@ -50,7 +50,10 @@ def event(tmp_path_factory):
     assert sandbox.available(), sandbox.probe()[1]
     root = tmp_path_factory.mktemp("hostile")
     path = make_event(root / "event", ("starting_kit",),
-                      worker={"timeout": 40, **LIMITS}, dispatcher={"n_workers": 2})
+                      # ramp-test's path: its output files are what the forgers attack
+                      # (with hidden test labels the run writes predictions only).
+                      worker={"timeout": 40, "hidden_test_labels": "off", **LIMITS},
+                      dispatcher={"n_workers": 2})
     config = load_event_config(path)
     subs = Path(config.worker.submissions_dir)
     kit, data = Path(config.worker.kit_dir), Path(config.worker.data_dir)

@@ -40,7 +40,8 @@ def silent_env(tmp_path, monkeypatch):
 def test_ramp_test_exiting_0_without_output_is_a_training_error_not_a_retry(tmp_path,
                                                                               silent_env):
     config = load_event_config(make_event(tmp_path / "event", ("starting_kit",),
-                                          worker={"conda_env": silent_env}))
+                                          worker={"conda_env": silent_env,
+                                                  "hidden_test_labels": "off"}))
     Dispatcher(config).run()
     with Ledger(config.ledger_path) as ledger:
         submission = ledger.get("starting_kit")
