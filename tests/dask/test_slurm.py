@@ -199,9 +199,11 @@ EVENT_SUBMISSIONS = ("starting_kit", "random_forest", "raising_error")
 
 
 def _slurm_event(root: Path, cluster: SlurmDaskCluster, **dispatcher) -> Path:
+    # ramp-test's path, as the local event it is compared with (and whose ramp-test
+    # processes the cancel test looks for in the Slurm jobs).
     return make_event(root, submissions=EVENT_SUBMISSIONS, dispatcher=dispatcher,
                       worker={"worker_type": "dask", "dask_scheduler": cluster.address,
-                              "timeout": 120})
+                              "timeout": 120, "hidden_test_labels": "off"})
 
 
 def test_the_example_event_scores_as_locally_then_slurm_scales_to_zero(
@@ -210,7 +212,8 @@ def test_the_example_event_scores_as_locally_then_slurm_scales_to_zero(
     conda = install_fake_conda(tmp_path / "conda-bin", {})
     monkeypatch.delenv("CONDA_EXE", raising=False)
     monkeypatch.setenv("PATH", f"{conda.parent}:{os.environ['PATH']}")
-    local = h.dispatch(make_event(tmp_path / "local", submissions=EVENT_SUBMISSIONS))
+    local = h.dispatch(make_event(tmp_path / "local", submissions=EVENT_SUBMISSIONS,
+                                  worker={"hidden_test_labels": "off"}))
     assert {n: r.state for n, r in rows.items()} == {n: r.state for n, r in local.items()}
     for name in ("starting_kit", "random_forest"):
         assert rows[name].scores == local[name].scores
@@ -240,7 +243,7 @@ def _job_running_ramp_test(slurm,  # noqa: F811
 def test_a_run_whose_job_is_cancelled_is_retried_and_scored(slurm, cluster, tmp_path):  # noqa: F811
     path = make_event(tmp_path / "event", submissions=(), dispatcher={"n_workers": 1},
                       worker={"worker_type": "dask", "dask_scheduler": cluster.address,
-                              "timeout": 120})
+                              "timeout": 120, "hidden_test_labels": "off"})
     h.add_submission(path, "slow", h.SLOW_CLASSIFIER)
     rows = {}
     dispatcher = threading.Thread(target=lambda: rows.update(h.dispatch(path)), daemon=True)

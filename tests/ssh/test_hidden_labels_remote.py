@@ -13,7 +13,7 @@ import pytest
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
-from runner.ssh.remote_worker import BLINDED_FOLDER
+from runner.ssh.remote_worker import BLINDED_FOLDER, RUN_FOLDER
 from tests.events import make_event
 from tests.label_reader import label_reader
 from tests.sshd import remote_dispatcher, ssh_worker_section
@@ -24,7 +24,8 @@ def dispatched(sshd, remote_kit, tmp_path_factory):
     """An SSH event with the label reader and the starting kit, run by the real
     dispatcher: (config, ledger rows, the host's kit folder)."""
     kit = tmp_path_factory.mktemp("hidden-host") / "iris"
-    shutil.copytree(remote_kit, kit)
+    # Without what earlier tests' runs left in the shared host kit.
+    shutil.copytree(remote_kit, kit, ignore=shutil.ignore_patterns(BLINDED_FOLDER, RUN_FOLDER))
     root = tmp_path_factory.mktemp("hidden-remote")
     path = make_event(root / "event", ("starting_kit",),
                       worker=ssh_worker_section(sshd, kit, timeout=60),
