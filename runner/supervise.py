@@ -90,7 +90,7 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_ENTRIES = ("passwd", "group", "hosts", "resolv.conf", "nsswitch.conf", "host.conf",
                "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives",
                "ssl/certs", "ca-certificates", "protocols", "services", "mime.types")
-FLAGS = ("--sandbox", "--network", "--check-sandbox")
+FLAGS = ("--sandbox", "--network", "--check-sandbox", "--no-own-disk")
 REPEATED = ("--ro", "--rw", "--hide")
 VALUED = ("--watch", "--peak-rss", "--reason", "--tmp", "--memory-limit-mb",
           "--output-limit-mb", "--log-limit-mb", "--max-processes", "--cpus")
@@ -656,7 +656,9 @@ class Run:
         fallbacks = []
         if tmp:
             os.makedirs(tmp, exist_ok=True)
-            if "output_limit_mb" in self.limits:
+            # --no-own-disk: a starter that cannot unmount it afterwards (remote hosts)
+            # keeps the measured output limit.
+            if "output_limit_mb" in self.limits and not options.get("--no-own-disk"):
                 try:
                     make_disk(tmp, options["--rw"], self.limits["output_limit_mb"])
                     self.disk = tmp

@@ -47,7 +47,9 @@ def _mounts_under(path: Path) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def leaves_nothing_behind(tmp_path):
-    """Remove the scratch as the dispatcher will, then check nothing of the run is left."""
+    """Remove the scratch as the dispatcher will, then check nothing of the run is left
+    (groups of supervisors that other modules' tests killed are reaped first)."""
+    supervise.reap_stale_groups()
     yield
     assert scratch.remove_tree(tmp_path / "scratch")
     assert _mounts_under(tmp_path) == []
@@ -241,7 +243,7 @@ def test_sigterm_ends_the_run_and_removes_its_group():
 
 def test_the_cpu_count_reaches_the_supervisor():
     confinement = sandbox.Confinement(sandbox=True, network=False, read_only=(),
-                                      writable=(), tmp="/scratch/tmp",
+                                      writable=(), hidden=(), tmp="/scratch/tmp",
                                       limits=dict.fromkeys(sandbox.LIMITS, 1), cpus=2)
     options = confinement.options()
     assert options[options.index("--cpus") + 1] == "2"

@@ -197,7 +197,7 @@ class RemoteWorker(BaseWorker):
             hidden.append(f"{kit}/data")
         options = sandbox.confinement(
             self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
-            hidden=hidden, cpus=self.config.get("n_threads")).options()
+            hidden=hidden, cpus=self.config.get("n_threads"), own_disk=False).options()
         return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
                 "--reason", f"{run}/reason", *options, "--", *argv]
 

@@ -28,7 +28,8 @@ def dispatched(sshd, remote_kit, tmp_path_factory):
     shutil.copytree(remote_kit, kit, ignore=shutil.ignore_patterns(BLINDED_FOLDER, RUN_FOLDER))
     root = tmp_path_factory.mktemp("hidden-remote")
     path = make_event(root / "event", ("starting_kit",),
-                      worker=ssh_worker_section(sshd, kit, timeout=60),
+                      worker=ssh_worker_section(sshd, kit, timeout=60,
+                                                hidden_test_labels="auto"),
                       dispatcher=remote_dispatcher())
     reader = path.parent / "submissions" / "reader"
     reader.mkdir()
