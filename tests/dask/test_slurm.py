@@ -39,6 +39,15 @@ def job_of_this_worker(seconds: float = 0.0) -> str:
     return os.environ["SLURM_JOB_ID"]
 
 
+def job_and_its_state(seconds: float) -> tuple[str, str]:
+    """The Slurm job this task runs in and its state as ``squeue`` sees it from inside:
+    asked while the task runs, as adapt may retire the job as soon as the task ends."""
+    job_id = job_of_this_worker(seconds)
+    state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                           text=True, check=True, timeout=30).stdout.strip()
+    return job_id, state
+
+
 def test_the_jobs_follow_the_event_and_outlast_a_run_started_at_the_end_of_the_lifetime(
         tmp_path):
     config = load_event_config(make_event(
@@ -83,10 +92,10 @@ def _wait_for_running_job(slurm, timeout: float = JOB_START_SECONDS) -> str:  # 
 def test_tasks_run_in_a_slurm_job_each_and_adapt_scales_back_to_zero(slurm, cluster):  # noqa: F811
     assert slurm.jobs() == []  # nothing runs before there is work
     with cluster.client() as client:
-        futures = client.map(job_of_this_worker, [2, 2], pure=False)
-        job_ids = [future.result(timeout=JOB_START_SECONDS) for future in futures]
-        assert len(set(job_ids)) == 2, "one run per job"
-        assert set(job_ids) <= set(slurm.jobs())
+        futures = client.map(job_and_its_state, [2, 2], pure=False)
+        jobs = [future.result(timeout=JOB_START_SECONDS) for future in futures]
+        assert len({job_id for job_id, _ in jobs}) == 2, "one run per job"
+        assert [state for _, state in jobs] == ["RUNNING", "RUNNING"]
         # The results are the workers' unique data while a client holds them: released,
         # the idle workers may go.
         for future in futures:
