@@ -17,6 +17,7 @@ import termios
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -381,3 +382,29 @@ def test_dask_cluster_on_a_given_port_writes_its_address_and_passes_preflight(fo
         os.killpg(cluster.pid, signal.SIGINT)
         out = cluster.communicate(timeout=60)[0]
     assert "stopping the cluster" in out
+
+
+def test_dask_cluster_stops_its_scheduler_and_workers_on_sigterm(tmp_path):
+    """SIGTERM to the command alone (as a service manager sends it), not to its group."""
+    cluster_folder = tmp_path / "cluster"
+    cluster = subprocess.Popen([PROGRAM, "dask-cluster", "--port", "0", "--workers", "1",
+                                "--folder", str(cluster_folder)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        address_file = cluster_folder / "scheduler-address"
+        deadline = time.monotonic() + 120
+        while not address_file.exists() and cluster.poll() is None:
+            assert time.monotonic() < deadline, "no scheduler address written"
+            time.sleep(0.2)
+        started = psutil.Process(cluster.pid).children(recursive=True)
+        assert started, "no scheduler or worker process"
+        cluster.send_signal(signal.SIGTERM)
+        out = cluster.communicate(timeout=60)[0]
+    finally:
+        if cluster.poll() is None:
+            os.killpg(cluster.pid, signal.SIGKILL)
+            cluster.wait()
+    assert cluster.returncode == 0, out
+    assert "SIGTERM received: stopping" in out and "stopping the cluster" in out, out
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == [], alive
