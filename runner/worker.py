@@ -153,7 +153,8 @@ class BaseWorker:
     @property
     def settings(self) -> WorkerSection:
         """This worker's typed settings: its config dict validated (``settings_of``) when
-        first needed, and again by ``read_config`` at setup."""
+        first needed, and again by ``read_config`` at setup; what the dispatcher filled in
+        (``n_threads``, ``scratch_dir``, ``prepared``...) is ``settings.dispatch``."""
         if self._settings is None:
             self._settings = self.settings_of(self.config)
         return self._settings
