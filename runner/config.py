@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from runner import registry
-from runner.conversion import build, describe, did_you_mean, reject_unknown, require_mapping
+from runner.conversion import FILLED, build, describe, did_you_mean, reject_unknown, require_mapping
 from runner.errors import ConfigError
 from runner.redaction import HIDDEN, is_secret
 from runner.strict_yaml import load_yaml
@@ -23,10 +23,40 @@ from runner.strict_yaml import load_yaml
 DEFAULT_TIMEOUT = 7200
 DEFAULT_MAX_ATTEMPTS = 3
 LEDGER_FILENAME = "ramp-runner.sqlite3"
-# Keys the dispatcher adds to a worker's dict; accepted when such a dict is validated again.
-DISPATCHER_KEYS = ("n_threads", "time_between_collection", "event_name", "event_dir",
-                   "event_config", "scratch_dir", "dispatcher_id", "prepared")
 PATH_KEYS = ("kit_dir", "data_dir", "submissions_dir", "predictions_dir", "logs_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchFacts:
+    """What the dispatcher adds to a worker's dict (``DISPATCHER_KEYS``), typed: built-in
+    workers read it as ``settings.dispatch``; custom workers read the dict's keys, as in
+    RAMP. Every key may be missing (a worker made without a dispatcher)."""
+
+    n_threads: int | None = None
+    time_between_collection: float | None = None
+    event_name: str | None = None
+    event_dir: str | None = None
+    event_config: str | None = None
+    # The dispatcher's scratch folder, reaped at its start (runs' private folders go there).
+    scratch_dir: str | None = None
+    dispatcher_id: str | None = None
+    # What the worker type's ``prepare`` found once for every run, and the blinded data.
+    prepared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any], source: str) -> DispatchFacts:
+        """The facts of a worker dict, their types checked (ConfigError names the key)."""
+        prepared = config.get("prepared") or {}
+        if not isinstance(prepared, Mapping):
+            raise ConfigError(source, "worker.prepared", "a mapping", type(prepared).__name__)
+        scalars = {k: config[k] for k in DISPATCHER_KEYS
+                   if k != "prepared" and config.get(k) is not None}
+        facts = build(cls, scalars, source, "worker")
+        return dataclasses.replace(facts, prepared=dict(prepared))
+
+
+# Keys the dispatcher adds to a worker's dict; accepted when such a dict is validated again.
+DISPATCHER_KEYS = tuple(f.name for f in dataclasses.fields(DispatchFacts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +99,9 @@ class WorkerSection:
     output_limit_mb: int = 1024
     log_limit_mb: int = 20
     max_processes: int = 1024
+    # What the dispatcher told this worker: never a key of the config file.
+    dispatch: DispatchFacts = dataclasses.field(default_factory=DispatchFacts,
+                                                metadata={FILLED: True})
 
     # Keys that must be given a value (checked after the types).
     REQUIRED: typing.ClassVar[tuple[str, ...]] = ()
@@ -85,7 +118,8 @@ class WorkerSection:
 
     def as_worker_dict(self, **dispatcher_keys: Any) -> WorkerConfig:
         """Return the dict a worker receives (the seed's ``config`` argument)."""
-        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if not f.metadata.get(FILLED)}
         values.update(values.pop("extra", {}))
         values.update(dispatcher_keys)
         return WorkerConfig(values, section=self)
@@ -278,16 +312,16 @@ def worker_settings(section_class: type[WorkerSection], config: Mapping[str, Any
         if not config.get(key):
             raise ConfigError(source, f"worker.{key}", "a path")
     section = config.unchanged_section() if isinstance(config, WorkerConfig) else None
-    if isinstance(section, section_class):
-        return section
-    return _validate(section_class, config, source, "worker")
+    if not isinstance(section, section_class):
+        section = _validate(section_class, config, source, "worker")
+    return dataclasses.replace(section, dispatch=DispatchFacts.of(config, source))
 
 
 def _validate(section_class: type[WorkerSection], values: Mapping[str, Any], source: str,
               key_path: str) -> WorkerSection:
     if issubclass(section_class, CustomWorkerSection):
         # A third party's worker: the common keys are checked, its own pass through.
-        common = {f.name for f in dataclasses.fields(WorkerSection)}
+        common = {f.name for f in dataclasses.fields(WorkerSection) if not f.metadata.get(FILLED)}
         section = build(WorkerSection, {k: v for k, v in values.items() if k in common},
                          source, key_path)
         section.check(source, key_path)

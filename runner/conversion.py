@@ -41,10 +41,15 @@ def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+# Field metadata: a field no config file sets (filled in by the program).
+FILLED = "filled"
+
+
 def build(cls: type, values: Mapping[str, Any], source: str, key_path: str) -> Any:
     """Build dataclass ``cls`` from ``values``, checking names, presence and types."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+    fields = {f.name: f for f in dataclasses.fields(cls)
+              if f.name != "extra" and not f.metadata.get(FILLED)}
     reject_unknown(values, fields, source, key_path)
     arguments = {}
     for name, field in fields.items():

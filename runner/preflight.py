@@ -23,15 +23,13 @@ def preflight(config: EventConfig) -> list[str]:
     """
     source = str(config.path)
     worker = config.worker
-    if not getattr(worker, "remote_kit_dir", None):
-        _check_kit(source, Path(worker.kit_dir))
-    if not getattr(worker, "remote_data_dir", None):
-        _check_data(source, Path(worker.data_dir))
+    cls = worker_class(worker.worker_type)
+    # The kit and data are the worker type's to check: it knows where its runs read them.
+    cls.check_event_files(config.worker_dict())
     _check_folder(source, "worker.submissions_dir", Path(worker.submissions_dir))
     _check_writable(source, "worker.predictions_dir", Path(worker.predictions_dir))
     _check_writable(source, "worker.logs_dir", Path(worker.logs_dir))
     _check_writable(source, "dispatcher.ledger", config.ledger_path.parent)
-    cls = worker_class(worker.worker_type)
     warnings = _check_hidden_labels(source, worker, cls.runs_ingestion)
     # A third party's preflight written to the README returns nothing.
     return [*warnings, *(cls.preflight(config.worker_dict()) or [])]
@@ -49,23 +47,6 @@ def _check_hidden_labels(source: str, worker: WorkerSection, runs_ingestion: boo
                           "can hide the test labels (or hidden_test_labels: auto | off)",
                           f"required, but {why}")
     return [blinded.not_hidden_warning(why)]
-
-
-def _check_kit(source: str, kit: Path) -> None:
-    if not kit.is_dir():
-        raise ConfigError(source, "worker.kit_dir", "the kit's folder", f"{kit} (no such folder)")
-    if not (kit / "problem.py").is_file():
-        raise ConfigError(source, "worker.kit_dir", "a kit folder holding problem.py",
-                          f"{kit} (no problem.py)")
-
-
-def _check_data(source: str, data: Path) -> None:
-    if not data.is_dir():
-        raise ConfigError(source, "worker.data_dir", "the data folder",
-                          f"{data} (no such folder)")
-    if not (data / "data").is_dir() and not (data / "prepare_data.py").is_file():
-        raise ConfigError(source, "worker.data_dir", "a folder holding data/ or prepare_data.py",
-                          f"{data} (neither)")
 
 
 def _check_folder(source: str, key: str, folder: Path) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from runner import rescoring
 from runner.blinded import BlindedData
 from runner.config import PATH_KEYS, CustomWorkerSection, WorkerSection, worker_settings
-from runner.errors import EventError
+from runner.errors import ConfigError, EventError
 from runner.registry import worker_class
 from runner.results import RunEnd, install_run
 from runner.scratch import remove_tree
@@ -143,7 +143,7 @@ class BaseWorker:
         predict without the test labels; None when it runs ramp-test."""
         if not self.runs_ingestion:
             return None
-        return (self.config.get("prepared") or {}).get("blinded")
+        return self.settings.dispatch.prepared.get("blinded")
 
     @classmethod
     def settings_of(cls, config: dict[str, Any]) -> WorkerSection:
@@ -153,7 +153,8 @@ class BaseWorker:
     @property
     def settings(self) -> WorkerSection:
         """This worker's typed settings: its config dict validated (``settings_of``) when
-        first needed, and again by ``read_config`` at setup."""
+        first needed, and again by ``read_config`` at setup; what the dispatcher filled in
+        (``n_threads``, ``scratch_dir``, ``prepared``...) is ``settings.dispatch``."""
         if self._settings is None:
             self._settings = self.settings_of(self.config)
         return self._settings
@@ -227,7 +228,7 @@ class BaseWorker:
     @property
     def poll_seconds(self) -> float:
         """The most often the run is checked: ``time_between_collection`` or the default."""
-        configured = self.config.get("time_between_collection")
+        configured = self.settings.dispatch.time_between_collection
         return self.default_poll_seconds if configured is None else float(configured)
 
     @property
@@ -304,7 +305,7 @@ class BaseWorker:
         start), else under the system's temporary folder.
         """
         if self._scratch is None:
-            parent = self.config.get("scratch_dir")
+            parent = self.settings.dispatch.scratch_dir
             if parent:
                 Path(parent).mkdir(parents=True, exist_ok=True)
             self._scratch = Path(tempfile.mkdtemp(prefix=f"ramp-{self.submission}-",
@@ -445,6 +446,15 @@ class BaseWorker:
         return []
 
     @classmethod
+    def check_event_files(cls, config: dict[str, Any]) -> None:
+        """Check, before any submission runs, the kit and data that runs read from this
+        machine (``check_kit_dir``, ``check_data_dir``); raise ConfigError naming the key.
+        A worker type whose runs find them elsewhere checks only what they read here."""
+        settings, source = cls.settings_of(config), cls.config_source(config)
+        check_kit_dir(source, settings.kit_dir)
+        check_data_dir(source, settings.data_dir)
+
+    @classmethod
     def config_source(cls, config: dict[str, Any]) -> str:
         """What an error about ``config`` names as its source: the event's config file
         (``event_config``, filled in by the dispatcher), else this worker type's config."""
@@ -478,4 +488,25 @@ class BaseWorker:
         return f"{type(self).__name__}({self.submission}): status={self._status.value!r}"
 
     __str__ = __repr__
+
+
+def check_kit_dir(source: str, kit_dir: str) -> None:
+    """Raise ConfigError unless ``kit_dir`` is a folder holding the kit's problem.py."""
+    kit = Path(kit_dir)
+    if not kit.is_dir():
+        raise ConfigError(source, "worker.kit_dir", "the kit's folder", f"{kit} (no such folder)")
+    if not (kit / "problem.py").is_file():
+        raise ConfigError(source, "worker.kit_dir", "a kit folder holding problem.py",
+                          f"{kit} (no problem.py)")
+
+
+def check_data_dir(source: str, data_dir: str) -> None:
+    """Raise ConfigError unless ``data_dir`` holds data/ or the prepare_data.py making it."""
+    data = Path(data_dir)
+    if not data.is_dir():
+        raise ConfigError(source, "worker.data_dir", "the data folder",
+                          f"{data} (no such folder)")
+    if not (data / "data").is_dir() and not (data / "prepare_data.py").is_file():
+        raise ConfigError(source, "worker.data_dir", "a folder holding data/ or prepare_data.py",
+                          f"{data} (neither)")
 

@@ -17,6 +17,7 @@ import termios
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -360,19 +361,27 @@ def test_example_dask_config_names_the_cluster_default_port():
     assert config.ledger_path.name == "ramp-runner-config-dask.sqlite3"
 
 
+def _dask_cluster(folder: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """``ramp-runner dask-cluster`` with one worker, started; its scheduler's address."""
+    cluster = subprocess.Popen([PROGRAM, "dask-cluster", "--port", str(port), "--workers", "1",
+                                "--folder", str(folder)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    address_file = folder / "scheduler-address"
+    deadline = time.monotonic() + 120
+    while not address_file.exists() and cluster.poll() is None:
+        if time.monotonic() > deadline:
+            os.killpg(cluster.pid, signal.SIGKILL)
+            cluster.wait()
+            raise AssertionError("no scheduler address written")
+        time.sleep(0.2)
+    return cluster, address_file.read_text().strip()
+
+
 def test_dask_cluster_on_a_given_port_writes_its_address_and_passes_preflight(folder, tmp_path):
     port = _free_port()
-    cluster_folder = tmp_path / "cluster"
-    cluster = subprocess.Popen([PROGRAM, "dask-cluster", "--port", str(port), "--workers", "1",
-                                "--folder", str(cluster_folder)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cluster, address = _dask_cluster(tmp_path / "cluster", port)
     try:
-        address_file = cluster_folder / "scheduler-address"
-        deadline = time.monotonic() + 120
-        while not address_file.exists() and cluster.poll() is None:
-            assert time.monotonic() < deadline, "no scheduler address written"
-            time.sleep(0.2)
-        assert address_file.read_text().strip() == f"tcp://127.0.0.1:{port}"
+        assert address == f"tcp://127.0.0.1:{port}"
         path = _variant(folder, "dask-here", {"worker_type": "dask",
                                               "dask_scheduler": f"tcp://127.0.0.1:{port}"})
         checked = ramp_runner("check-config", "-e", str(path), timeout=60)
@@ -381,3 +390,21 @@ def test_dask_cluster_on_a_given_port_writes_its_address_and_passes_preflight(fo
         os.killpg(cluster.pid, signal.SIGINT)
         out = cluster.communicate(timeout=60)[0]
     assert "stopping the cluster" in out
+
+
+def test_dask_cluster_stops_its_scheduler_and_workers_on_sigterm(tmp_path):
+    """SIGTERM to the command alone (as a service manager sends it), not to its group."""
+    cluster, _ = _dask_cluster(tmp_path / "cluster", 0)
+    try:
+        started = psutil.Process(cluster.pid).children(recursive=True)
+        assert started, "no scheduler or worker process"
+        cluster.send_signal(signal.SIGTERM)
+        out = cluster.communicate(timeout=60)[0]
+    finally:
+        if cluster.poll() is None:
+            os.killpg(cluster.pid, signal.SIGKILL)
+            cluster.wait()
+    assert cluster.returncode == 0, out
+    assert "SIGTERM received: stopping" in out and "stopping the cluster" in out, out
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == [], alive

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from runner.aws.settings import AWSWorkerSection
-from runner.config import load_event_config, worker_section
+from runner.config import DispatchFacts, load_event_config, worker_section, worker_settings
 from runner.dask.settings import DaskWorkerSection
 from runner.errors import ConfigError
 from runner.local.settings import CondaWorkerSection
@@ -200,3 +201,35 @@ def test_worker_dict_round_trips_through_validation():
     config = load_event_config(SEEDS / "conda.yml")
     again = worker_section(config.worker_dict(dispatcher_id="d"), "dict", "worker")
     assert again == config.worker
+
+
+def test_the_dispatchers_keys_reach_the_settings_typed_and_leave_the_dict_as_it_was():
+    config = load_event_config(SEEDS / "conda.yml")
+    worker = config.worker_dict(dispatcher_id="d", scratch_dir="/scratch",
+                                prepared={"conda_prefix": "/envs/x"})
+    settings = worker_settings(CondaWorkerSection, worker, "dict")
+    assert settings.dispatch == DispatchFacts(
+        n_threads=config.dispatcher.n_threads,
+        time_between_collection=config.dispatcher.time_between_collection,
+        event_name=config.ramp.event_name, event_dir=str(config.path.parent),
+        event_config=str(config.path), scratch_dir="/scratch", dispatcher_id="d",
+        prepared={"conda_prefix": "/envs/x"})
+    # The settings are the event's section otherwise; the dict keeps the seed's flat keys.
+    assert dataclasses.replace(settings, dispatch=DispatchFacts()) == config.worker
+    assert worker["dispatcher_id"] == "d" and "dispatch" not in worker
+
+
+def test_a_dispatcher_key_of_the_wrong_type_in_a_worker_dict_names_it():
+    config = load_event_config(SEEDS / "conda.yml")
+    worker = {**config.worker_dict(), "n_threads": "four"}
+    with pytest.raises(ConfigError, match=r"worker\.n_threads"):
+        worker_settings(CondaWorkerSection, worker, "dict")
+
+
+def test_the_dispatchers_facts_are_not_a_key_of_the_config_file(tmp_path):
+    conda = yaml.safe_load((SEEDS / "conda.yml").read_text())
+    conda["worker"]["dispatch"] = {"n_threads": 4}
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(conda))
+    with pytest.raises(ConfigError, match=r"worker\.dispatch.*known key"):
+        load_event_config(path)

@@ -74,12 +74,12 @@ class AWSWorker(RemoteWorker):
             image_id = ec2.pinned_ami(self._ec2, section.ami_image_id)
         else:
             image_id = ec2.newest_ami(self._ec2, section.ami_image_name)
-        event = self.config.get("event_name") or ""
+        event = section.dispatch.event_name or ""
         tags = {
             "Name": f"ramp-runner {event} {self.submission}",
             ec2.TAG_EVENT: event,
             ec2.TAG_SUBMISSION: self.submission,
-            ec2.TAG_DISPATCHER: str(self.config.get("dispatcher_id") or ""),
+            ec2.TAG_DISPATCHER: section.dispatch.dispatcher_id or "",
             ec2.TAG_OWNER: owner_token(),
         }
         self.instance = ec2.launch_instance(
@@ -98,7 +98,7 @@ class AWSWorker(RemoteWorker):
             # A shutdown (kill) must not wait for a slow boot: it sets _wakeup.
             ec2.wait_until_running(self._ec2, self.instance.instance_id, stop=self._wakeup)
             host, port = ec2.instance_address(self._ec2, self.instance.instance_id)
-            known_hosts = known_hosts_path(section, self.config.get("event_dir"))
+            known_hosts = known_hosts_path(section, section.dispatch.event_dir)
             forget_host(known_hosts, host, port)  # a new machine: trust its first key
             self.session = RemoteSession(host, section.ami_user_name, section.key_path, port,
                                          known_hosts=known_hosts)
@@ -140,7 +140,7 @@ class AWSWorker(RemoteWorker):
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
         """Terminate this event's instances whose launching process is gone."""
         section = cls.settings_of(config)
-        event = config.get("event_name") or ""
+        event = section.dispatch.event_name or ""
         orphans = ec2.reap(_client(section), event,
                            lambda tags: owner_alive(tags.get(ec2.TAG_OWNER)), dry_run=dry_run)
         if orphans:

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from runner import signals
 
 START_TIMEOUT = 60.0
 # Dask's own default scheduler port: stable across restarts, so configs can name it.
@@ -275,13 +278,13 @@ def announce_address(folder: Path, address: str, snippet: str) -> Path:
 
 def serve_until_interrupted(cluster, announce: Callable[[], None]) -> None:
     """Start ``cluster`` (a context manager), call ``announce``, keep it running until
-    Ctrl+C or SIGTERM, then stop it."""
-    stop = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        with cluster:
+    Ctrl+C or SIGTERM (``runner.signals``), then stop it.
+
+    A signal that comes while the cluster starts stops it once started: never half-started.
+    """
+    stopping = threading.Event()
+    with signals.stop_on_signals(stopping.set), cluster:
+        if not stopping.is_set():
             announce()
-            signal.pause() if hasattr(signal, "pause") else time.sleep(1e9)
-    except KeyboardInterrupt:
+        stopping.wait()
         print("stopping the cluster")
-    finally:
-        signal.signal(signal.SIGTERM, stop)

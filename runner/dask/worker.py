@@ -9,6 +9,7 @@ kills its process tree on the Dask worker (``runner.dask.task.kill_run``), not o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,13 +25,21 @@ import distributed
 from distributed.comm import get_address_host_port
 
 from runner import archive, ramptest, sandbox
+from runner.config import DispatchFacts
 from runner.dask import task as dask_task
 from runner.dask.settings import DaskWorkerSection
 from runner.dask.task import TaskOutcome, TaskResult
 from runner.errors import ConfigError, EventError, SubmissionError
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.results import RunEnd
-from runner.worker import BaseWorker, RunArtifacts, RunState, WorkerStatus
+from runner.worker import (
+    BaseWorker,
+    RunArtifacts,
+    RunState,
+    WorkerStatus,
+    check_data_dir,
+    check_kit_dir,
+)
 
 logger = logging.getLogger("runner.worker")
 
@@ -51,8 +60,9 @@ class DaskWorker(BaseWorker):
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
         source = f"{type(self).__name__} config"
-        self._security = security_of(self.settings, config.get("event_dir"), source)
-        self._run_id = f"{config.get('event_name') or 'event'}-{submission}-{uuid.uuid4().hex[:12]}"
+        dispatch = self.settings.dispatch
+        self._security = security_of(self.settings, dispatch.event_dir, source)
+        self._run_id = f"{dispatch.event_name or 'event'}-{submission}-{uuid.uuid4().hex[:12]}"
         self._client: distributed.Client | None = None
         self._job: dict[str, Any] | None = None
         self._future: distributed.Future | None = None
@@ -66,6 +76,16 @@ class DaskWorker(BaseWorker):
         """The scheduler must answer at ``dask_scheduler``."""
         check_scheduler(cls.config_source(config), cls.settings_of(config).dask_scheduler)
         return []
+
+    @classmethod
+    def check_event_files(cls, config: dict[str, Any]) -> None:
+        """The kit and data are checked here unless the Dask workers have their own copy
+        (``remote_kit_dir``, ``remote_data_dir``), which only a run there can see."""
+        settings, source = cls.settings_of(config), cls.config_source(config)
+        if not settings.remote_kit_dir:
+            check_kit_dir(source, settings.kit_dir)
+        if not settings.remote_data_dir:
+            check_data_dir(source, settings.data_dir)
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -106,10 +126,10 @@ class DaskWorker(BaseWorker):
                                  None if self.hidden_labels else settings.remote_data_dir),
             "ingest": self.hidden_labels is not None,
             "conda_env": conda_env,
-            "n_threads": self.config.get("n_threads"),
+            "n_threads": settings.dispatch.n_threads,
             # Its timeout, sandbox and limits; whether the sandbox works is asked on the
-            # Dask worker that runs the task.
-            "settings": settings,
+            # Dask worker that runs the task. None of the dispatcher's own facts.
+            "settings": dataclasses.replace(settings, dispatch=DispatchFacts()),
         }
         super().setup()
 
@@ -226,7 +246,7 @@ class DaskWorker(BaseWorker):
     @property
     def _pack_cache(self) -> Path:
         # Beside the scratch folders, so that the dispatcher's start-up reaping bounds it too.
-        parent = self.config.get("scratch_dir") or tempfile.gettempdir()
+        parent = self.settings.dispatch.scratch_dir or tempfile.gettempdir()
         return Path(parent) / "dask-packs"
 
     def _submit(self, job: dict[str, Any]) -> None:

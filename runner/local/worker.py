@@ -68,7 +68,7 @@ class CondaEnvWorker(BaseWorker):
         as RAMP's worker does."""
         settings = self.read_config()
         conda_env = settings.conda_env
-        prepared = self.config.get("prepared") or {}
+        prepared = settings.dispatch.prepared
         if prepared.get("conda_prefix") and prepared.get("conda_env") == conda_env:
             prefix = Path(prepared["conda_prefix"])
         else:
@@ -96,7 +96,7 @@ class CondaEnvWorker(BaseWorker):
             settings, sandbox.use_sandbox(settings.sandbox, type(self).__name__),
             read_only=[settings.kit_dir, *data], writable=[copy], tmp=self.scratch / "tmp",
             hidden=[kit_data] if hidden is not None and kit_data.is_dir() else [],
-            cpus=self.config.get("n_threads"))
+            cpus=settings.dispatch.n_threads)
         self.sandboxed = self._confinement.sandbox
         super().setup()
 
@@ -116,7 +116,8 @@ class CondaEnvWorker(BaseWorker):
             argv = blinded.ingest_command(str(self._bin / "python"), ingest.__file__,
                                           self.settings.kit_dir, hidden.folder,
                                           str(self._submissions_copy), self.submission)
-        env = ramptest.child_environment(self.config.get("n_threads"), extra_path=str(self._bin))
+        env = ramptest.child_environment(self.settings.dispatch.n_threads,
+                                         extra_path=str(self._bin))
         self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch,
                              confinement=self._confinement)
 

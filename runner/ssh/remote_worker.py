@@ -197,7 +197,7 @@ class RemoteWorker(BaseWorker):
             hidden.append(f"{kit}/data")
         options = sandbox.confinement(
             self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
-            hidden=hidden, cpus=self.config.get("n_threads"), own_disk=False).options()
+            hidden=hidden, cpus=self.settings.dispatch.n_threads, own_disk=False).options()
         return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
                 "--reason", f"{run}/reason", *options, "--", *argv]
 
@@ -230,7 +230,7 @@ class RemoteWorker(BaseWorker):
                 self.submission)
         argv = self._supervised(command)
         # The host's own environment, not the dispatcher's: only what a run sets is added.
-        run_variables = ramptest.child_environment(self.config.get("n_threads"), parent={})
+        run_variables = ramptest.child_environment(self.settings.dispatch.n_threads, parent={})
         lines = [
             f"cd {shlex.quote(kit)} || exit 97",
             *self._environment_lines(),

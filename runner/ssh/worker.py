@@ -96,7 +96,7 @@ class SSHWorker(RemoteWorker):
         self.remote_kit = self.host.remote_ramp_kit_folder.rstrip("/")
         self.conda_env, self.path_prefix = self.host.conda_env, self.settings.remote_path_prefix
         try:
-            self.session = _session(self.host, self.settings, self.config.get("event_dir"))
+            self.session = _session(self.host, self.settings, self.settings.dispatch.event_dir)
             self.session.connect()
             self._upload()
         except BaseException:
@@ -146,7 +146,7 @@ class SSHWorker(RemoteWorker):
                 f"{removal_of_words(LEFTOVERS)}; ")
             script = (f"cd {kit}/{RUN_FOLDER} 2>/dev/null || exit 0; "
                       f'for d in */; do [ -d "$d" ] || continue; echo "${{d%/}}"; {act}done')
-            session = _session(host, section, config.get("event_dir"))
+            session = _session(host, section, section.dispatch.event_dir)
             try:
                 session.connect()
                 _, out, _ = session.run(script, 60)

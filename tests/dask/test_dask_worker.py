@@ -25,6 +25,7 @@ from runner.dask.cluster import LoopbackCluster, make_certificates
 from runner.dask.worker import DaskWorker
 from runner.dispatcher import prepare_data
 from runner.errors import ConfigError
+from runner.preflight import preflight
 from tests import hostile
 from tests.dask import helpers as h
 from tests.dask.helpers import REPO, SECRET
@@ -245,6 +246,26 @@ def test_remote_kit_and_data_paths_are_used_without_shipping(local_cluster, tmp_
     config = load_event_config(path)
     assert DaskWorker(config.worker_dict(), "starting_kit").launch() == (0, "")
     assert (Path(config.worker.predictions_dir) / "starting_kit" / "bagged_scores.csv").is_file()
+
+
+def test_preflight_checks_only_the_kit_and_data_the_dask_workers_do_not_hold(local_cluster,
+                                                                            tmp_path):
+    missing = {"kit_dir": str(tmp_path / "not-here" / "kit"),
+               "data_dir": str(tmp_path / "not-here" / "data")}
+    section = {"worker_type": "dask", "dask_scheduler": local_cluster.scheduler_address,
+               "hidden_test_labels": "off", **missing}
+
+    def checked(name: str, **worker) -> list[str]:
+        path = make_event(tmp_path / name, submissions=("starting_kit",),
+                          worker={**section, **worker})
+        return preflight(load_event_config(path))
+
+    assert checked("held", remote_kit_dir="/on/the/workers/kit",
+                   remote_data_dir="/on/the/workers/data") == []
+    with pytest.raises(ConfigError, match=r"worker\.data_dir: .*no such folder"):
+        checked("kit-held", remote_kit_dir="/on/the/workers/kit")
+    with pytest.raises(ConfigError, match=r"worker\.kit_dir: .*no such folder"):
+        checked("shipped")
 
 
 def test_a_tar_with_parent_members_is_refused_on_the_dask_worker(local_cluster, tmp_path):

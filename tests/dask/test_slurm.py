@@ -5,8 +5,10 @@ worker, and a worker stops taking tasks before its walltime without cutting one 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -266,3 +268,61 @@ def test_a_run_whose_job_is_cancelled_is_retried_and_scored(slurm, cluster, tmp_
     assert rows["slow"].state == "scored"
     assert rows["slow"].attempts == 1  # one retry: the run lost with its job
     assert slurm.wait_for_no_jobs(IDLE_SECONDS + 10) == []
+
+
+# -- nodes that refuse user namespaces ---------------------------------------------------------
+
+NO_USER_NAMESPACES = Path(__file__).resolve().parents[1] / "no_user_namespaces.py"
+# What bubblewrap says when the kernel refuses it a user namespace.
+REFUSAL = "max_*_namespaces exceeded (ENOSPC)"
+
+
+@pytest.fixture
+def refusing_cluster(slurm, tmp_path):  # noqa: F811 - the fixture
+    """Slurm jobs whose Dask worker runs as an ordinary user on a node that refuses user
+    namespaces (``user.max_user_namespaces=0`` in the job's own namespace): bubblewrap meets
+    the kernel's real refusal, as on a cluster whose admins turned them off."""
+    # Its defaults loaded first: leaving ``dask.config.set`` would otherwise drop them.
+    import dask_jobqueue  # noqa: F401
+
+    python = f"{sys.executable} {NO_USER_NAMESPACES} {sys.executable}"
+    with dask.config.set({"jobqueue.slurm.python": python}), \
+            SlurmDaskCluster(_jobs(), tmp_path / "cluster", host="127.0.0.1",
+                             idle_seconds=IDLE_SECONDS) as started:
+        yield started
+    assert slurm.wait_for_no_jobs(10) == [], "closing the cluster left Slurm jobs"
+
+
+def _refusing_event(root: Path, cluster: SlurmDaskCluster, submissions, **worker) -> Path:
+    return make_event(root, submissions=submissions, dispatcher={"n_workers": 2,
+                                                                 "max_attempts": 2},
+                      worker={"worker_type": "dask", "dask_scheduler": cluster.address,
+                              "timeout": 120, "hidden_test_labels": "off", **worker})
+
+
+def test_sandbox_required_on_nodes_refusing_user_namespaces_is_checking_error(
+        refusing_cluster, tmp_path):
+    path = _refusing_event(tmp_path / "event", refusing_cluster, ("starting_kit",),
+                           sandbox="required")
+    row = h.dispatch(path)["starting_kit"]
+    assert (row.state, row.attempts) == ("checking_error", 0), (row.state, row.error_msg)
+    assert "sandbox: required" in row.error_msg and REFUSAL in row.error_msg
+    assert "Dask worker tcp://127.0.0.1:" in row.error_msg
+    # Nothing ran.
+    config = load_event_config(path)
+    assert not (Path(config.worker.predictions_dir) / "starting_kit").exists()
+
+
+def test_sandbox_auto_on_nodes_refusing_user_namespaces_warns_once_per_node_and_scores(
+        refusing_cluster, tmp_path, caplog):
+    names = ("starting_kit", "random_forest", "raising_error")
+    path = _refusing_event(tmp_path / "event", refusing_cluster, names)
+    with caplog.at_level(logging.WARNING, logger="runner.sandbox"):
+        rows = h.dispatch(path)
+    assert {name: rows[name].state for name in names} == {
+        "starting_kit": "scored", "random_forest": "scored", "raising_error": "training_error"}
+    warnings = [r.getMessage() for r in caplog.records if "NOT isolated" in r.getMessage()]
+    places = [re.search(r"NOT isolated on Dask worker (tcp://[\d.]+:\d+): ", w) for w in warnings]
+    assert warnings and all(places) and all(REFUSAL in w for w in warnings), warnings
+    # Once per node's Dask worker (each Slurm job is one), however many runs it had.
+    assert len({p[1] for p in places}) == len(warnings), warnings
