@@ -100,9 +100,19 @@ def install_fake_conda(folder: Path, envs: dict[str, Path]) -> Path:
 
 
 def env_prefix_like_this_one(prefix: Path) -> Path:
-    """Make ``prefix`` look like an environment with ramp-test (links into this venv)."""
-    (prefix / "bin").mkdir(parents=True, exist_ok=True)
-    os.symlink(Path(sys.prefix) / "bin" / "ramp-test", prefix / "bin" / "ramp-test")
+    """Make ``prefix`` an environment with ramp-test and a python the sandbox can run: a
+    link to this test run's environment, under another name.
+
+    A folder of links to this venv's programs is not enough for the ingestion program:
+    the sandbox binds the prefixes of the program it starts (``prefix``, and the base
+    interpreter the links resolve to), so a link into this venv points nowhere inside it,
+    and a python started from a prefix without this venv's ``pyvenv.cfg`` has none of its
+    packages. A link to the whole venv is bound as the venv itself, and its python, started
+    as ``prefix/bin/python``, finds ``prefix/pyvenv.cfg`` and its site-packages below
+    ``prefix``. Nothing must be written under ``prefix``: it is this venv.
+    """
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.symlink_to(sys.prefix, target_is_directory=True)
     return prefix
 
 

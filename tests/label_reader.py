@@ -1,7 +1,7 @@
 """A submission of the example kit that looks for the test labels (data/test.csv) in the
-data folder its command line names and where the event keeps it, and, when it finds them,
-returns the true classes from predict_proba: ranked first with accuracy 1 where the labels
-are in reach. It prints what it found, as LABELS FOUND: <path> or NO LABELS FOUND."""
+data and kit folders its command line names and where the event keeps them, and, when it
+finds them, returns the true classes from predict_proba: ranked first with accuracy 1 where
+the labels are in reach. It prints what it found, as LABELS FOUND: <path> or NO LABELS FOUND."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ GUESSED = {guessed!r}
 def _find_labels():
     path = importlib.import_module("o" + "s").path
     candidates = list(GUESSED)
-    for flag in ("--ramp-data-dir", "--data"):
+    # The data folder it is handed, and the kit's (many RAMP kits keep a data/ inside).
+    for flag in ("--ramp-data-dir", "--data", "--ramp-kit-dir", "--kit"):
         if flag in sys.argv:
             candidates.append(sys.argv[sys.argv.index(flag) + 1])
     for folder in candidates:

@@ -112,10 +112,8 @@ def add_board_event(board: Board, event: str = EVENT, worker: dict | None = None
     config = {
         "ramp": {"problem_name": PROBLEM, "event_name": event,
                  "event_title": f"{event} (test)", "event_is_public": True},
-        # The stand-in conda environment has ramp-test but no python of its own that the
-        # sandbox can run, which the ingestion of hidden test labels needs.
         "worker": {"worker_type": "conda", "conda_env": "ramp-iris", "timeout": 20,
-                   "hidden_test_labels": "off", **(worker or {})},
+                   **(worker or {})},
         "dispatcher": {"n_workers": 2, "n_threads": 1, "hunger_policy": "exit",
                        **(dispatcher or {})},
     }

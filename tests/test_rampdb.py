@@ -156,8 +156,7 @@ def test_board_and_ledger_give_the_same_scores(dispatched, tmp_path, fake_conda_
     board, _, _, _ = dispatched
     folders = [folder for _, _, folder in SUBMISSIONS[:2]]
     config = load_event_config(make_event(tmp_path, folders,
-                                          worker={"conda_env": "ramp-iris",
-                                                  "hidden_test_labels": "off"}))
+                                          worker={"conda_env": "ramp-iris"}))
     Dispatcher(config).run()
     with Ledger(config.ledger_path) as ledger, board_session(board.database) as session:
         subs = _by_name(session, EVENT)

@@ -176,11 +176,13 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
     ramp_test = bin_dir / "ramp-test"
     if not ramp_test.exists():
         raise FileNotFoundError(f"no ramp-test in {bin_dir} on Dask worker {worker.address}")
-    read_only = [kit, data]
+    read_only, hidden = [kit, data], []
     if job.get("ingest"):
         argv = blinded.ingest_command(str(bin_dir / "python"), ingest.__file__, kit, data,
                                       str(submissions), submission)
         read_only.append(Path(ingest.__file__))
+        # As on the other backends: the kit's own data/ (labels included) is not the run's.
+        hidden = [kit / "data"] if (kit / "data").is_dir() else []
     else:
         argv = ramptest.command(submission, str(kit), str(data), str(submissions),
                                 ramp_test=str(ramp_test))
@@ -196,7 +198,7 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
     confinement = sandbox.confinement(
         settings, sandbox.use_sandbox(mode, f"Dask worker {worker.address}"),
         read_only=read_only, writable=[submissions / submission], tmp=scratch / "tmp",
-        cpus=job.get("n_threads"))
+        hidden=hidden, cpus=job.get("n_threads"))
     with _LOCK:
         if run_id in _KILLED:
             return TaskResult(TaskOutcome.KILLED, worker.address)

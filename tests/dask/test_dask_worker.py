@@ -51,9 +51,11 @@ DaskWorker(config.worker_dict(), "hanging").launch()
 
 @pytest.fixture(scope="module")
 def local_scores(tmp_path_factory):
-    """The ledger rows of the example submissions run by the local (conda) worker."""
+    """The ledger rows of the example submissions run by the local (conda) worker with
+    ramp-test itself: the Dask runs, which hide the test labels, must score as it does."""
     root = tmp_path_factory.mktemp("local-event")
-    path = make_event(root / "event", submissions=SUBMISSIONS)
+    path = make_event(root / "event", submissions=SUBMISSIONS,
+                      worker={"hidden_test_labels": "off"})
     with pytest.MonkeyPatch.context() as patch:
         conda = install_fake_conda(root / "conda-bin", {})
         patch.delenv("CONDA_EXE", raising=False)
@@ -64,10 +66,8 @@ def local_scores(tmp_path_factory):
 def _dask_event(root: Path, cluster: LoopbackCluster, submissions=SUBMISSIONS,
                 **worker) -> Path:
     """The example event with a ``worker_type: dask`` section for ``cluster``."""
-    # The stand-in conda environment has no python the sandbox can run, which the
-    # ingestion of hidden test labels needs: these runs take ramp-test's path.
     section = {"worker_type": "dask", "dask_scheduler": cluster.address, "n_workers": 2,
-               "conda_env": "ramp-iris", "hidden_test_labels": "off", **worker}
+               "conda_env": "ramp-iris", **worker}
     if cluster.certificates:
         c = cluster.certificates
         section["dask_security"] = {"tls_ca_file": str(c.ca_file),
@@ -105,10 +105,14 @@ def test_plain_cluster_without_shared_paths_scores_as_the_local_worker(
     assert (predictions / "fold_0" / "y_pred_test.npz").is_file()
     log = (Path(config.worker.logs_dir) / "raising_error" / "log").read_text()
     assert "RuntimeError: raising_error" in log
-    # Kit and data went once to each Dask worker that ran something, named by content hash.
+    # Kit and data went once to each Dask worker that ran something, named by content hash;
+    # the data is the blinded folder (hidden test labels): the labels never left.
     kit_sha = archive.digest(archive.pack(config.worker.kit_dir))
+    [blinded_data] = Path(f"{config.ledger_path}.blinded").glob("blinded-*")
     entries = _cache_entries(plain_cluster)
-    assert kit_sha in {entry.name for entry in entries}
+    shipped = {entry.name for entry in entries}
+    assert {kit_sha, archive.digest(archive.pack(blinded_data))} <= shipped
+    assert archive.digest(archive.pack(config.worker.data_dir)) not in shipped
     assert len(entries) in (2, 4)
     # Nothing under the dispatcher's paths was used by the workers: they ran elsewhere.
     assert str(tmp_path) not in (plain_cluster.folder / "workers.log").read_text()
