@@ -84,14 +84,20 @@ def check_config(c, event_config=None):
     """Check the event config, its folders, environment and worker (exit 2 on a problem).
 
     Prints what the config resolves to."""
-    from runner.display import config_table
+    from runner.display import config_table, spent_text
     from runner.ledger import Ledger
 
     out, err = _consoles()
     config = _checked(event_config, err)
+    rows = []
     if config.ledger_path.exists():  # a ledger is made by dispatch; one already there must open
-        Ledger(config.ledger_path).close()
+        with Ledger(config.ledger_path) as ledger:
+            rows = ledger.all()
     out.print(config_table(config))
+    budget = getattr(config.worker, "budget_usd", None)
+    if any(row.instance_id for row in rows) or budget is not None:
+        limit = "no budget" if budget is None else f"budget {budget:.2f} USD"
+        out.print(f"spent: {spent_text(rows)} ({limit})", markup=False, highlight=False)
 
 
 @task(help={**EVENT_CONFIG_HELP, "verbose": "show every step (always written to the log file "
@@ -347,7 +353,10 @@ def _stack_pipeline_arn(outputs_file, stack):
 
 @task(help={**EVENT_CONFIG_HELP, "dry_run": "only list what would be released"})
 def reap(c, event_config=None, dry_run=False):
-    """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts."""
+    """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts.
+
+    On AWS also a live dispatcher's leaks: instances past their deadline tag, and those
+    no running submission of the ledger claims."""
     from runner.display import configure_logging
     from runner.redaction import install_redaction
     from runner.worker import worker_class
@@ -355,10 +364,23 @@ def reap(c, event_config=None, dry_run=False):
     config = _load(event_config)
     configure_logging(_consoles()[1], verbose=False)
     install_redaction(config)
+    aws = config.worker.worker_type == "aws"
+    more = {"claims": functools.partial(_claims, config)} if aws else {}
     released = worker_class(config.worker.worker_type).reap_leftovers(
-        config.worker_dict(), dry_run=dry_run)
+        config.worker_dict(), dry_run=dry_run, **more)
     verb = "would release" if dry_run else "released"
     print(f"{verb} {len(released)}: {' '.join(released)}" if released else "nothing to release")
+
+
+def _claims(config) -> set[tuple[str, str]]:
+    """``(submission, dispatcher)`` of the ledger's running submissions (none without one)."""
+    from runner.ledger import Ledger
+    from runner.states import RUNNING_STATES
+
+    if not config.ledger_path.exists():
+        return set()
+    with Ledger(config.ledger_path) as ledger:
+        return {(s.name, s.worker) for s in ledger.all() if s.state in RUNNING_STATES}
 
 
 @task(help={"workers": "number of Dask workers (one thread each): one per RAMP slot",
