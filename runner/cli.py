@@ -305,14 +305,23 @@ def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False
     from botocore.exceptions import BotoCoreError, ClientError
 
     from runner.aws.imagebuilder import make_client, start_build, wait_for_image
+    from runner.aws.stack_outputs import pipeline_arn as stack_pipeline_arn
+    from runner.aws.stack_outputs import read_stack_outputs
 
-    pipeline_arn = pipeline_arn or _stack_pipeline_arn(outputs_file, stack)
+    outputs = (read_stack_outputs(outputs_file, stack=stack)
+               if outputs_file or not pipeline_arn else {})
+    pipeline_arn = pipeline_arn or stack_pipeline_arn(outputs)
+    tags = outputs.get("imageTags") or {}
+    console = _consoles()[0]
+    if not tags:
+        console.print("warning: no stack outputs with imageTags: the image is built untagged, "
+                      "and the stack's lifecycle policy will not delete it", style="yellow",
+                      markup=False, highlight=False)
     try:
         client = make_client(pipeline_arn)
-        image_arn = start_build(client, pipeline_arn)
+        image_arn = start_build(client, pipeline_arn, tags=tags)
     except (ValueError, ClientError, BotoCoreError) as error:
         raise Exit(f"error: cannot start {pipeline_arn}: {error}", code=EXIT_FAILED) from None
-    console = _consoles()[0]
     console.print(f"building {image_arn}", markup=False)
     if no_wait:
         return
@@ -343,12 +352,6 @@ def aws_config(c, event_config=None, outputs_file=None, stack=None):
                                     read_stack_outputs(outputs_file, stack=stack))
     for key, value in written.items():
         print(f"worker.{key}: {value}")
-
-
-def _stack_pipeline_arn(outputs_file, stack):
-    from runner.aws.stack_outputs import pipeline_arn, read_stack_outputs
-
-    return pipeline_arn(read_stack_outputs(outputs_file, stack=stack))
 
 
 @task(help={**EVENT_CONFIG_HELP, "dry_run": "only list what would be released"})
