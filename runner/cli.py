@@ -375,15 +375,21 @@ def reap(c, event_config=None, dry_run=False):
     print(f"{verb} {len(released)}: {' '.join(released)}" if released else "nothing to release")
 
 
-def _claims(config) -> set[tuple[str, str]]:
-    """``(submission, dispatcher)`` of the ledger's running submissions (none without one)."""
+def _claims(config) -> dict[str, set[str]]:
+    """Every dispatcher the ledger knows, with the submissions it runs now (none without
+    a ledger)."""
     from runner.ledger import Ledger
     from runner.states import RUNNING_STATES
 
     if not config.ledger_path.exists():
-        return set()
+        return {}
+    claims: dict[str, set[str]] = {}
     with Ledger(config.ledger_path) as ledger:
-        return {(s.name, s.worker) for s in ledger.all() if s.state in RUNNING_STATES}
+        for row in ledger.all():
+            runs = claims.setdefault(row.worker, set())
+            if row.state in RUNNING_STATES:
+                runs.add(row.name)
+    return claims
 
 
 @task(help={"workers": "number of Dask workers (one thread each): one per RAMP slot",

@@ -165,18 +165,20 @@ class AWSWorker(RemoteWorker):
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False,
-                       claims: Callable[[], set[tuple[str, str]]] | None = None) -> list[str]:
+                       claims: Callable[[], dict[str, set[str]]] | None = None) -> list[str]:
         """Terminate this event's instances whose launching process is gone or whose
-        deadline tag has passed; with ``claims`` (the ledger's ``(submission, dispatcher)``
-        pairs of running submissions, read after the instances are listed), also those no
-        claim accounts for: a live dispatcher's leaks."""
+        deadline tag has passed; with ``claims`` (the ledger's dispatchers, each with the
+        submissions it runs now; read after the instances are listed), also those of a
+        dispatcher the ledger knows that no running submission accounts for: a live
+        dispatcher's leaks. A dispatcher the ledger does not know (a RAMP board's) is
+        left to the other rules."""
         section = cls.settings_of(config)
         event = config.get("event_name") or ""
         now = time.time()
-        claimed: set[tuple[str, str]] | None = None
+        running: dict[str, set[str]] | None = None
 
         def owned(tags: dict[str, str]) -> bool:
-            nonlocal claimed
+            nonlocal running
             deadline = ec2.parse_deadline(tags.get(ec2.TAG_DEADLINE))
             if not owner_alive(tags.get(ec2.TAG_OWNER)) or (
                     deadline is not None and deadline <= now):
@@ -185,8 +187,9 @@ class AWSWorker(RemoteWorker):
                 return True
             # Read once, after EC2 listed the instances: a submission is claimed before
             # its instance is launched, so every live run's claim is already there.
-            claimed = claims() if claimed is None else claimed
-            return (tags.get(ec2.TAG_SUBMISSION, ""), tags.get(ec2.TAG_DISPATCHER, "")) in claimed
+            running = claims() if running is None else running
+            runs = running.get(tags.get(ec2.TAG_DISPATCHER, ""))
+            return runs is None or tags.get(ec2.TAG_SUBMISSION, "") in runs
 
         orphans = ec2.reap(_client(section), event, owned, dry_run=dry_run)
         if orphans:

@@ -142,7 +142,8 @@ def test_aws_runs_require_the_sandbox_unless_the_event_says_otherwise(tmp_path, 
 def test_reap_ends_a_live_dispatchers_leaks(tmp_path, sshd, remote_kit, instance_at_sshd):
     """Instances of a dispatcher that still runs (this process owns them): one claimed and
     within its deadline stays; one past its deadline, and one whose submission no claim
-    accounts for (a run that ended while its termination failed), are terminated."""
+    accounts for (a run that ended while its termination failed), are terminated. One of a
+    dispatcher the ledger does not know (a RAMP board's) stays."""
     path = make_event(tmp_path / "event", ("starting_kit", "random_forest"),
                       worker=aws_worker_section(sshd, remote_kit),
                       dispatcher=remote_dispatcher())
@@ -153,23 +154,24 @@ def test_reap_ends_a_live_dispatchers_leaks(tmp_path, sshd, remote_kit, instance
     image = instance_at_sshd.describe_images(Owners=["self"])["Images"][0]["ImageId"]
     client = ec2.client("eu-west-3")
 
-    def launch(submission, deadline):
+    def launch(submission, deadline, dispatcher="live-dispatcher"):
         return ec2.launch_instance(
             client, image_id=image, instance_type="t3.micro", key_name="iris_key",
             security_group="ramp-workers", spot=False, tags={
                 ec2.TAG_EVENT: config.ramp.event_name, ec2.TAG_SUBMISSION: submission,
-                ec2.TAG_DISPATCHER: "live-dispatcher", ec2.TAG_OWNER: owner_token(),
+                ec2.TAG_DISPATCHER: dispatcher, ec2.TAG_OWNER: owner_token(),
                 ec2.TAG_DEADLINE: ec2.deadline_tag(deadline)}).instance_id
 
     running = launch("starting_kit", time.time() + 3600)
     expired = launch("starting_kit", time.time() - 1)
     unclaimed = launch("random_forest", time.time() + 3600)
+    boards = launch("random_forest", time.time() + 3600, dispatcher="board-dispatcher")
     dry = subprocess.run([RAMP_RUNNER, "reap", "-e", str(path), "--dry-run"],
                          capture_output=True, text=True, cwd=REPO)
     assert dry.returncode == 0, dry.stderr
     assert set(dry.stdout.split(": ", 1)[1].split()) == {expired, unclaimed}
-    assert len(live_instances(instance_at_sshd)) == 3
+    assert len(live_instances(instance_at_sshd)) == 4
     done = subprocess.run([RAMP_RUNNER, "reap", "-e", str(path)], capture_output=True,
                           text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert [i["InstanceId"] for i in live_instances(instance_at_sshd)] == [running]
+    assert {i["InstanceId"] for i in live_instances(instance_at_sshd)} == {running, boards}
