@@ -87,7 +87,7 @@ class AMINotFoundError(EventError):
 @dataclass(frozen=True)
 class Instance:
     """A launched instance: its id, whether it runs on the spot market, its type and when
-    RunInstances answered (seconds since the epoch)."""
+    it was asked for (seconds since the epoch, just before RunInstances)."""
 
     instance_id: str
     spot: bool
