@@ -30,7 +30,7 @@ from pathlib import Path
 
 from runner import blinded, training_output
 from runner.config import EventConfig
-from runner.errors import EventError, LedgerError, RunnerError, SubmissionError
+from runner.errors import ConfigError, EventError, LedgerError, RunnerError, SubmissionError
 from runner.eventlock import DispatcherBusy
 from runner.ledger import Ledger
 from runner.scratch import remove_tree
@@ -93,6 +93,12 @@ class Dispatcher:
     def __init__(self, config: EventConfig, on_change: Callable[[str, str], None] | None = None,
                  source: SubmissionSource | None = None):
         self.config = config
+        if (getattr(config.worker, "budget_usd", None) is not None and source is not None
+                and not isinstance(source, Ledger)):
+            # Costs are kept in the event's ledger, which a RAMP board's dispatch does not use.
+            raise ConfigError(str(config.path), "worker.budget_usd",
+                              "no budget when the submissions come from a RAMP board (their "
+                              "cost is not kept, so the budget could not be enforced)")
         self.source: SubmissionSource = source or FolderSource(config)
         self.worker_class: type[BaseWorker] = worker_class(config.worker.worker_type)
         self.dispatcher_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

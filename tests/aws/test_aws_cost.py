@@ -129,6 +129,21 @@ def test_a_budget_needs_the_price_of_the_instance_type(tmp_path, sshd, remote_ki
     assert "worker.prices" in str(caught.value) and "t3.micro" in str(caught.value)
 
 
+def test_a_budget_is_refused_for_a_ramp_boards_submissions(tmp_path, sshd, remote_kit):
+    from runner.errors import ConfigError
+    from runner.rampdb import RampSource
+
+    path = make_event(tmp_path / "event", worker=aws_worker_section(
+        sshd, remote_kit, budget_usd=10, prices=DEAR), dispatcher=remote_dispatcher())
+    config = load_event_config(path)
+    board = RampSource(config, {"drivername": "sqlite", "database": str(tmp_path / "board.db")})
+    # Their cost is kept in the event's ledger only: the budget could not be enforced.
+    with pytest.raises(ConfigError) as caught:
+        Dispatcher(config, source=board)
+    assert str(path) in str(caught.value) and "worker.budget_usd" in str(caught.value)
+    assert not (tmp_path / "board.db").exists()  # refused before anything is opened
+
+
 def test_aws_runs_require_the_sandbox_unless_the_event_says_otherwise(tmp_path, sshd,
                                                                       remote_kit):
     default = make_event(tmp_path / "default", worker=aws_worker_section(sshd, remote_kit),
