@@ -4,7 +4,7 @@ The same command runs bare and under ``runner/supervise.py`` as a worker starts 
 more of the confinement at each step, under the supervisor of ``--base`` (default: main,
 before the ceilings) and the one of this tree; every run gets a fresh scratch (a copy
 folder holding one file, and its tmp), removed after the run as the worker removes it
-(``shutil.rmtree`` before, ``runner.scratch.remove_tree`` now: it unmounts the run's disk).
+(``shutil.rmtree`` before, ``runner.scratch.remove_tree`` now).
 The table gives the median wall time per run and its overhead over the bare command, for a
 command that ends at once (``true``) and one that runs 0.3 s (where the old supervisor's
 polling shows). A few rows break the cost down.

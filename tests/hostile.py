@@ -229,6 +229,44 @@ def attack_in_fit():
 '''
 
 
+def fork_chain() -> str:
+    """Forks a chain of processes, each the child of the last, until a fork is refused; every
+    one holds its place in the tree."""
+    return PRELUDE + '''
+def attack_in_fit():
+    fork = f("o" + "s", "fo", "rk")
+    sleep = f("time", "sl", "eep")
+    depth = 0
+    while True:
+        try:
+            pid = fork()
+        except OSError as error:
+            say("FORKS: refused at depth", depth, error)
+            break
+        if pid:
+            break
+        depth += 1
+    sleep(30)
+    if depth:
+        f("o" + "s", "_ex", "it")(0)
+'''
+
+
+def cpu_hog(processes: int) -> str:
+    """Keeps ``processes`` processes busy until the run is stopped; says how many cores it
+    may use."""
+    return PRELUDE + f'''
+def attack_in_fit():
+    fork = f("o" + "s", "fo", "rk")
+    say("CPU: cores", len(OS.sched_getaffinity(0)))
+    for _ in range({processes} - 1):
+        if fork() == 0:
+            break
+    while True:
+        pass
+'''
+
+
 def filler(megabytes: int) -> str:
     """Writes ``megabytes`` MB to /tmp in 8 MB files."""
     return PRELUDE + f'''
