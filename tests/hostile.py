@@ -253,15 +253,19 @@ def attack_in_fit():
 
 
 def cpu_hog(processes: int) -> str:
-    """Keeps ``processes`` processes busy until the run is stopped; says how many cores it
-    may use."""
+    """Keeps ``processes`` processes busy until the run is stopped; each says, after 3 s,
+    the share of a core it got."""
     return PRELUDE + f'''
 def attack_in_fit():
     fork = f("o" + "s", "fo", "rk")
-    say("CPU: cores", len(OS.sched_getaffinity(0)))
+    wall, cpu = f("time", "mono", "tonic"), f("time", "process", "_time")
     for _ in range({processes} - 1):
         if fork() == 0:
             break
+    started, used = wall(), cpu()
+    while wall() - started < 3:
+        pass
+    say("CPU: share", round((cpu() - used) / (wall() - started), 3))
     while True:
         pass
 '''
