@@ -315,7 +315,6 @@ class Disk:
                 unmount(point)
             self.close()
             raise
-        self.stores = [os.path.join(tmp, "writable", str(index)) for index in range(len(folders))]
 
     def full(self):
         """Whether the disk has no room left: no inode, or less than 1 % (1 MiB) free."""
@@ -330,8 +329,8 @@ class Disk:
         for folder in reversed(self.folders):
             unmount(folder)
         budget = [self.limit_mb * MIB, 0]
-        for store, beneath in zip(self.stores, self.beneath):
-            source = os.open(store, OPEN_FOLDER)
+        for index, beneath in enumerate(self.beneath):
+            source = os.open(os.path.join(self.tmp, "writable", str(index)), OPEN_FOLDER)
             try:
                 copy_out(source, beneath, budget)
             finally:
