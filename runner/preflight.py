@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from runner import blinded
+from runner import blinded, gpus
 from runner.config import EventConfig, WorkerSection
 from runner.errors import ConfigError
 from runner.registry import worker_class
@@ -31,6 +31,7 @@ def preflight(config: EventConfig) -> list[str]:
     _check_writable(source, "worker.predictions_dir", Path(worker.predictions_dir))
     _check_writable(source, "worker.logs_dir", Path(worker.logs_dir))
     _check_writable(source, "dispatcher.ledger", config.ledger_path.parent)
+    _check_gpus(source, config)
     cls = worker_class(worker.worker_type)
     warnings = _check_hidden_labels(source, worker, cls.runs_ingestion)
     # A third party's preflight written to the README returns nothing.
@@ -49,6 +50,29 @@ def _check_hidden_labels(source: str, worker: WorkerSection, runs_ingestion: boo
                           "can hide the test labels (or hidden_test_labels: auto | off)",
                           f"required, but {why}")
     return [blinded.not_hidden_warning(why)]
+
+
+def _check_gpus(source: str, config: EventConfig) -> None:
+    """Runs on this machine that take GPUs (worker types with a ``gpus`` key): every slot
+    must have ``gpus_per_run`` GPUs of its own."""
+    worker = config.worker
+    per_run = worker.gpus_per_run
+    if not per_run or not hasattr(worker, "gpus"):
+        return
+    where = "worker.gpus" if worker.gpus is not None else "nvidia-smi -L"
+    try:
+        found = gpus.host_gpus(worker.gpus)
+    except gpus.GPUError as error:
+        raise ConfigError(source, "worker.gpus", "this machine's GPU list (gpus: [0, 1]) "
+                          f"when nvidia-smi -L cannot give it (worker.gpus_per_run={per_run})",
+                          str(error)) from None
+    fit = gpus.runs_fit(found, per_run)
+    slots = config.dispatcher.slots
+    if slots > fit:
+        raise ConfigError(source, "dispatcher.n_workers",
+                          f"at most {fit} slot(s): {len(found)} GPU(s) ({where}: "
+                          f"{list(found)}) // worker.gpus_per_run={per_run}",
+                          f"{config.dispatcher.n_workers} ({slots} slots)")
 
 
 def _check_kit(source: str, kit: Path) -> None:

@@ -19,7 +19,9 @@ as a child subreaper, so that descendants that leave the group are still its own
   system holding only /usr (and the /lib links), a few files of /etc, the prefixes of
   COMMAND's program and interpreter, the ``--ro PATH`` folders read-only, the ``--rw PATH``
   folders writable and ``--tmp DIR`` as /tmp and /dev/shm; ``--hide PATH`` puts an empty
-  folder over PATH. Run as root, COMMAND runs as a uid of its own (no capabilities, no new
+  folder over PATH. ``--device PATH`` binds the device node PATH (a run's GPU) as
+  /dev/<its name>, ``--device-try PATH`` the same where PATH exists (the GPU driver's shared
+  nodes): no other device of the host is there. Run as root, COMMAND runs as a uid of its own (no capabilities, no new
   privileges); as another user, as that user inside a user namespace. When the sandbox's
   first process dies, the kernel kills everything left in its PID namespace;
 - limits, each ending the run with a reason naming it. The run gets a cgroup of its own
@@ -91,12 +93,13 @@ ETC_ENTRIES = ("passwd", "group", "hosts", "resolv.conf", "nsswitch.conf", "host
                "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives",
                "ssl/certs", "ca-certificates", "protocols", "services", "mime.types")
 FLAGS = ("--sandbox", "--network", "--check-sandbox", "--no-own-disk")
-REPEATED = ("--ro", "--rw", "--hide")
+REPEATED = ("--ro", "--rw", "--hide", "--device", "--device-try")
 VALUED = ("--watch", "--peak-rss", "--reason", "--tmp", "--memory-limit-mb",
           "--output-limit-mb", "--log-limit-mb", "--max-processes", "--cpus")
 LIMITS = ("memory_limit_mb", "output_limit_mb", "log_limit_mb", "max_processes", "cpus")
 USAGE = ("usage: supervise.py [--watch PID] [--peak-rss FILE] [--reason FILE] [--sandbox "
-         "[--network] [--ro PATH]... [--rw PATH]... [--hide PATH]...] [--tmp DIR] "
+         "[--network] [--ro PATH]... [--rw PATH]... [--hide PATH]... [--device PATH]... "
+         "[--device-try PATH]...] [--tmp DIR] "
          "[--memory-limit-mb N] [--output-limit-mb N] [--log-limit-mb N] "
          "[--max-processes N] [--cpus N] -- COMMAND [ARG...]\n"
          "       supervise.py --check-sandbox")
@@ -194,6 +197,10 @@ def bwrap_argv(options, command, uid):
     for path in options["--rw"]:
         path = os.path.abspath(path)
         mounts[os.path.normpath(path)] = ["--bind", path, path]
+    for option, bind in (("--device", "--dev-bind"), ("--device-try", "--dev-bind-try")):
+        for path in options[option]:
+            node = os.path.join("/dev", os.path.basename(path))
+            mounts[node] = [bind, os.path.abspath(path), node]
     tmp = options.get("--tmp")
     if tmp:
         add("/tmp", "--bind", os.path.join(tmp, "tmp"), "/tmp")

@@ -1,0 +1,228 @@
+"""One GPU per slot (worker key ``gpus_per_run``), through the real dispatcher and sandbox.
+
+No GPU exists on these machines: the GPUs are stand-ins. A ``nvidia-smi`` script first on
+PATH lists them, and their device nodes are made by the test with mknod (major 195, as the
+NVIDIA driver's) in a folder of the test, which ``runner.gpus.DEVICE_DIR`` points at. The
+machine's own /dev is left alone: a node made there would be seen by every process of the
+machine (other tests running beside these) and would stay behind if the test were killed.
+What is shown is what a run sees: CUDA_VISIBLE_DEVICES and the /dev/nvidia* nodes of its
+sandbox (their major and minor numbers tell them apart); no CUDA call is made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import gpus
+from runner.config import load_event_config
+from runner.dispatcher import Dispatcher
+from runner.errors import ConfigError
+from runner.ledger import Ledger
+from runner.preflight import preflight
+from tests.events import make_event
+from tests.hostile import add_submission
+from tests.test_cli import ramp_runner
+
+NVIDIA_MAJOR = 195
+# nvidiactl is minor 255 of the driver's major; nvidia-uvm has a major of its own.
+CONTROL_MINOR = 255
+UVM_MAJOR = 511
+
+# What a run sees of the GPUs, printed into its log at each fold; it sleeps a little so
+# that the two slots' runs overlap. Names ramp-test refuses in a submission's source
+# (file listing) are reached through getattr.
+GPU_VIEW_CLASSIFIER = '''
+import importlib
+import json
+import time
+
+from sklearn.linear_model import LogisticRegression
+
+
+class Classifier:
+    def __init__(self):
+        self.model = LogisticRegression(max_iter=200)
+
+    def fit(self, X, y):
+        system = importlib.import_module("o" + "s")
+        started = time.time()
+        devices = {}
+        for name in getattr(system, "list" + "dir")("/dev"):
+            if name.startswith("nvidia"):
+                rdev = getattr(system, "st" + "at")("/dev/" + name).st_rdev
+                devices[name] = [system.major(rdev), system.minor(rdev)]
+        time.sleep(1)
+        print("GPU_VIEW=" + json.dumps({
+            "cuda": getattr(system, "environ").get("CUDA_VISIBLE_DEVICES"),
+            "devices": devices, "started": started, "ended": time.time()}))
+        self.model.fit(X, y)
+        return self
+
+    def predict_proba(self, X):
+        return self.model.predict_proba(X)
+'''
+
+
+def stand_in_nvidia_smi(folder: Path, indices: list[int]) -> Path:
+    """A ``nvidia-smi`` answering ``-L`` as the real one does, listing ``indices``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = "".join(f"GPU {i}: Stand-in GPU {i} (UUID: GPU-0000000{i}-stand-in)\n"
+                    for i in indices)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!{sys.executable}\nimport sys\n"
+                      "if sys.argv[1:] != ['-L']:\n"
+                      "    sys.exit('stand-in nvidia-smi: only -L is answered')\n"
+                      f"sys.stdout.write({lines!r})\n")
+    script.chmod(0o755)
+    return script
+
+
+def make_device_nodes(folder: Path, indices: list[int]) -> None:
+    """Character device nodes as the NVIDIA driver makes them (root: mknod)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    nodes = {f"nvidia{i}": (NVIDIA_MAJOR, i) for i in indices}
+    nodes.update({"nvidiactl": (NVIDIA_MAJOR, CONTROL_MINOR), "nvidia-uvm": (UVM_MAJOR, 0)})
+    for name, (major, minor) in nodes.items():
+        os.mknod(folder / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+
+
+@pytest.fixture
+def stand_in_gpus(tmp_path, monkeypatch):
+    """Two GPUs listed by nvidia-smi (0 and 1); the device folder also holds nvidia2, a GPU
+    of the machine that no run of the event may see."""
+    smi = stand_in_nvidia_smi(tmp_path / "smi-bin", [0, 1])
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    devices = tmp_path / "dev"
+    make_device_nodes(devices, [0, 1, 2])
+    monkeypatch.setattr(gpus, "DEVICE_DIR", str(devices))
+    assert not any(name.startswith("nvidia") for name in os.listdir("/dev"))
+    return devices
+
+
+def gpu_views(log: str) -> list[dict]:
+    """What a ``GPU_VIEW_CLASSIFIER`` run printed, fold by fold."""
+    return [json.loads(line.removeprefix("GPU_VIEW=")) for line in log.splitlines()
+            if line.startswith("GPU_VIEW=")]
+
+
+def test_two_slots_each_see_only_their_own_gpu(tmp_path, stand_in_gpus):
+    names = [f"gpu_view_{i}" for i in range(4)]
+    path = make_event(tmp_path / "event", submissions=(),
+                      worker={"gpus_per_run": 1, "sandbox": "required", "timeout": 60},
+                      dispatcher={"n_workers": 2})
+    for name in names:
+        add_submission(path.parent / "submissions", name, GPU_VIEW_CLASSIFIER)
+    config = load_event_config(path)
+    assert not [w for w in preflight(config) if "GPU" in w or "ISOLATED" in w]
+    Dispatcher(config).run()
+
+    with Ledger(config.ledger_path) as ledger:
+        assert {s.name: s.state for s in ledger.all()} == dict.fromkeys(names, "scored")
+    runs = {}
+    for name in names:
+        views = gpu_views((Path(config.worker.logs_dir) / name / "log").read_text())
+        assert views, name
+        assert all(view["devices"] == views[0]["devices"] for view in views)
+        assert all(view["cuda"] == views[0]["cuda"] for view in views)
+        runs[name] = (views[0]["cuda"], views[0]["devices"], views[0]["started"],
+                      views[-1]["ended"])
+    for cuda, devices, _, _ in runs.values():
+        # Its one GPU, the one CUDA_VISIBLE_DEVICES names, and the driver's shared nodes;
+        # nvidia-uvm-tools is absent on this "host", so not bound.
+        assert cuda in ("0", "1")
+        assert devices == {f"nvidia{cuda}": [NVIDIA_MAJOR, int(cuda)],
+                           "nvidiactl": [NVIDIA_MAJOR, CONTROL_MINOR],
+                           "nvidia-uvm": [UVM_MAJOR, 0]}
+    # Both slots ran, and two runs at the same time never shared a GPU.
+    assert {cuda for cuda, _, _, _ in runs.values()} == {"0", "1"}
+    spans = list(runs.values())
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]
+                   if a[2] < b[3] and b[2] < a[3]]
+    assert overlapping, runs
+    assert all(a[0] != b[0] for a, b in overlapping)
+
+
+def test_without_the_sandbox_a_run_still_gets_its_gpu_by_cuda_visible_devices(
+        tmp_path, stand_in_gpus):
+    path = make_event(tmp_path / "event", submissions=(),
+                      worker={"gpus_per_run": 2, "gpus": [3, 1], "sandbox": "off"},
+                      dispatcher={"n_workers": 1})
+    add_submission(path.parent / "submissions", "gpu_view", GPU_VIEW_CLASSIFIER)
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    views = gpu_views((Path(config.worker.logs_dir) / "gpu_view" / "log").read_text())
+    # The config's list is the machine's (nvidia-smi is not asked), in its order.
+    assert {view["cuda"] for view in views} == {"3,1"}
+
+
+def _event(tmp_path: Path, worker: dict, n_workers: int) -> Path:
+    path = make_event(tmp_path / "event", submissions=(), worker=worker,
+                      dispatcher={"n_workers": n_workers})
+    (path.parent / "submissions").mkdir()
+    return path
+
+
+def test_check_config_refuses_more_slots_than_gpus_allow(tmp_path, stand_in_gpus):
+    smi_path = os.environ["PATH"]
+    path = _event(tmp_path, {"gpus_per_run": 1}, n_workers=3)
+    refused = ramp_runner("check-config", "-e", str(path), env={"PATH": smi_path})
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "dispatcher.n_workers: expected at most 2 slot(s): 2 GPU(s) (nvidia-smi -L: " \
+        "[0, 1]) // worker.gpus_per_run=1, got 3" in message, message
+
+    # Declared GPUs: four of them, two per run, hold two slots and not three.
+    declared = _event(tmp_path / "declared", {"gpus_per_run": 2, "gpus": [0, 1, 2, 3]},
+                      n_workers=3)
+    with pytest.raises(ConfigError, match=r"dispatcher\.n_workers: expected at most 2 "
+                       r"slot\(s\): 4 GPU\(s\) \(worker\.gpus: \[0, 1, 2, 3\]\) // "
+                       r"worker\.gpus_per_run=2, got 3"):
+        preflight(load_event_config(declared))
+
+    fits = _event(tmp_path / "fits", {"gpus_per_run": 1}, n_workers=2)
+    accepted = ramp_runner("check-config", "-e", str(fits), env={"PATH": smi_path})
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "gpus_per_run" in accepted.stdout
+
+
+def test_a_machine_without_nvidia_smi_is_told_to_declare_its_gpus(tmp_path, monkeypatch):
+    bare = tmp_path / "bare-bin"
+    bare.mkdir()
+    (bare / "python3").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bare))
+    config = load_event_config(_event(tmp_path, {"gpus_per_run": 1}, n_workers=1))
+    with pytest.raises(ConfigError, match=r"worker\.gpus: expected this machine's GPU list "
+                       r"\(gpus: \[0, 1\]\) when nvidia-smi -L cannot give it"):
+        preflight(config)
+
+
+@pytest.mark.parametrize(("worker", "key", "expected"), [
+    ({"gpus_per_run": -1}, "worker.gpus_per_run", "an integer >= 0"),
+    ({"gpus_per_run": "one"}, "worker.gpus_per_run", "an integer"),
+    ({"gpus_per_run": 1, "gpus": [0, 0]}, "worker.gpus", "distinct GPU indices >= 0"),
+    ({"gpus_per_run": 1, "gpus": [-1]}, "worker.gpus", "distinct GPU indices >= 0"),
+    ({"gpus_per_run": 3, "gpus": [0, 1]}, "worker.gpus", "at least gpus_per_run=3 GPU"),
+    ({"gpus": "0,1"}, "worker.gpus", "a non-empty list of an integer"),
+])
+def test_gpu_keys_that_cannot_work_are_refused_naming_the_key(tmp_path, worker, key, expected):
+    path = _event(tmp_path, worker, n_workers=1)
+    with pytest.raises(ConfigError) as refused:
+        load_event_config(path)
+    assert refused.value.key_path.startswith(key)
+    assert str(path) in str(refused.value) and expected in str(refused.value)
+
+
+def test_nvidia_smi_listing_is_read_by_its_indices():
+    listing = ("GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-3b0f)\n"
+               "  MIG 1g.5gb Device 0: (UUID: MIG-aa)\n"
+               "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-9c1e)\n")
+    assert gpus.parse_listing(listing) == (0, 1)
+    assert gpus.of_slot((0, 1, 2, 3), 2, 1) == (2, 3)
+    with pytest.raises(gpus.GPUError, match="slot 2 has no 2 GPU"):
+        gpus.of_slot((0, 1, 2, 3), 2, 2)
