@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from runner.errors import EventError
 
@@ -26,6 +27,14 @@ LIST_TIMEOUT_SECONDS = 30
 
 class GPUError(EventError):
     """The host's GPUs cannot be found, or are too few for the event's runs."""
+
+
+@dataclass(frozen=True)
+class HostGPUs:
+    """One host's GPUs, and where the list was found (a config key, or nvidia-smi)."""
+
+    where: str
+    gpus: tuple[int, ...]
 
 
 def parse_listing(text: str) -> tuple[int, ...]:
@@ -56,6 +65,13 @@ def host_gpus(declared: Sequence[int] | None) -> tuple[int, ...]:
 def runs_fit(gpus: Sequence[int], per_run: int) -> int:
     """How many runs of ``per_run`` GPUs each the list ``gpus`` holds at once."""
     return len(gpus) // per_run
+
+
+def capacity(hosts: Sequence[HostGPUs], per_run: int) -> tuple[int, str]:
+    """(how many runs of ``per_run`` GPUs ``hosts`` hold at once, that said in words)."""
+    fit = sum(runs_fit(host.gpus, per_run) for host in hosts)
+    lists = "; ".join(f"{host.where}: {list(host.gpus)}" for host in hosts)
+    return fit, f"{fit} slot(s) of worker.gpus_per_run={per_run} GPU(s) from {lists}"
 
 
 def of_slot(gpus: Sequence[int], per_run: int, slot: int) -> tuple[int, ...]:

@@ -53,26 +53,16 @@ def _check_hidden_labels(source: str, worker: WorkerSection, runs_ingestion: boo
 
 
 def _check_gpus(source: str, config: EventConfig) -> None:
-    """Runs on this machine that take GPUs (worker types with a ``gpus`` key): every slot
-    must have ``gpus_per_run`` GPUs of its own."""
-    worker = config.worker
-    per_run = worker.gpus_per_run
-    if not per_run or not hasattr(worker, "gpus"):
+    """Runs that take GPUs on hosts the worker type lists (``gpu_hosts``: this machine,
+    SSH hosts): every slot must have ``gpus_per_run`` GPUs of its own."""
+    per_run = config.worker.gpus_per_run
+    find = getattr(worker_class(config.worker.worker_type), "gpu_hosts", None)
+    if not per_run or find is None:
         return
-    where = "worker.gpus" if worker.gpus is not None else "nvidia-smi -L"
-    try:
-        found = gpus.host_gpus(worker.gpus)
-    except gpus.GPUError as error:
-        raise ConfigError(source, "worker.gpus", "this machine's GPU list (gpus: [0, 1]) "
-                          f"when nvidia-smi -L cannot give it (worker.gpus_per_run={per_run})",
-                          str(error)) from None
-    fit = gpus.runs_fit(found, per_run)
-    slots = config.dispatcher.slots
-    if slots > fit:
-        raise ConfigError(source, "dispatcher.n_workers",
-                          f"at most {fit} slot(s): {len(found)} GPU(s) ({where}: "
-                          f"{list(found)}) // worker.gpus_per_run={per_run}",
-                          f"{config.dispatcher.n_workers} ({slots} slots)")
+    fit, said = gpus.capacity(find(config.worker_dict()), per_run)
+    if config.dispatcher.slots > fit:
+        raise ConfigError(source, "dispatcher.n_workers", f"at most {said}",
+                          f"{config.dispatcher.n_workers} ({config.dispatcher.slots} slots)")
 
 
 def _check_kit(source: str, kit: Path) -> None:

@@ -25,8 +25,10 @@ from runner.dispatcher import Dispatcher
 from runner.errors import ConfigError
 from runner.ledger import Ledger
 from runner.preflight import preflight
+from runner.ssh import worker as ssh_module
 from tests.events import make_event
 from tests.hostile import add_submission
+from tests.sshd import VENV_BIN, remote_dispatcher, ssh_worker_section
 from tests.test_cli import ramp_runner
 
 NVIDIA_MAJOR = 195
@@ -174,15 +176,15 @@ def test_check_config_refuses_more_slots_than_gpus_allow(tmp_path, stand_in_gpus
     refused = ramp_runner("check-config", "-e", str(path), env={"PATH": smi_path})
     assert refused.returncode == 2, refused.stdout + refused.stderr
     message = " ".join(refused.stderr.split())
-    assert "dispatcher.n_workers: expected at most 2 slot(s): 2 GPU(s) (nvidia-smi -L: " \
-        "[0, 1]) // worker.gpus_per_run=1, got 3" in message, message
+    assert "dispatcher.n_workers: expected at most 2 slot(s) of worker.gpus_per_run=1 " \
+        "GPU(s) from nvidia-smi -L: [0, 1], got 3" in message, message
 
     # Declared GPUs: four of them, two per run, hold two slots and not three.
     declared = _event(tmp_path / "declared", {"gpus_per_run": 2, "gpus": [0, 1, 2, 3]},
                       n_workers=3)
     with pytest.raises(ConfigError, match=r"dispatcher\.n_workers: expected at most 2 "
-                       r"slot\(s\): 4 GPU\(s\) \(worker\.gpus: \[0, 1, 2, 3\]\) // "
-                       r"worker\.gpus_per_run=2, got 3"):
+                       r"slot\(s\) of worker\.gpus_per_run=2 GPU\(s\) from worker\.gpus: "
+                       r"\[0, 1, 2, 3\], got 3"):
         preflight(load_event_config(declared))
 
     fits = _event(tmp_path / "fits", {"gpus_per_run": 1}, n_workers=2)
@@ -226,3 +228,67 @@ def test_nvidia_smi_listing_is_read_by_its_indices():
     assert gpus.of_slot((0, 1, 2, 3), 2, 1) == (2, 3)
     with pytest.raises(gpus.GPUError, match="slot 2 has no 2 GPU"):
         gpus.of_slot((0, 1, 2, 3), 2, 2)
+
+
+# -- SSH hosts: places of their own on one host, its GPUs declared or listed there ------------
+
+
+def _ssh_event(tmp_path: Path, sshd, remote_kit: Path, smi_bin: Path, n_workers: int,
+               names: list[str], **host) -> Path:
+    worker = ssh_worker_section(sshd, remote_kit, gpus_per_run=1, sandbox="required",
+                                # The host's nvidia-smi is the stand-in.
+                                remote_path_prefix=f"{smi_bin}:{VENV_BIN}")
+    worker["hosts"][0].update(host)
+    path = make_event(tmp_path / "event", submissions=(), worker=worker,
+                      dispatcher=remote_dispatcher(n_workers=n_workers))
+    (path.parent / "submissions").mkdir(exist_ok=True)
+    for name in names:
+        add_submission(path.parent / "submissions", name, GPU_VIEW_CLASSIFIER)
+    return path
+
+
+def test_an_ssh_host_runs_one_submission_per_gpu_each_seeing_only_its_own(
+        tmp_path, stand_in_gpus, sshd, remote_kit):
+    names = [f"gpu_view_{i}" for i in range(3)]
+    smi_bin = tmp_path / "smi-bin"
+    config = load_event_config(_ssh_event(tmp_path, sshd, remote_kit, smi_bin, 2, names))
+    # The host declares no GPUs: its nvidia-smi -L is asked, over SSH.
+    hosts = ssh_module.SSHWorker.gpu_hosts(config.worker_dict())
+    assert [(h.where, h.gpus) for h in hosts] == [
+        (f"nvidia-smi -L on {sshd.user}@{sshd.host}:{sshd.port}", (0, 1))]
+    assert not [w for w in preflight(config) if "GPU" in w]
+    Dispatcher(config).run()
+
+    with Ledger(config.ledger_path) as ledger:
+        assert {s.name: s.state for s in ledger.all()} == dict.fromkeys(names, "scored")
+    spans = []
+    for name in names:
+        views = gpu_views((Path(config.worker.logs_dir) / name / "log").read_text())
+        cuda = views[0]["cuda"]
+        assert cuda in ("0", "1")
+        assert all(view["devices"] == {f"nvidia{cuda}": [NVIDIA_MAJOR, int(cuda)],
+                                       "nvidiactl": [NVIDIA_MAJOR, CONTROL_MINOR],
+                                       "nvidia-uvm": [UVM_MAJOR, 0]} for view in views)
+        spans.append((cuda, views[0]["started"], views[-1]["ended"]))
+    # Two runs on the one host at once, on different GPUs.
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]
+                   if a[1] < b[2] and b[1] < a[2]]
+    assert overlapping, spans
+    assert all(a[0] != b[0] for a, b in overlapping)
+    assert not ssh_module.host_in_use(config.worker.hosts[0])
+
+
+def test_an_ssh_hosts_declared_gpus_bound_its_places(tmp_path, stand_in_gpus, sshd, remote_kit):
+    smi_bin = tmp_path / "smi-bin"
+    refused = load_event_config(_ssh_event(tmp_path / "two", sshd, remote_kit, smi_bin, 2, [],
+                                           gpus=[1]))
+    with pytest.raises(ConfigError, match=r"dispatcher\.n_workers: expected at most 1 slot\(s\) "
+                       r"of worker\.gpus_per_run=1 GPU\(s\) from worker\.hosts\[0\]\.gpus: "
+                       r"\[1\], got 2"):
+        preflight(refused)
+    config = load_event_config(_ssh_event(tmp_path / "one", sshd, remote_kit, smi_bin, 1,
+                                          ["gpu_view"], gpus=[1]))
+    Dispatcher(config).run()
+    views = gpu_views((Path(config.worker.logs_dir) / "gpu_view" / "log").read_text())
+    assert views and {view["cuda"] for view in views} == {"1"}
+    assert set(views[0]["devices"]) == {"nvidia1", "nvidiactl", "nvidia-uvm"}

@@ -53,6 +53,21 @@ class CondaEnvWorker(BaseWorker):
         return warnings
 
     @classmethod
+    def gpu_hosts(cls, config: dict[str, Any]) -> list[gpus.HostGPUs]:
+        """This machine's GPUs (``gpus``, else nvidia-smi -L); ConfigError when neither
+        gives them."""
+        settings = cls.settings_of(config)
+        try:
+            found = gpus.host_gpus(settings.gpus)
+        except gpus.GPUError as error:
+            raise ConfigError(cls.config_source(config), "worker.gpus", "this machine's GPU "
+                              "list (gpus: [0, 1]) when nvidia-smi -L cannot give it "
+                              f"(worker.gpus_per_run={settings.gpus_per_run})",
+                              str(error)) from None
+        where = "worker.gpus" if settings.gpus is not None else "nvidia-smi -L"
+        return [gpus.HostGPUs(where, found)]
+
+    @classmethod
     def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
         """Find the conda environment once per dispatcher (with a real conda, asking costs
         about a second), and this machine's GPUs when runs take some."""
