@@ -62,6 +62,11 @@ def test_the_jobs_follow_the_event_and_outlast_a_run_started_at_the_end_of_the_l
     assert SlurmJobs.from_event(config, lifetime=86400).walltime() == "1-04:29:00"
     assert jobs.job_directives() == []
     assert SlurmJobs.from_event(config, gpus_per_run=2).job_directives() == ["--gres=gpu:2"]
+    with_gpus = load_event_config(make_event(
+        tmp_path / "gpu-event", submissions=(), dispatcher={"n_workers": 3},
+        worker={"worker_type": "dask", "dask_scheduler": "tcp://login:8786",
+                "gpus_per_run": 2}))
+    assert SlurmJobs.from_event(with_gpus).job_directives() == ["--gres=gpu:2"]
     with pytest.raises(ValueError, match="lifetime"):
         SlurmJobs.from_event(config, lifetime=0)
 
@@ -137,9 +142,10 @@ def test_a_worker_past_its_lifetime_finishes_its_task_then_leaves(slurm, tmp_pat
 
 def test_the_command_line_serves_the_event_through_slurm_with_tls(slurm, tmp_path):  # noqa: F811
     """``ramp-runner dask-cluster --slurm -e config.yml``: TLS because the event's scheduler
-    address says tls://, the address in the folder, every job cancelled at Ctrl+C."""
+    address says tls://, the address in the folder, every job cancelled at Ctrl+C; the Dask
+    section's ``gpus_per_run`` is each job's ``--gres=gpu:N``."""
     config = make_event(tmp_path / "event", submissions=(), dispatcher={"n_workers": 1},
-                        worker={"worker_type": "dask",
+                        worker={"worker_type": "dask", "gpus_per_run": 1,
                                 "dask_scheduler": "tls://127.0.0.1:8786"})
     folder = tmp_path / "cluster"
     command = subprocess.Popen(
@@ -161,7 +167,12 @@ def test_the_command_line_serves_the_event_through_slurm_with_tls(slurm, tmp_pat
         security = distributed.Security(**snippet["dask_security"])
         with distributed.Client(address, security=security, set_as_default=False) as client:
             future = client.submit(job_of_this_worker, pure=False)
-            assert future.result(timeout=JOB_START_SECONDS) in slurm.jobs()
+            job_id = future.result(timeout=JOB_START_SECONDS)
+            assert job_id in slurm.jobs()
+            # The job holds the one stand-in GPU, and its Dask worker is shown it.
+            assert "gres:gpu:1" in slurm.command("scontrol", "show", "job", job_id).stdout
+            gpus = client.submit(environment_variable, "CUDA_VISIBLE_DEVICES", pure=False)
+            assert gpus.result(timeout=JOB_START_SECONDS) == "0"
         with pytest.raises(OSError):  # plain connections are refused
             distributed.Client(address.replace("tls://", "tcp://"), timeout=2,
                                set_as_default=False)
