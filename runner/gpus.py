@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from runner.errors import EventError
@@ -81,6 +81,17 @@ def of_slot(gpus: Sequence[int], per_run: int, slot: int) -> tuple[int, ...]:
         raise GPUError(f"slot {slot} has no {per_run} GPU(s) of its own among {list(gpus)} "
                        f"(gpus_per_run: {per_run})")
     return group
+
+
+def allocated(environ: Mapping[str, str]) -> tuple[int, ...]:
+    """The GPUs a batch system gave this process (a Dask worker in a Slurm job): Slurm's
+    ``SLURM_JOB_GPUS`` (the node's indices), else ``CUDA_VISIBLE_DEVICES``; () when
+    neither names GPU indices (UUIDs cannot be told apart as device nodes)."""
+    for name in ("SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
+        words = [word.strip() for word in environ.get(name, "").split(",") if word.strip()]
+        if words and all(word.isdigit() for word in words):
+            return tuple(int(word) for word in words)
+    return ()
 
 
 def visible_devices(gpus: Sequence[int]) -> dict[str, str]:

@@ -20,10 +20,11 @@ as a child subreaper, so that descendants that leave the group are still its own
   COMMAND's program and interpreter, the ``--ro PATH`` folders read-only, the ``--rw PATH``
   folders writable and ``--tmp DIR`` as /tmp and /dev/shm; ``--hide PATH`` puts an empty
   folder over PATH. ``--device PATH`` binds the device node PATH (a run's GPU) as
-  /dev/<its name>, ``--device-try PATH`` the same where PATH exists (the GPU driver's shared
-  nodes): no other device of the host is there. Run as root, COMMAND runs as a uid of its own (no capabilities, no new
-  privileges); as another user, as that user inside a user namespace. When the sandbox's
-  first process dies, the kernel kills everything left in its PID namespace;
+  /dev/<its name>, ``--device-try PATH`` the same where PATH exists (the GPU driver's
+  shared nodes): no other device of the host is there. Run as root, COMMAND runs as a uid
+  of its own (no capabilities, no new privileges); as another user, as that user inside a
+  user namespace. When the sandbox's first process dies, the kernel kills everything left
+  in its PID namespace;
 - limits, each ending the run with a reason naming it. The run gets a cgroup of its own
   (v2, or v1's memory, pids, cpu and cpuset controllers), entered before COMMAND starts,
   removed at its end: ``--memory-limit-mb N`` is a ceiling that counts shared memory,

@@ -11,9 +11,7 @@ sandbox (their major and minor numbers tell them apart); no CUDA call is made.
 
 from __future__ import annotations
 
-import json
 import os
-import stat
 import sys
 from pathlib import Path
 
@@ -27,71 +25,18 @@ from runner.ledger import Ledger
 from runner.preflight import preflight
 from runner.ssh import worker as ssh_module
 from tests.events import make_event
+from tests.gpu_stand_ins import (
+    CONTROL_MINOR,
+    GPU_VIEW_CLASSIFIER,
+    NVIDIA_MAJOR,
+    UVM_MAJOR,
+    gpu_views,
+    make_device_nodes,
+    stand_in_nvidia_smi,
+)
 from tests.hostile import add_submission
 from tests.sshd import VENV_BIN, remote_dispatcher, ssh_worker_section
 from tests.test_cli import ramp_runner
-
-NVIDIA_MAJOR = 195
-# nvidiactl is minor 255 of the driver's major; nvidia-uvm has a major of its own.
-CONTROL_MINOR = 255
-UVM_MAJOR = 511
-
-# What a run sees of the GPUs, printed into its log at each fold; it sleeps a little so
-# that the two slots' runs overlap. Names ramp-test refuses in a submission's source
-# (file listing) are reached through getattr.
-GPU_VIEW_CLASSIFIER = '''
-import importlib
-import json
-import time
-
-from sklearn.linear_model import LogisticRegression
-
-
-class Classifier:
-    def __init__(self):
-        self.model = LogisticRegression(max_iter=200)
-
-    def fit(self, X, y):
-        system = importlib.import_module("o" + "s")
-        started = time.time()
-        devices = {}
-        for name in getattr(system, "list" + "dir")("/dev"):
-            if name.startswith("nvidia"):
-                rdev = getattr(system, "st" + "at")("/dev/" + name).st_rdev
-                devices[name] = [system.major(rdev), system.minor(rdev)]
-        time.sleep(1)
-        print("GPU_VIEW=" + json.dumps({
-            "cuda": getattr(system, "environ").get("CUDA_VISIBLE_DEVICES"),
-            "devices": devices, "started": started, "ended": time.time()}))
-        self.model.fit(X, y)
-        return self
-
-    def predict_proba(self, X):
-        return self.model.predict_proba(X)
-'''
-
-
-def stand_in_nvidia_smi(folder: Path, indices: list[int]) -> Path:
-    """A ``nvidia-smi`` answering ``-L`` as the real one does, listing ``indices``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = "".join(f"GPU {i}: Stand-in GPU {i} (UUID: GPU-0000000{i}-stand-in)\n"
-                    for i in indices)
-    script = folder / "nvidia-smi"
-    script.write_text(f"#!{sys.executable}\nimport sys\n"
-                      "if sys.argv[1:] != ['-L']:\n"
-                      "    sys.exit('stand-in nvidia-smi: only -L is answered')\n"
-                      f"sys.stdout.write({lines!r})\n")
-    script.chmod(0o755)
-    return script
-
-
-def make_device_nodes(folder: Path, indices: list[int]) -> None:
-    """Character device nodes as the NVIDIA driver makes them (root: mknod)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    nodes = {f"nvidia{i}": (NVIDIA_MAJOR, i) for i in indices}
-    nodes.update({"nvidiactl": (NVIDIA_MAJOR, CONTROL_MINOR), "nvidia-uvm": (UVM_MAJOR, 0)})
-    for name, (major, minor) in nodes.items():
-        os.mknod(folder / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
 
 
 @pytest.fixture
@@ -105,12 +50,6 @@ def stand_in_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr(gpus, "DEVICE_DIR", str(devices))
     assert not any(name.startswith("nvidia") for name in os.listdir("/dev"))
     return devices
-
-
-def gpu_views(log: str) -> list[dict]:
-    """What a ``GPU_VIEW_CLASSIFIER`` run printed, fold by fold."""
-    return [json.loads(line.removeprefix("GPU_VIEW=")) for line in log.splitlines()
-            if line.startswith("GPU_VIEW=")]
 
 
 def test_two_slots_each_see_only_their_own_gpu(tmp_path, stand_in_gpus):

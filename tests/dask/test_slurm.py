@@ -25,6 +25,7 @@ from runner.dask.cluster import ADDRESS_FILE
 from runner.dask.slurm import WORKER_OVERHEAD_MB, SlurmDaskCluster, SlurmJobs
 from tests.dask import helpers as h
 from tests.events import install_fake_conda, make_event
+from tests.gpu_stand_ins import GPU_VIEW_CLASSIFIER, gpu_views
 from tests.slurm import PARTITION, slurm  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -276,4 +277,23 @@ def test_a_run_whose_job_is_cancelled_is_retried_and_scored(slurm, cluster, tmp_
     assert not dispatcher.is_alive(), "the dispatcher is still waiting"
     assert rows["slow"].state == "scored"
     assert rows["slow"].attempts == 1  # one retry: the run lost with its job
+    assert slurm.wait_for_no_jobs(IDLE_SECONDS + 10) == []
+
+
+def test_a_run_in_a_job_with_a_gpu_is_shown_that_gpu(slurm, tmp_path):  # noqa: F811
+    """``gpus_per_run`` on Dask: the job asks Slurm for the GPU and the run is shown the one
+    its job got. The stand-in GPU's device file is /dev/null (tests/slurm.py), not an
+    NVIDIA node the sandbox could bind: the run goes without the sandbox here, and what it
+    sees is CUDA_VISIBLE_DEVICES (the binding itself is tested in tests/test_gpus.py)."""
+    with SlurmDaskCluster(_jobs(max_jobs=1, gpus_per_run=1), tmp_path / "cluster",
+                          host="127.0.0.1", idle_seconds=IDLE_SECONDS) as cluster:
+        path = make_event(tmp_path / "event", submissions=(), dispatcher={"n_workers": 1},
+                          worker={"worker_type": "dask", "dask_scheduler": cluster.address,
+                                  "timeout": 120, "hidden_test_labels": "off",
+                                  "gpus_per_run": 1, "sandbox": "off"})
+        h.add_submission(path, "gpu_view", GPU_VIEW_CLASSIFIER)
+        rows = h.dispatch(path)
+    assert rows["gpu_view"].state == "scored", rows["gpu_view"].error_msg
+    log = (Path(load_event_config(path).worker.logs_dir) / "gpu_view" / "log").read_text()
+    assert {view["cuda"] for view in gpu_views(log)} == {"0"}
     assert slurm.wait_for_no_jobs(IDLE_SECONDS + 10) == []
