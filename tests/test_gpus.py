@@ -35,7 +35,7 @@ from tests.gpu_stand_ins import (
     stand_in_nvidia_smi,
 )
 from tests.hostile import add_submission
-from tests.sshd import VENV_BIN, remote_dispatcher, ssh_worker_section
+from tests.sshd import VENV_BIN, aws_worker_section, remote_dispatcher, ssh_worker_section
 from tests.test_cli import ramp_runner
 
 
@@ -231,3 +231,21 @@ def test_an_ssh_hosts_declared_gpus_bound_its_places(tmp_path, stand_in_gpus, ss
     views = gpu_views((Path(config.worker.logs_dir) / "gpu_view" / "log").read_text())
     assert views and {view["cuda"] for view in views} == {"1"}
     assert set(views[0]["devices"]) == {"nvidia1", "nvidiactl", "nvidia-uvm"}
+
+
+def test_an_aws_instance_gives_its_run_the_first_gpu_it_lists(
+        tmp_path, stand_in_gpus, sshd, remote_kit, instance_at_sshd):
+    smi_bin = tmp_path / "smi-bin"
+    worker = aws_worker_section(sshd, remote_kit, gpus_per_run=1, sandbox="required",
+                                remote_path_prefix=f"{smi_bin}:{VENV_BIN}")
+    path = make_event(tmp_path / "event", submissions=(), worker=worker,
+                      dispatcher=remote_dispatcher())
+    (path.parent / "submissions").mkdir()
+    add_submission(path.parent / "submissions", "gpu_view", GPU_VIEW_CLASSIFIER)
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    with Ledger(config.ledger_path) as ledger:
+        assert ledger.get("gpu_view").state == "scored", ledger.get("gpu_view").error_msg
+    views = gpu_views((Path(config.worker.logs_dir) / "gpu_view" / "log").read_text())
+    assert views and {view["cuda"] for view in views} == {"0"}
+    assert set(views[0]["devices"]) == {"nvidia0", "nvidiactl", "nvidia-uvm"}
