@@ -104,28 +104,40 @@ class SSHWorker(RemoteWorker):
         self._host_locks: list[IO[str]] = []
 
     def _claim_host(self) -> None:
-        per_run = self.settings.gpus_per_run
-        # Asked once per worker when the dispatcher did not (prepare).
-        found = dict((self.config.get("prepared") or {}).get("host_gpus") or {})
+        places = self._places() if self.settings.gpus_per_run else None
         while True:
-            for host in self.settings.hosts:
-                if not per_run:
+            if places is None:
+                for host in self.settings.hosts:
                     lock = lock_host(host)
                     if lock is not None:
                         self.host, self._host_locks = host, [lock]
                         return
-                    continue
-                if host_key(host) not in found:
-                    found[host_key(host)] = self._host_gpus(host)
-                host_gpus = found[host_key(host)]
-                for place in range(gpus.runs_fit(host_gpus, per_run)):
+            else:
+                for host, host_gpus, place in places:
                     locks = lock_place(host, place)
                     if locks is not None:
                         self.host, self._host_locks = host, locks
-                        self.gpus = gpus.of_slot(host_gpus, per_run, place)
+                        self.gpus = gpus.of_slot(host_gpus, self.settings.gpus_per_run, place)
                         return
             if self._wakeup.wait(HOST_WAIT_SECONDS):
                 raise RuntimeError(f"{self!r}: killed while waiting for a free host")
+
+    def _places(self) -> list[tuple[SSHHost, tuple[int, ...], int]]:
+        """Every (host, its GPUs, place) of ``gpus_per_run`` GPUs; GPUError when no host
+        has that many (waiting would never end)."""
+        per_run = self.settings.gpus_per_run
+        # What the dispatcher found once (prepare); else asked here.
+        found = (self.config.get("prepared") or {}).get("host_gpus") or {}
+        places = []
+        for host in self.settings.hosts:
+            host_gpus = found.get(host_key(host))
+            if host_gpus is None:
+                host_gpus = self._host_gpus(host)
+            places += [(host, host_gpus, place)
+                       for place in range(gpus.runs_fit(host_gpus, per_run))]
+        if not places:
+            raise gpus.GPUError(f"no host has gpus_per_run={per_run} GPU(s)")
+        return places
 
     def _host_gpus(self, host: SSHHost) -> tuple[int, ...]:
         if host.gpus is not None:
