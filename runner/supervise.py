@@ -901,6 +901,17 @@ def main(argv):
     if watched is not None and born is None:
         # The starter died before we could look at it: nobody would stop this run.
         return 128 + signal.SIGKILL
+    missing = [path for path in options["--device"] if not os.path.exists(path)]
+    if missing:
+        # Checked before bubblewrap, which would fail only after reporting the run started,
+        # as if the run itself had failed: a host without the run's GPU is not its fault.
+        reason = {"fault": "event", "message": (
+            f"the run's GPU device node(s) {', '.join(missing)} are missing on this host")}
+        print(f"supervise: {reason['message']}", file=sys.stderr, flush=True)
+        if "--reason" in options:
+            with open(options["--reason"], "w") as handle:
+                json.dump(reason, handle)
+        return 1
     set_subreaper()
     # Waited for, not handled: the run's end wakes the loop at once, and SIGTERM ends the
     # run cleanly (its cgroup removed) instead of killing the supervisor.

@@ -11,13 +11,15 @@ sandbox (their major and minor numbers tell them apart); no CUDA call is made.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from runner import gpus
+from runner import gpus, supervise
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.errors import ConfigError
@@ -249,3 +251,43 @@ def test_an_aws_instance_gives_its_run_the_first_gpu_it_lists(
     views = gpu_views((Path(config.worker.logs_dir) / "gpu_view" / "log").read_text())
     assert views and {view["cuda"] for view in views} == {"0"}
     assert set(views[0]["devices"]) == {"nvidia0", "nvidiactl", "nvidia-uvm"}
+
+
+def test_a_gpu_node_missing_on_the_host_is_the_events_fault_not_the_runs(tmp_path):
+    """The supervisor alone: a run's GPU node must be there (``--device``), the driver's
+    shared nodes may be missing (``--device-try``)."""
+    make_device_nodes(tmp_path / "dev", [0])
+    code = "import os; print(sorted(n for n in os.listdir('/dev') if n.startswith('nvidia')))"
+
+    def supervised(*devices: str) -> tuple[int, str, dict | None]:
+        reason = tmp_path / "reason"
+        reason.unlink(missing_ok=True)
+        completed = subprocess.run(
+            [sys.executable, supervise.__file__, "--reason", str(reason), "--sandbox",
+             "--tmp", str(tmp_path / "tmp"), *devices, "--", sys.executable, "-c", code],
+            capture_output=True, text=True, timeout=60, check=False)
+        return (completed.returncode, completed.stdout + completed.stderr,
+                json.loads(reason.read_text()) if reason.exists() else None)
+
+    returncode, out, reason = supervised(
+        "--device", str(tmp_path / "dev" / "nvidia0"),
+        "--device-try", str(tmp_path / "dev" / "nvidiactl"),
+        "--device-try", str(tmp_path / "dev" / "nvidia-uvm-tools"))
+    assert (returncode, reason) == (0, None), out
+    assert "['nvidia0', 'nvidiactl']" in out
+    returncode, out, reason = supervised("--device", str(tmp_path / "dev" / "nvidia1"))
+    assert returncode != 0 and reason["fault"] == "event", out
+
+
+def test_a_run_whose_gpu_node_is_gone_is_a_checking_error(tmp_path, stand_in_gpus):
+    (stand_in_gpus / "nvidia1").unlink()  # the driver lost it: the machine's fault
+    path = make_event(tmp_path / "event", submissions=(),
+                      worker={"gpus_per_run": 1, "gpus": [1], "sandbox": "required"},
+                      dispatcher={"n_workers": 1})
+    add_submission(path.parent / "submissions", "gpu_view", GPU_VIEW_CLASSIFIER)
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    with Ledger(config.ledger_path) as ledger:
+        row = ledger.get("gpu_view")
+    assert row.state == "checking_error"
+    assert f"GPU device node(s) {stand_in_gpus}/nvidia1 are missing" in row.error_msg
