@@ -41,6 +41,7 @@ class Classifier:
         time.sleep(1)
         print("GPU_VIEW=" + json.dumps({
             "cuda": getattr(system, "environ").get("CUDA_VISIBLE_DEVICES"),
+            "order": getattr(system, "environ").get("CUDA_DEVICE_ORDER"),
             "devices": devices, "started": started, "ended": time.time()}))
         self.model.fit(X, y)
         return self

@@ -73,6 +73,8 @@ def test_two_slots_each_see_only_their_own_gpu(tmp_path, stand_in_gpus):
         assert views, name
         assert all(view["devices"] == views[0]["devices"] for view in views)
         assert all(view["cuda"] == views[0]["cuda"] for view in views)
+        # CUDA numbers the GPUs as nvidia-smi does.
+        assert {view["order"] for view in views} == {"PCI_BUS_ID"}
         runs[name] = (views[0]["cuda"], views[0]["devices"], views[0]["started"],
                       views[-1]["ended"])
     for cuda, devices, _, _ in runs.values():
