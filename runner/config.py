@@ -42,6 +42,8 @@ class DispatchFacts:
     dispatcher_id: str | None = None
     # What the worker type's ``prepare`` found once for every run, and the blinded data.
     prepared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The dispatcher's slot this run takes (0..slots-1): the GPUs it keeps (runner.gpus).
+    slot: int | None = None
 
     @classmethod
     def of(cls, config: Mapping[str, Any], source: str) -> DispatchFacts:
@@ -102,6 +104,8 @@ class WorkerSection:
     # What the dispatcher told this worker: never a key of the config file.
     dispatch: DispatchFacts = dataclasses.field(default_factory=DispatchFacts,
                                                 metadata={FILLED: True})
+    # GPUs each run gets for itself (runner.gpus); 0: runs see no GPU in the sandbox.
+    gpus_per_run: int = 0
 
     # Keys that must be given a value (checked after the types).
     REQUIRED: typing.ClassVar[tuple[str, ...]] = ()
@@ -115,6 +119,9 @@ class WorkerSection:
             if getattr(self, key) < 1:
                 raise ConfigError(source, f"{key_path}.{key}", "a positive integer",
                                   repr(getattr(self, key)))
+        if self.gpus_per_run < 0:
+            raise ConfigError(source, f"{key_path}.gpus_per_run", "an integer >= 0",
+                              repr(self.gpus_per_run))
 
     def as_worker_dict(self, **dispatcher_keys: Any) -> WorkerConfig:
         """Return the dict a worker receives (the seed's ``config`` argument)."""
@@ -140,6 +147,18 @@ class WorkerConfig(dict):
         (RAMP's callers may change a worker's dict until ``setup``)."""
         return self.section if dict(self) == self._as_made else None
 
+    def for_run(self, **keys: Any) -> WorkerConfig:
+        """A copy for one run with its dispatcher keys (``slot``), still known as made from
+        its section when this dict was unchanged (so that the run does not validate it
+        again)."""
+        unknown = set(keys) - set(DISPATCHER_KEYS)
+        if unknown:
+            raise ValueError(f"not dispatcher keys: {sorted(unknown)}")
+        run = WorkerConfig({**self, **keys}, section=self.section)
+        if self.unchanged_section() is None:
+            run._as_made = {}
+        return run
+
     def public(self) -> dict[str, Any]:
         """The dict with every secret shown as ``<hidden>``: what may be printed."""
         names = _secret_names(type(self.section))
@@ -149,6 +168,20 @@ class WorkerConfig(dict):
         return f"WorkerConfig({self.public()!r})"
 
     __str__ = __repr__
+
+
+def check_gpu_list(gpus: tuple[int, ...] | None, gpus_per_run: int, source: str,
+                   key_path: str) -> None:
+    """Refuse a host's declared ``gpus`` that cannot be a GPU list, or that holds fewer
+    GPUs than one run takes."""
+    if gpus is None:
+        return
+    if any(index < 0 for index in gpus) or len(set(gpus)) != len(gpus):
+        raise ConfigError(source, key_path, "distinct GPU indices >= 0 (as nvidia-smi -L "
+                          "numbers them)", repr(list(gpus)))
+    if len(gpus) < gpus_per_run:
+        raise ConfigError(source, key_path, f"at least gpus_per_run={gpus_per_run} GPU(s)",
+                          repr(list(gpus)))
 
 
 @dataclasses.dataclass(frozen=True)

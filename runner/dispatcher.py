@@ -7,7 +7,6 @@ and sleeps on a queue that slots, signals and timers wake: it never spins.
 
 from __future__ import annotations
 
-import copy
 import errno
 import itertools
 import logging
@@ -112,6 +111,9 @@ class Dispatcher:
         # Slots whose run has ended: they collect, score and tear down, and no longer count
         # against n_workers, so the next submission starts without waiting for them.
         self._collecting: set[int] = set()
+        # Run -> its slot number (0 to n_workers - 1) while it runs: a slot number keeps
+        # its GPUs (runner.gpus) for every run it takes.
+        self._slot_numbers: dict[int, int] = {}
         self._slots_lock = threading.Lock()
         # The worker dict with what the worker class found once for all runs
         # (worker.prepare), made at start and copied for each run.
@@ -232,7 +234,11 @@ class Dispatcher:
         for name in self.source.claim(free, worker=self.dispatcher_id):
             self._changed(name, SubmissionState.SENT_TO_TRAINING)
             run = next(self._run_numbers)
-            thread = threading.Thread(target=self._run_slot, args=(run, name),
+            with self._slots_lock:
+                taken = set(self._slot_numbers.values())
+                slot = min(set(range(self.config.dispatcher.slots)) - taken)
+                self._slot_numbers[run] = slot
+            thread = threading.Thread(target=self._run_slot, args=(run, name, slot),
                                       name=f"slot-{name}", daemon=True)
             with self._slots_lock:
                 self._slots[run] = (name, thread, None)
@@ -240,7 +246,7 @@ class Dispatcher:
 
     # -- one submission -----------------------------------------------------------------
 
-    def _run_slot(self, run: int, name: str) -> None:
+    def _run_slot(self, run: int, name: str, slot: int) -> None:
         worker: BaseWorker | None = None
         # Putting the submission back in the queue waits for the teardown, so that its next
         # run never meets what this one still holds (a host, a remote folder, an instance).
@@ -248,7 +254,7 @@ class Dispatcher:
         try:
             self._clear_previous(name)
             # A copy each: a worker may change its dict.
-            worker = self.worker_class(copy.copy(self._run_config), name)
+            worker = self.worker_class(self._run_config.for_run(slot=slot), name)
             with self._slots_lock:
                 self._slots[run] = (name, self._slots[run][1], worker)
             requeue = self._run_worker(run, name, worker)
@@ -275,6 +281,7 @@ class Dispatcher:
                 with self._slots_lock:
                     self._slots.pop(run, None)
                     self._collecting.discard(run)
+                    self._slot_numbers.pop(run, None)
                 self._wakeups.put(name)
 
     def _clear_previous(self, name: str) -> None:
@@ -324,6 +331,7 @@ class Dispatcher:
                 return None
         with self._slots_lock:
             self._collecting.add(run)
+            self._slot_numbers.pop(run, None)
         self._wakeups.put(name)  # its slot is free for the next submission
         if status is WorkerStatus.KILLED:
             return partial(self._release, name)

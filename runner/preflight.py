@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from runner import blinded
+from runner import blinded, gpus
 from runner.config import EventConfig, WorkerSection
 from runner.errors import ConfigError
 from runner.registry import worker_class
@@ -30,6 +30,7 @@ def preflight(config: EventConfig) -> list[str]:
     _check_writable(source, "worker.predictions_dir", Path(worker.predictions_dir))
     _check_writable(source, "worker.logs_dir", Path(worker.logs_dir))
     _check_writable(source, "dispatcher.ledger", config.ledger_path.parent)
+    _check_gpus(source, config)
     warnings = _check_hidden_labels(source, worker, cls.runs_ingestion)
     # A third party's preflight written to the README returns nothing.
     return [*warnings, *(cls.preflight(config.worker_dict()) or [])]
@@ -47,6 +48,21 @@ def _check_hidden_labels(source: str, worker: WorkerSection, runs_ingestion: boo
                           "can hide the test labels (or hidden_test_labels: auto | off)",
                           f"required, but {why}")
     return [blinded.not_hidden_warning(why)]
+
+
+def _check_gpus(source: str, config: EventConfig) -> None:
+    """Runs that take GPUs on hosts the worker type lists (``gpu_hosts``: this machine,
+    SSH hosts): every slot must have ``gpus_per_run`` GPUs of its own."""
+    per_run = config.worker.gpus_per_run
+    hosts = worker_class(config.worker.worker_type).gpu_hosts(config.worker_dict()) \
+        if per_run else None
+    if hosts is None:
+        return
+    fit, said = gpus.capacity(hosts, per_run)
+    if config.dispatcher.slots > fit:
+        raise ConfigError(source, "dispatcher.n_workers", f"at most {said}",
+                          f"{config.dispatcher.n_workers} ({config.dispatcher.slots} slots)")
+
 
 
 def _check_folder(source: str, key: str, folder: Path) -> None:

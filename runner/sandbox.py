@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner import gpus as host_gpus
 from runner import supervise
 from runner.config import WorkerSection
 from runner.errors import EventError
@@ -83,6 +84,8 @@ class Confinement:
     limits: Mapping[str, int]
     # The worker's n_threads: the cores the run may use (None: not confined).
     cpus: int | None = None
+    # The run's GPUs (runner.gpus): in the sandbox, their device nodes alone are there.
+    gpus: tuple[int, ...] = ()
 
     def options(self) -> list[str]:
         """The ``supervise.py`` options (before ``--``) for this confinement."""
@@ -101,16 +104,24 @@ class Confinement:
                 options += ["--rw", path]
             for path in self.hidden:
                 options += ["--hide", path]
+            if self.gpus:
+                own, shared = host_gpus.device_nodes(self.gpus)
+                for path in own:
+                    options += ["--device", path]
+                for path in shared:
+                    options += ["--device-try", path]
         return options
 
 
 def confinement(settings: WorkerSection, sandboxed: bool, read_only: Sequence[str | Path],
                 writable: Sequence[str | Path], tmp: str | Path,
-                hidden: Sequence[str | Path] = (), cpus: int | None = None) -> Confinement:
+                hidden: Sequence[str | Path] = (), cpus: int | None = None,
+                gpus: Sequence[int] = ()) -> Confinement:
     """The confinement of a run under a worker's ``settings``, wherever it runs.
 
     ``sandboxed`` is ``use_sandbox``'s answer on the machine the run goes to (this one, an
     SSH host, a Dask worker): only that machine can say whether the sandbox works there.
+    ``gpus`` are the run's own GPUs: the sandbox shows their device nodes and no other.
     """
     return Confinement(
         sandbox=sandboxed,
@@ -121,4 +132,5 @@ def confinement(settings: WorkerSection, sandboxed: bool, read_only: Sequence[st
         tmp=str(tmp),
         limits={name: getattr(settings, name) for name in LIMITS},
         cpus=cpus,
+        gpus=tuple(gpus),
     )

@@ -19,9 +19,12 @@ as a child subreaper, so that descendants that leave the group are still its own
   system holding only /usr (and the /lib links), a few files of /etc, the prefixes of
   COMMAND's program and interpreter, the ``--ro PATH`` folders read-only, the ``--rw PATH``
   folders writable and ``--tmp DIR`` as /tmp and /dev/shm; ``--hide PATH`` puts an empty
-  folder over PATH. Run as root, COMMAND runs as a uid of its own (no capabilities, no new
-  privileges); as another user, as that user inside a user namespace. When the sandbox's
-  first process dies, the kernel kills everything left in its PID namespace;
+  folder over PATH. ``--device PATH`` binds the device node PATH (a run's GPU) as
+  /dev/<its name>, ``--device-try PATH`` the same where PATH exists (the GPU driver's
+  shared nodes): no other device of the host is there. Run as root, COMMAND runs as a uid
+  of its own (no capabilities, no new privileges); as another user, as that user inside a
+  user namespace. When the sandbox's first process dies, the kernel kills everything left
+  in its PID namespace;
 - limits, each ending the run with a reason naming it. The run gets a cgroup of its own
   (v2, or v1's memory, pids, cpu and cpuset controllers), entered before COMMAND starts,
   removed at its end: ``--memory-limit-mb N`` is a ceiling that counts shared memory,
@@ -96,12 +99,13 @@ ETC_ENTRIES = ("passwd", "group", "hosts", "resolv.conf", "nsswitch.conf", "host
                "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives",
                "ssl/certs", "ca-certificates", "protocols", "services", "mime.types")
 FLAGS = ("--sandbox", "--network", "--check-sandbox")
-REPEATED = ("--ro", "--rw", "--hide")
+REPEATED = ("--ro", "--rw", "--hide", "--device", "--device-try")
 VALUED = ("--watch", "--peak-rss", "--reason", "--tmp", "--memory-limit-mb",
           "--output-limit-mb", "--log-limit-mb", "--max-processes", "--cpus")
 LIMITS = ("memory_limit_mb", "output_limit_mb", "log_limit_mb", "max_processes", "cpus")
 USAGE = ("usage: supervise.py [--watch PID] [--peak-rss FILE] [--reason FILE] [--sandbox "
-         "[--network] [--ro PATH]... [--rw PATH]... [--hide PATH]...] [--tmp DIR] "
+         "[--network] [--ro PATH]... [--rw PATH]... [--hide PATH]... [--device PATH]... "
+         "[--device-try PATH]...] [--tmp DIR] "
          "[--memory-limit-mb N] [--output-limit-mb N] [--log-limit-mb N] "
          "[--max-processes N] [--cpus N] -- COMMAND [ARG...]\n"
          "       supervise.py --check-sandbox")
@@ -199,6 +203,10 @@ def bwrap_argv(options, command, uid):
     for path in options["--rw"]:
         path = os.path.abspath(path)
         mounts[os.path.normpath(path)] = ["--bind", path, path]
+    for option, bind in (("--device", "--dev-bind"), ("--device-try", "--dev-bind-try")):
+        for path in options[option]:
+            node = os.path.join("/dev", os.path.basename(path))
+            mounts[node] = [bind, os.path.abspath(path), node]
     tmp = options.get("--tmp")
     if tmp:
         add("/tmp", "--bind", os.path.join(tmp, "tmp"), "/tmp")
@@ -1061,6 +1069,17 @@ def main(argv):
     if watched is not None and born is None:
         # The starter died before we could look at it: nobody would stop this run.
         return 128 + signal.SIGKILL
+    missing = [path for path in options["--device"] if not os.path.exists(path)]
+    if missing:
+        # Checked before bubblewrap, which would fail only after reporting the run started,
+        # as if the run itself had failed: a host without the run's GPU is not its fault.
+        reason = {"fault": "event", "message": (
+            f"the run's GPU device node(s) {', '.join(missing)} are missing on this host")}
+        print(f"supervise: {reason['message']}", file=sys.stderr, flush=True)
+        if "--reason" in options:
+            with open(options["--reason"], "w") as handle:
+                json.dump(reason, handle)
+        return 1
     set_subreaper()
     # Waited for, not handled: the run's end wakes the loop at once, and SIGTERM ends the
     # run cleanly (its cgroup removed) instead of killing the supervisor.

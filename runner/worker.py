@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import rescoring
+from runner import gpus, rescoring
 from runner.blinded import BlindedData
 from runner.config import PATH_KEYS, CustomWorkerSection, WorkerSection, worker_settings
 from runner.errors import ConfigError, EventError
@@ -453,6 +453,12 @@ class BaseWorker:
         settings, source = cls.settings_of(config), cls.config_source(config)
         check_kit_dir(source, settings.kit_dir)
         check_data_dir(source, settings.data_dir)
+
+    @classmethod
+    def gpu_hosts(cls, config: dict[str, Any]) -> list[gpus.HostGPUs] | None:
+        """The GPUs of each host this worker type's runs take them on (``check-config``
+        fits the slots into them), or None where the dispatcher cannot list them."""
+        return None
 
     @classmethod
     def config_source(cls, config: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import distributed
 
-from runner import archive, blinded, ingest, ramptest, results, sandbox
+from runner import archive, blinded, gpus, ingest, ramptest, results, sandbox
 from runner.errors import SubmissionError
 from runner.local.conda import conda_env_prefix
 from runner.local.process import LocalRun
@@ -189,6 +189,7 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
     env = ramptest.child_environment(job.get("n_threads"), extra_path=str(bin_dir))
     log_path = scratch / "log"
     settings = job["settings"]
+    run_gpus = _worker_gpus(settings.gpus_per_run, worker, env)
     mode = settings.sandbox
     works, why = sandbox.probe() if mode != "off" else (True, "")
     # Said to the dispatcher, which decides and warns (an exception would be a lost run).
@@ -198,7 +199,7 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
     confinement = sandbox.confinement(
         settings, sandbox.use_sandbox(mode, f"Dask worker {worker.address}"),
         read_only=read_only, writable=[submissions / submission], tmp=scratch / "tmp",
-        hidden=hidden, cpus=job.get("n_threads"))
+        hidden=hidden, cpus=job.get("n_threads"), gpus=run_gpus)
     with _LOCK:
         if run_id in _KILLED:
             return TaskResult(TaskOutcome.KILLED, worker.address)
@@ -235,6 +236,23 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
             _RUNS.pop(run_id, None)
         run.stop()
         run.cleanup()
+
+
+def _worker_gpus(per_run: int, worker: distributed.Worker,
+                 env: dict[str, str]) -> tuple[int, ...]:
+    """With ``gpus_per_run``, the GPUs this Dask worker holds (its Slurm job's), shown to
+    the run as the worker is shown them; GPUError (a lost run: the cluster's fault) when
+    it holds fewer."""
+    if not per_run:
+        return ()
+    held = gpus.allocated(os.environ)
+    if len(held) < per_run:
+        raise gpus.GPUError(f"Dask worker {worker.address} holds GPUs {list(held)}, fewer "
+                            f"than gpus_per_run={per_run} (start it in a job with "
+                            f"--gres=gpu:{per_run}, or with CUDA_VISIBLE_DEVICES)")
+    env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(
+        map(str, held))
+    return held
 
 
 def _wait(run: LocalRun, timeout: float, worker: distributed.Worker) -> TaskOutcome:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runner import blinded, ingest, ramptest, sandbox
+from runner import blinded, gpus, ingest, ramptest, sandbox
 from runner.errors import ConfigError, EventError
 from runner.local.conda import CondaError, conda_env_prefix, conda_executable
 from runner.local.process import LocalRun
@@ -38,6 +38,8 @@ class CondaEnvWorker(BaseWorker):
         # Where ramp-engine's CondaEnvWorker keeps the environment's bin folder.
         self._python_bin_path: str | None = None
         self._confinement: sandbox.Confinement | None = None
+        # The run's own GPUs (gpus_per_run of them), those of its dispatcher slot.
+        self.gpus: tuple[int, ...] = ()
 
     @classmethod
     def preflight(cls, config: dict[str, Any]) -> list[str]:
@@ -51,11 +53,30 @@ class CondaEnvWorker(BaseWorker):
         return warnings
 
     @classmethod
+    def gpu_hosts(cls, config: dict[str, Any]) -> list[gpus.HostGPUs]:
+        """This machine's GPUs (``gpus``, else nvidia-smi -L); ConfigError when neither
+        gives them."""
+        settings = cls.settings_of(config)
+        try:
+            found = gpus.host_gpus(settings.gpus)
+        except gpus.GPUError as error:
+            raise ConfigError(cls.config_source(config), "worker.gpus", "this machine's GPU "
+                              "list (gpus: [0, 1]) when nvidia-smi -L cannot give it "
+                              f"(worker.gpus_per_run={settings.gpus_per_run})",
+                              str(error)) from None
+        where = "worker.gpus" if settings.gpus is not None else "nvidia-smi -L"
+        return [gpus.HostGPUs(where, found)]
+
+    @classmethod
     def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Find the conda environment once per dispatcher: with a real conda, asking costs
-        about a second."""
-        name = cls.settings_of(config).conda_env
-        return {"conda_env": name, "conda_prefix": str(_environment(name))}
+        """Find the conda environment once per dispatcher (with a real conda, asking costs
+        about a second), and this machine's GPUs when runs take some."""
+        settings = cls.settings_of(config)
+        prepared = {"conda_env": settings.conda_env,
+                    "conda_prefix": str(_environment(settings.conda_env))}
+        if settings.gpus_per_run:
+            prepared["gpus"] = gpus.host_gpus(settings.gpus)
+        return prepared
 
     @property
     def _submissions_copy(self) -> Path:
@@ -92,11 +113,16 @@ class CondaEnvWorker(BaseWorker):
         # none of the kit's own data.
         data = [settings.data_dir] if hidden is None else [hidden.folder, ingest.__file__]
         kit_data = Path(settings.kit_dir) / "data"
+        if settings.gpus_per_run:
+            # Without a dispatcher (no slot), a run takes the first GPUs.
+            host = prepared.get("gpus")
+            self.gpus = gpus.of_slot(host if host is not None else gpus.host_gpus(settings.gpus),
+                                     settings.gpus_per_run, settings.dispatch.slot or 0)
         self._confinement = sandbox.confinement(
             settings, sandbox.use_sandbox(settings.sandbox, type(self).__name__),
             read_only=[settings.kit_dir, *data], writable=[copy], tmp=self.scratch / "tmp",
             hidden=[kit_data] if hidden is not None and kit_data.is_dir() else [],
-            cpus=settings.dispatch.n_threads)
+            cpus=settings.dispatch.n_threads, gpus=self.gpus)
         self.sandboxed = self._confinement.sandbox
         super().setup()
 
@@ -118,6 +144,8 @@ class CondaEnvWorker(BaseWorker):
                                           str(self._submissions_copy), self.submission)
         env = ramptest.child_environment(self.settings.dispatch.n_threads,
                                          extra_path=str(self._bin))
+        if self.gpus:
+            env.update(gpus.visible_devices(self.gpus))
         self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch,
                              confinement=self._confinement)
 

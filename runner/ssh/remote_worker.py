@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner import blinded, ingest, ramptest, sandbox, supervise
+from runner import blinded, gpus, ingest, ramptest, sandbox, supervise
 from runner.errors import ConfigError, EventError
 from runner.results import read_reason, run_end
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
@@ -88,6 +88,18 @@ def removal_of_words(words: str) -> str:
     return f"rm -rf {words}"
 
 
+def remote_gpus(session: RemoteSession, path_prefix: str | None) -> tuple[int, ...]:
+    """The GPUs a host's ``nvidia-smi -L`` lists (with the run's PATH); GPUError when it
+    cannot be run there."""
+    lines = [f"export PATH={shlex.quote(path_prefix)}:\"$PATH\"" if path_prefix else "",
+             shlex.join(gpus.LIST_COMMAND)]
+    status, out, err = session.run(f"bash -lc {shlex.quote(chr(10).join(lines))}", 60)
+    if status != 0:
+        raise gpus.GPUError(f"{' '.join(gpus.LIST_COMMAND)} on {session!r} exited {status}: "
+                            f"{(err or out).strip()[:300]}")
+    return gpus.parse_listing(out)
+
+
 class RemoteWorker(BaseWorker):
     """A run of ramp-test on a remote host; subclasses say how to get the host.
 
@@ -114,6 +126,8 @@ class RemoteWorker(BaseWorker):
         self._poll_at = float("-inf")
         self._poll_state = ("running", None, False)
         self._exit_code: int | None = None
+        # The run's own GPUs on the host (gpus_per_run of them).
+        self.gpus: tuple[int, ...] = ()
 
     # -- remote paths and scripts ---------------------------------------------------------
 
@@ -144,6 +158,10 @@ class RemoteWorker(BaseWorker):
             before += f"mkdir -p {shlex.quote(f'{self.remote_kit}/data')} && "
         self.session.upload(files, self.remote_kit, before=before)
         try:
+            if self.settings.gpus_per_run and not self.gpus:
+                # A host of its own (an instance): the first GPUs its nvidia-smi lists.
+                self.gpus = gpus.of_slot(remote_gpus(self.session, self.path_prefix),
+                                         self.settings.gpus_per_run, 0)
             self.sandboxed = self._host_sandbox()
         except EventError:
             # The subclass forgets the session on a setup error: clean the host first.
@@ -193,7 +211,7 @@ class RemoteWorker(BaseWorker):
             hidden.append(f"{kit}/data")
         options = sandbox.confinement(
             self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
-            hidden=hidden, cpus=self.settings.dispatch.n_threads).options()
+            hidden=hidden, cpus=self.settings.dispatch.n_threads, gpus=self.gpus).options()
         return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
                 "--reason", f"{run}/reason", *options, "--", *argv]
 
@@ -227,6 +245,8 @@ class RemoteWorker(BaseWorker):
         argv = self._supervised(command)
         # The host's own environment, not the dispatcher's: only what a run sets is added.
         run_variables = ramptest.child_environment(self.settings.dispatch.n_threads, parent={})
+        if self.gpus:
+            run_variables.update(gpus.visible_devices(self.gpus))
         lines = [
             f"cd {shlex.quote(kit)} || exit 97",
             *self._environment_lines(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from runner.config import WorkerSection
+from runner.config import WorkerSection, check_gpu_list
 from runner.errors import ConfigError
 
 
@@ -28,6 +28,8 @@ class SSHHost:
     remote_ramp_kit_folder: str
     port: int = 22
     conda_env: str | None = None
+    # The host's GPUs (nvidia-smi -L numbering); None: as the host's nvidia-smi -L lists them.
+    gpus: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +42,12 @@ class SSHWorkerSection(RemoteWorkerSection):
     REQUIRED = ("hosts",)
 
     def check(self, source: str, key_path: str) -> None:
-        """Refuse a host listed twice: it would run two submissions at once."""
+        """Refuse a host listed twice (it would run two submissions at once) and a host
+        GPU list that cannot be one."""
         super().check(source, key_path)
         seen = [(h.host, h.port) for h in self.hosts]
         if len(set(seen)) != len(seen):
             raise ConfigError(source, f"{key_path}.hosts", "each host:port listed once")
+        for index, host in enumerate(self.hosts):
+            check_gpu_list(host.gpus, self.gpus_per_run, source,
+                           f"{key_path}.hosts[{index}].gpus")

@@ -1,7 +1,9 @@
 """SSHWorker (``worker_type: ssh``): run submissions on hosts the organiser already has.
 
 Each host runs one submission at a time: a worker waits in ``setup`` until one of the
-configured hosts is free. Unknown host keys are trusted on first use and recorded in
+configured hosts is free. With ``gpus_per_run``, a host runs as many at once as its GPUs
+hold (its ``gpus``, else its ``nvidia-smi -L``), each in a place of its own that keeps the
+same GPUs run after run. Unknown host keys are trusted on first use and recorded in
 the event's known_hosts file (``strict_host_key_checking: true`` refuses them); a
 changed key is always refused.
 """
@@ -16,12 +18,15 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from runner import gpus
+from runner.errors import ConfigError
 from runner.ssh.remote_worker import (
     KILL_SESSION,
     RUN_FOLDER,
     RemoteWorker,
     check_private_key,
     known_hosts_path,
+    remote_gpus,
     remote_removal,
     removal_of_words,
 )
@@ -39,16 +44,39 @@ HOST_LOCKS_DIR = Path(tempfile.gettempdir()) / f"ramp-runner-hosts-{os.getuid()}
 HOST_WAIT_SECONDS = 0.5
 
 
-def lock_host(host: SSHHost) -> IO[str] | None:
-    """Take ``host`` for one run: the open lock file, or None when another run has it."""
+def host_key(host: SSHHost) -> str:
+    """How a host is named in lock files and in what ``prepare`` found."""
+    return f"{host.user}@{host.host}:{host.port}"
+
+
+def _lock(name: str, mode: int) -> IO[str] | None:
     HOST_LOCKS_DIR.mkdir(mode=0o700, exist_ok=True)
-    handle = open(HOST_LOCKS_DIR / f"{host.user}@{host.host}:{host.port}", "w")  # noqa: SIM115
+    handle = open(HOST_LOCKS_DIR / name, "w")  # noqa: SIM115
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         return None
     return handle
+
+
+def lock_host(host: SSHHost) -> IO[str] | None:
+    """Take the whole of ``host`` (one run, or reaping): the open lock file, or None when a
+    run has it or a place of it."""
+    return _lock(host_key(host), fcntl.LOCK_EX)
+
+
+def lock_place(host: SSHHost, place: int) -> list[IO[str]] | None:
+    """Take place ``place`` of ``host`` (its GPUs) for one run: the open lock files (the
+    host shared with its other places, the place alone), or None when it is taken."""
+    shared = _lock(host_key(host), fcntl.LOCK_SH)
+    if shared is None:
+        return None
+    own = _lock(f"{host_key(host)}.place{place}", fcntl.LOCK_EX)
+    if own is None:
+        shared.close()
+        return None
+    return [shared, own]
 
 
 def host_in_use(host: SSHHost) -> bool:
@@ -73,22 +101,58 @@ class SSHWorker(RemoteWorker):
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
         self.host: SSHHost | None = None
-        self._host_lock: IO[str] | None = None
+        self._host_locks: list[IO[str]] = []
 
     def _claim_host(self) -> None:
+        places = self._places() if self.settings.gpus_per_run else None
         while True:
-            for host in self.settings.hosts:
-                self._host_lock = lock_host(host)
-                if self._host_lock is not None:
-                    self.host = host
-                    return
+            if places is None:
+                for host in self.settings.hosts:
+                    lock = lock_host(host)
+                    if lock is not None:
+                        self.host, self._host_locks = host, [lock]
+                        return
+            else:
+                for host, host_gpus, place in places:
+                    locks = lock_place(host, place)
+                    if locks is not None:
+                        self.host, self._host_locks = host, locks
+                        self.gpus = gpus.of_slot(host_gpus, self.settings.gpus_per_run, place)
+                        return
             if self._wakeup.wait(HOST_WAIT_SECONDS):
                 raise RuntimeError(f"{self!r}: killed while waiting for a free host")
 
+    def _places(self) -> list[tuple[SSHHost, tuple[int, ...], int]]:
+        """Every (host, its GPUs, place) of ``gpus_per_run`` GPUs; GPUError when no host
+        has that many (waiting would never end)."""
+        per_run = self.settings.gpus_per_run
+        # What the dispatcher found once (prepare); else asked here.
+        found = (self.config.get("prepared") or {}).get("host_gpus") or {}
+        places = []
+        for host in self.settings.hosts:
+            host_gpus = found.get(host_key(host))
+            if host_gpus is None:
+                host_gpus = self._host_gpus(host)
+            places += [(host, host_gpus, place)
+                       for place in range(gpus.runs_fit(host_gpus, per_run))]
+        if not places:
+            raise gpus.GPUError(f"no host has gpus_per_run={per_run} GPU(s)")
+        return places
+
+    def _host_gpus(self, host: SSHHost) -> tuple[int, ...]:
+        if host.gpus is not None:
+            return host.gpus
+        session = _session(host, self.settings, self.config.get("event_dir"))
+        try:
+            session.connect()
+            return remote_gpus(session, self.settings.remote_path_prefix)
+        finally:
+            session.close()
+
     def _release_host(self) -> None:
-        if self._host_lock is not None:
-            self._host_lock.close()
-            self._host_lock = None
+        for lock in self._host_locks:
+            lock.close()
+        self._host_locks = []
 
     def setup(self) -> None:
         """Claim a free host, connect, upload; release the host on any failure."""
@@ -130,6 +194,38 @@ class SSHWorker(RemoteWorker):
             check_private_key(host.key_path, cls.config_source(config),
                               f"worker.hosts[{index}].key_path")
         return []
+
+    @classmethod
+    def gpu_hosts(cls, config: dict[str, Any]) -> list[gpus.HostGPUs]:
+        """Each host's GPUs: its ``gpus``, else what its nvidia-smi -L lists (asked over
+        SSH); ConfigError naming the host when neither gives them."""
+        section, source = cls.settings_of(config), cls.config_source(config)
+        found = []
+        for index, host in enumerate(section.hosts):
+            key = f"worker.hosts[{index}].gpus"
+            if host.gpus is not None:
+                found.append(gpus.HostGPUs(key, host.gpus))
+                continue
+            session = _session(host, section, config.get("event_dir"))
+            try:
+                session.connect()
+                listed = remote_gpus(session, section.remote_path_prefix)
+            except (gpus.GPUError, *CONNECTION_ERRORS) as error:
+                raise ConfigError(source, key, "the host's GPU list (gpus: [0, 1]) when its "
+                                  "nvidia-smi -L cannot give it", str(error)) from None
+            finally:
+                session.close()
+            found.append(gpus.HostGPUs(f"nvidia-smi -L on {host_key(host)}", listed))
+        return found
+
+    @classmethod
+    def prepare(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """With ``gpus_per_run``, each host's GPUs, found once per dispatcher."""
+        if not cls.settings_of(config).gpus_per_run:
+            return {}
+        section = cls.settings_of(config)
+        return {"host_gpus": {host_key(host): found.gpus for host, found
+                              in zip(section.hosts, cls.gpu_hosts(config), strict=True)}}
 
     @classmethod
     def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:

@@ -27,6 +27,7 @@ from runner.dask.cluster import ADDRESS_FILE
 from runner.dask.slurm import WORKER_OVERHEAD_MB, SlurmDaskCluster, SlurmJobs
 from tests.dask import helpers as h
 from tests.events import install_fake_conda, make_event
+from tests.gpu_stand_ins import GPU_VIEW_CLASSIFIER, gpu_views
 from tests.slurm import PARTITION, slurm  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +65,11 @@ def test_the_jobs_follow_the_event_and_outlast_a_run_started_at_the_end_of_the_l
     assert SlurmJobs.from_event(config, lifetime=86400).walltime() == "1-04:29:00"
     assert jobs.job_directives() == []
     assert SlurmJobs.from_event(config, gpus_per_run=2).job_directives() == ["--gres=gpu:2"]
+    with_gpus = load_event_config(make_event(
+        tmp_path / "gpu-event", submissions=(), dispatcher={"n_workers": 3},
+        worker={"worker_type": "dask", "dask_scheduler": "tcp://login:8786",
+                "gpus_per_run": 2}))
+    assert SlurmJobs.from_event(with_gpus).job_directives() == ["--gres=gpu:2"]
     with pytest.raises(ValueError, match="lifetime"):
         SlurmJobs.from_event(config, lifetime=0)
 
@@ -139,9 +145,10 @@ def test_a_worker_past_its_lifetime_finishes_its_task_then_leaves(slurm, tmp_pat
 
 def test_the_command_line_serves_the_event_through_slurm_with_tls(slurm, tmp_path):  # noqa: F811
     """``ramp-runner dask-cluster --slurm -e config.yml``: TLS because the event's scheduler
-    address says tls://, the address in the folder, every job cancelled at Ctrl+C."""
+    address says tls://, the address in the folder, every job cancelled at Ctrl+C; the Dask
+    section's ``gpus_per_run`` is each job's ``--gres=gpu:N``."""
     config = make_event(tmp_path / "event", submissions=(), dispatcher={"n_workers": 1},
-                        worker={"worker_type": "dask",
+                        worker={"worker_type": "dask", "gpus_per_run": 1,
                                 "dask_scheduler": "tls://127.0.0.1:8786"})
     folder = tmp_path / "cluster"
     command = subprocess.Popen(
@@ -163,7 +170,12 @@ def test_the_command_line_serves_the_event_through_slurm_with_tls(slurm, tmp_pat
         security = distributed.Security(**snippet["dask_security"])
         with distributed.Client(address, security=security, set_as_default=False) as client:
             future = client.submit(job_of_this_worker, pure=False)
-            assert future.result(timeout=JOB_START_SECONDS) in slurm.jobs()
+            job_id = future.result(timeout=JOB_START_SECONDS)
+            assert job_id in slurm.jobs()
+            # The job holds the one stand-in GPU, and its Dask worker is shown it.
+            assert "gres:gpu:1" in slurm.command("scontrol", "show", "job", job_id).stdout
+            gpus = client.submit(environment_variable, "CUDA_VISIBLE_DEVICES", pure=False)
+            assert gpus.result(timeout=JOB_START_SECONDS) == "0"
         with pytest.raises(OSError):  # plain connections are refused
             distributed.Client(address.replace("tls://", "tcp://"), timeout=2,
                                set_as_default=False)
@@ -267,6 +279,25 @@ def test_a_run_whose_job_is_cancelled_is_retried_and_scored(slurm, cluster, tmp_
     assert not dispatcher.is_alive(), "the dispatcher is still waiting"
     assert rows["slow"].state == "scored"
     assert rows["slow"].attempts == 1  # one retry: the run lost with its job
+    assert slurm.wait_for_no_jobs(IDLE_SECONDS + 10) == []
+
+
+def test_a_run_in_a_job_with_a_gpu_is_shown_that_gpu(slurm, tmp_path):  # noqa: F811
+    """``gpus_per_run`` on Dask: the job asks Slurm for the GPU and the run is shown the one
+    its job got. The stand-in GPU's device file is /dev/null (tests/slurm.py), not an
+    NVIDIA node the sandbox could bind: the run goes without the sandbox here, and what it
+    sees is CUDA_VISIBLE_DEVICES (the binding itself is tested in tests/test_gpus.py)."""
+    with SlurmDaskCluster(_jobs(max_jobs=1, gpus_per_run=1), tmp_path / "cluster",
+                          host="127.0.0.1", idle_seconds=IDLE_SECONDS) as cluster:
+        path = make_event(tmp_path / "event", submissions=(), dispatcher={"n_workers": 1},
+                          worker={"worker_type": "dask", "dask_scheduler": cluster.address,
+                                  "timeout": 120, "hidden_test_labels": "off",
+                                  "gpus_per_run": 1, "sandbox": "off"})
+        h.add_submission(path, "gpu_view", GPU_VIEW_CLASSIFIER)
+        rows = h.dispatch(path)
+    assert rows["gpu_view"].state == "scored", rows["gpu_view"].error_msg
+    log = (Path(load_event_config(path).worker.logs_dir) / "gpu_view" / "log").read_text()
+    assert {view["cuda"] for view in gpu_views(log)} == {"0"}
     assert slurm.wait_for_no_jobs(IDLE_SECONDS + 10) == []
 
 
