@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,17 +102,22 @@ def _fixed_column(table: Table, header: str, values: Iterable[str],
 
 
 def status_table(title: str, submissions: Sequence[Submission],
-                 runs: Counter[str]) -> Table:
-    """Every submission with its state, runs, time, memory and the last line of its error."""
+                 runs: Counter[str], positions: Mapping[str, int] | None = None) -> Table:
+    """Every submission with its state, its place in the fair queue while it waits
+    (``Ledger.queue_positions``), runs, time, memory and the last line of its error."""
+    positions = positions or {}
     table = _table(title)
     _fixed_column(table, "submission", (s.name for s in submissions), justify="left")
     _fixed_column(table, "state", (s.state for s in submissions), justify="left")
+    table.add_column("queue", justify="right")
     table.add_column("runs", justify="right")
     table.add_column("run s", justify="right")
     table.add_column("MiB", justify="right")
     table.add_column("error", overflow="fold", ratio=1)
     for s in submissions:
-        table.add_row(Text(visible(s.name)), _state(s.state), str(runs[s.name]),
+        place = positions.get(s.name)
+        table.add_row(Text(visible(s.name)), _state(s.state),
+                      "" if place is None else str(place), str(runs[s.name]),
                       seconds(s.run_time), _megabytes(s.peak_memory_mb),
                       Text(visible(last_line(s.error_msg))))
     return table
