@@ -6,9 +6,9 @@ Intake rule (what the dispatcher takes from ``submissions_dir``):
   folder* directly inside it (``submissions/<team>/<submission>``, named ``team/submission``
   in the ledger: ``runner.fair_queue`` takes turns between teams); a symbolic link is
   refused (said once, in the log), whatever it points to; hidden names are staging areas;
-- a folder directly inside is a team folder when, complete, it holds folders and nothing
-  else (hidden names aside), and stays one; any other (files at its top, or empty) is a
-  submission with no team, as before team folders;
+- a folder directly inside is a team folder when, complete, it holds folders and no file
+  (hidden names and links aside), and stays one; any other (files at its top, or empty)
+  is a submission with no team, as before team folders;
 - only complete folders: one that arrived by a rename (``submit``, or ``mv`` on the same
   file system: a rename is atomic) at once; one created in place (``cp -r``, ``rsync``,
   an upload) once nothing in it changed for ``QUIET_SECONDS``: its newest change time
@@ -209,11 +209,12 @@ class Intake:
 
 
 def _holds_only_folders(path: Path) -> bool:
-    """Whether ``path`` holds at least one entry, hidden names aside, all real folders."""
+    """Whether ``path`` holds a real folder and no file, hidden names and links aside (a
+    link in a team folder is refused as a submission, as anywhere)."""
     with os.scandir(path) as entries:
-        visible_entries = [e for e in entries if not e.name.startswith(".")]
-    return bool(visible_entries) and all(e.is_dir(follow_symlinks=False)
-                                         for e in visible_entries)
+        kinds = [("link" if e.is_symlink() else "folder" if e.is_dir(follow_symlinks=False)
+                  else "file") for e in entries if not e.name.startswith(".")]
+    return "folder" in kinds and "file" not in kinds
 
 
 def _signature(folder: Path) -> tuple[int, int, int]:
@@ -241,30 +242,27 @@ def submit(config: EventConfig, source: str | Path, name: str | None = None) -> 
     submissions = Path(config.worker.submissions_dir)
     target = submissions / name
     if os.path.lexists(target):
-        raise ValueError(f"a submission called {name!r} already exists in {target.parent}")
+        raise ValueError(f"a submission or team folder called {name!r} already exists in "
+                         f"{target.parent}")
+    team = submissions / team_of(name)
+    if TEAM_SEPARATOR in name and not os.path.lexists(team):
+        # A new team folder arrives whole, with its first submission in it: the dispatcher
+        # never sees it empty (an empty folder is a submission).
+        staging = submissions / f".{team.name}.incoming"
+        _copy_in(source, staging / target.name)
+        staging.rename(team)
+    else:
+        if TEAM_SEPARATOR in name and (team.is_symlink() or not team.is_dir()
+                                       or not _holds_only_folders(team)):
+            raise ValueError(f"{team} is not a team folder (a submission, a file or a "
+                             f"link): cannot add {name!r}")
+        submissions.mkdir(parents=True, exist_ok=True)
+        # Copy under a hidden name first: the dispatcher skips hidden folders, so it never
+        # picks up a half-copied submission.
+        staging = target.with_name(f".{target.name}.incoming")
+        _copy_in(source, staging)
+        staging.rename(target)
     with Ledger(config.ledger_path) as ledger:
-        known = ledger.names()
-        team = team_of(name)
-        if TEAM_SEPARATOR in name and team in known:
-            raise ValueError(f"{team!r} is a submission of {submissions}, not a team folder: "
-                             f"cannot add {name!r}")
-        if TEAM_SEPARATOR not in name and any(team_of(n) == name != n for n in known):
-            raise ValueError(f"{name!r} is a team folder of {submissions}")
-        if TEAM_SEPARATOR in name and not os.path.lexists(submissions / team):
-            # A new team folder arrives whole, with its first submission in it: the
-            # dispatcher never sees it empty (an empty folder is a submission).
-            staging = submissions / f".{team}.incoming"
-            _copy_in(source, staging / target.name)
-            staging.rename(submissions / team)
-        else:
-            if target.parent.is_symlink():
-                raise ValueError(f"{target.parent} is a symbolic link, not a team folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Copy under a hidden name first: the dispatcher skips hidden folders, so it
-            # never picks up a half-copied submission.
-            staging = target.with_name(f".{target.name}.incoming")
-            _copy_in(source, staging)
-            staging.rename(target)
         ledger.add([name])
     return name
 
