@@ -268,12 +268,14 @@ class Ledger:
         with self._transaction() as db:
             turn = db.execute("SELECT COALESCE(MAX(last_turn), 0) FROM teams").fetchone()[0]
             running: dict[str, int] = {}
+            full: list[str] = []  # teams at max_running_per_team
             if max_running_per_team is not None:
                 running = dict(db.execute(
                     "SELECT team, COUNT(*) FROM submissions"
                     f" WHERE state IN ({_RUNNING_PLACEHOLDERS}) GROUP BY team",
                     RUNNING_STATES).fetchall())
-            full = [team for team, count in running.items() if count >= max_running_per_team]
+                full = [team for team, count in running.items()
+                        if count >= max_running_per_team]
             names = []
             while len(names) < limit:
                 # Each team's head is kept in ``teams``: a turn costs an index probe,
@@ -414,6 +416,10 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         # no turn taken yet, the fair order starts as that same order.
         db.execute("BEGIN IMMEDIATE")
         try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(submissions)")}
+            if "team" in columns:  # another process brought it up to date meanwhile
+                db.execute("COMMIT")
+                return
             db.execute("ALTER TABLE submissions ADD COLUMN team TEXT NOT NULL DEFAULT ''")
             db.execute("ALTER TABLE submissions ADD COLUMN claimed_before INTEGER NOT NULL"
                        " DEFAULT 0")
