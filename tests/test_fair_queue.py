@@ -8,7 +8,9 @@ folders run by real ramp-test, and a quick worker for the caps and re-runs.
 
 from __future__ import annotations
 
+import io
 import random
+import re
 import shutil
 import threading
 import time
@@ -18,9 +20,11 @@ from pathlib import Path
 import pytest
 from ramp_database.model import Event, EventTeam, Submission
 from ramp_database.tools.submission import set_submission_state
+from rich.console import Console
 
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
+from runner.display import status_table
 from runner.errors import ConfigError
 from runner.fair_queue import Waiting, fair_order, team_of
 from runner.ledger import Ledger, Transition
@@ -113,6 +117,21 @@ def test_a_run_claimed_before_goes_first_and_caps_hold_on_the_ledger(tmp_path):
         assert ledger.queue_positions() == {"a/1": 1, "b/1": 2, "c/1": 3, "a/2": 4,
                                             "a/3": 5}
         assert ledger.claim(5, worker="d") == ["a/1", "b/1", "c/1", "a/2", "a/3"]
+
+
+def test_status_shows_each_waiting_submissions_place(tmp_path):
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        ledger.add(["alice/a1", "alice/a2", "bob/b1", "carol"])
+        ledger.claim(1, worker="d")
+        table = status_table("event", ledger.all(), Counter(), ledger.queue_positions())
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(table)
+    text = console.export_text()
+    # submission, state, queue (empty once claimed), runs
+    for row in (r"alice/a1 +sent_to_training +0\b", r"bob/b1 +new +1 +0\b",
+                r"carol +new +2 +0\b", r"alice/a2 +new +3 +0\b"):
+        assert re.search(row, text), (row, text)
+    assert "queue" in text
 
 
 def test_a_ledger_of_before_team_folders_keeps_its_order(tmp_path):
