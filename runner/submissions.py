@@ -179,7 +179,7 @@ class Intake:
         if name in self.moved_in:
             self.moved_in.discard(name)
             self.pending.pop(name, None)
-            return self._submission_or_team(name, path)
+            return self._submission_or_team(name, path, arrived_whole=True)
         signature = _signature(path)
         now = time.monotonic()
         seen = self.pending.get(name)
@@ -193,13 +193,17 @@ class Intake:
             self.pending[name] = (signature, now)
         return False
 
-    def _submission_or_team(self, name: str, path: Path) -> bool:
+    def _submission_or_team(self, name: str, path: Path, arrived_whole: bool = False) -> bool:
         """True for a submission; a complete folder at the top holding only folders is a
-        team folder instead (remembered, and listed from now on)."""
+        team folder instead (remembered, and listed from now on). A team folder renamed
+        in brought its submissions whole: they are complete at once too."""
         if TEAM_SEPARATOR in name or not _holds_only_folders(path):
             return True
         self.known.add(name)
         self.teams[name] = None
+        if arrived_whole:
+            with os.scandir(path) as entries:
+                self.moved_in.update(f"{name}{TEAM_SEPARATOR}{e.name}" for e in entries)
         return False
 
     def _refuse(self, name: str, why: str) -> None:

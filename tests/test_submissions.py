@@ -151,3 +151,14 @@ def test_submit_into_a_team_folder(config):
                           ("alice/rf", "already exists"), ("alice/../x", "expected")):
         with pytest.raises(ValueError, match=message):
             submit(config, EXAMPLE / "submissions" / "random_forest", name)
+
+
+def test_a_team_folder_renamed_in_brings_its_submissions_complete(tmp_path):
+    """As submit makes a new team: its first submission starts at once, not a quiet
+    period later."""
+    (tmp_path / ".bob.incoming" / "b1").mkdir(parents=True)
+    intake = Intake(tmp_path)
+    assert intake.ready() == []
+    (tmp_path / ".bob.incoming").rename(tmp_path / "bob")
+    intake.arrived_by_rename("bob")
+    assert intake.ready() == ["bob/b1"]
