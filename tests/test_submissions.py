@@ -162,3 +162,31 @@ def test_a_team_folder_renamed_in_brings_its_submissions_complete(tmp_path):
     (tmp_path / ".bob.incoming").rename(tmp_path / "bob")
     intake.arrived_by_rename("bob")
     assert intake.ready() == ["bob/b1"]
+
+
+def test_a_submission_renamed_into_a_team_folder_wakes_the_dispatcher(tmp_path):
+    """Each team folder is watched once found: a submission renamed into it (as submit
+    does) is taken at the wake-up, not at the next rescan a quiet period later."""
+    from runner.source import FolderSource
+
+    config = load_event_config(make_event(tmp_path / "event", ()))
+    submissions = Path(config.worker.submissions_dir)
+    woken = threading.Event()
+    source = FolderSource(config)
+    with source.opened(), source.watch(woken.set):
+        source.intake()  # as the dispatcher's loop does at once
+        (submissions / ".alice.incoming" / "a0").mkdir(parents=True)
+        time.sleep(0.2)  # the staging's creation woke it: only the rename may now
+        woken.clear()
+        (submissions / ".alice.incoming").rename(submissions / "alice")
+        assert woken.wait(1.0)
+        source.intake()
+        assert source.names() == {"alice/a0"}
+        woken.clear()
+        (submissions / "alice" / ".a1.incoming").mkdir()
+        time.sleep(0.2)
+        woken.clear()
+        (submissions / "alice" / ".a1.incoming").rename(submissions / "alice" / "a1")
+        assert woken.wait(1.0)
+        source.intake()
+        assert source.names() == {"alice/a0", "alice/a1"}
