@@ -4,7 +4,7 @@ The same command runs bare and under ``runner/supervise.py`` as a worker starts 
 more of the confinement at each step, under the supervisor of ``--base`` (default: main,
 before the ceilings) and the one of this tree; every run gets a fresh scratch (a copy
 folder holding one file, and its tmp), removed after the run as the worker removes it
-(``shutil.rmtree`` before, ``runner.scratch.remove_tree`` now: it unmounts the run's disk).
+(``runner.scratch.remove_tree`` of each version, or ``shutil.rmtree`` where it has none).
 The table gives the median wall time per run and its overhead over the bare command, for a
 command that ends at once (``true``) and one that runs 0.3 s (where the old supervisor's
 polling shows). A few rows break the cost down.
@@ -15,6 +15,7 @@ polling shows). A few rows break the cost down.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import statistics
@@ -77,6 +78,21 @@ def medians_ms(runs: int, configurations: dict) -> dict[str, float]:
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
+def base_removal(base: str, folder: Path):
+    """``remove_tree`` of ``base``'s runner/scratch.py (it may unmount the run's disk), or
+    ``shutil.rmtree`` where ``base`` has none."""
+    shown = subprocess.run(["git", "-C", str(REPO), "show", f"{base}:runner/scratch.py"],
+                           capture_output=True, check=False)
+    if shown.returncode != 0:
+        return shutil.rmtree
+    path = folder / "base_scratch.py"
+    path.write_bytes(shown.stdout)
+    spec = importlib.util.spec_from_file_location("base_scratch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.remove_tree
+
+
 def main() -> None:
     """Measure, print the table, write bench/results/supervisor_overhead.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,7 +105,7 @@ def main() -> None:
         old.write_bytes(subprocess.run(["git", "-C", str(REPO), "show",
                                         f"{args.base}:runner/supervise.py"],
                                        check=True, capture_output=True).stdout)
-        versions = {"before": (str(old), shutil.rmtree),
+        versions = {"before": (str(old), base_removal(args.base, Path(keep))),
                     "now": (supervise.__file__, scratch.remove_tree)}
         configurations = {}
         for label, command in COMMANDS.items():

@@ -84,14 +84,20 @@ def check_config(c, event_config=None):
     """Check the event config, its folders, environment and worker (exit 2 on a problem).
 
     Prints what the config resolves to."""
-    from runner.display import config_table
+    from runner.display import config_table, spent_text
     from runner.ledger import Ledger
 
     out, err = _consoles()
     config = _checked(event_config, err)
+    rows = []
     if config.ledger_path.exists():  # a ledger is made by dispatch; one already there must open
-        Ledger(config.ledger_path).close()
+        with Ledger(config.ledger_path) as ledger:
+            rows = ledger.all()
     out.print(config_table(config))
+    budget = getattr(config.worker, "budget_usd", None)
+    if any(row.instance_id for row in rows) or budget is not None:
+        limit = "no budget" if budget is None else f"budget {budget:.2f} USD"
+        out.print(f"spent: {spent_text(rows)} ({limit})", markup=False, highlight=False)
 
 
 @task(help={**EVENT_CONFIG_HELP, "verbose": "show every step (always written to the log file "
@@ -300,14 +306,23 @@ def build_ami(c, pipeline_arn=None, outputs_file=None, stack=None, no_wait=False
     from botocore.exceptions import BotoCoreError, ClientError
 
     from runner.aws.imagebuilder import make_client, start_build, wait_for_image
+    from runner.aws.stack_outputs import pipeline_arn as stack_pipeline_arn
+    from runner.aws.stack_outputs import read_stack_outputs
 
-    pipeline_arn = pipeline_arn or _stack_pipeline_arn(outputs_file, stack)
+    outputs = (read_stack_outputs(outputs_file, stack=stack)
+               if outputs_file or not pipeline_arn else {})
+    pipeline_arn = pipeline_arn or stack_pipeline_arn(outputs)
+    tags = outputs.get("imageTags") or {}
+    console = _consoles()[0]
+    if not tags:
+        console.print("warning: no stack outputs with imageTags: the image is built untagged, "
+                      "and the stack's lifecycle policy will not delete it", style="yellow",
+                      markup=False, highlight=False)
     try:
         client = make_client(pipeline_arn)
-        image_arn = start_build(client, pipeline_arn)
+        image_arn = start_build(client, pipeline_arn, tags=tags)
     except (ValueError, ClientError, BotoCoreError) as error:
         raise Exit(f"error: cannot start {pipeline_arn}: {error}", code=EXIT_FAILED) from None
-    console = _consoles()[0]
     console.print(f"building {image_arn}", markup=False)
     if no_wait:
         return
@@ -340,15 +355,12 @@ def aws_config(c, event_config=None, outputs_file=None, stack=None):
         print(f"worker.{key}: {value}")
 
 
-def _stack_pipeline_arn(outputs_file, stack):
-    from runner.aws.stack_outputs import pipeline_arn, read_stack_outputs
-
-    return pipeline_arn(read_stack_outputs(outputs_file, stack=stack))
-
-
 @task(help={**EVENT_CONFIG_HELP, "dry_run": "only list what would be released"})
 def reap(c, event_config=None, dry_run=False):
-    """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts."""
+    """Release what dead dispatchers of the event left: EC2 instances, runs on SSH hosts.
+
+    On AWS also a live dispatcher's leaks: instances past their deadline tag, and those
+    no running submission of the ledger claims."""
     from runner.display import configure_logging
     from runner.redaction import install_redaction
     from runner.worker import worker_class
@@ -356,10 +368,29 @@ def reap(c, event_config=None, dry_run=False):
     config = _load(event_config)
     configure_logging(_consoles()[1], verbose=False)
     install_redaction(config)
+    aws = config.worker.worker_type == "aws"
+    more = {"claims": functools.partial(_claims, config)} if aws else {}
     released = worker_class(config.worker.worker_type).reap_leftovers(
-        config.worker_dict(), dry_run=dry_run)
+        config.worker_dict(), dry_run=dry_run, **more)
     verb = "would release" if dry_run else "released"
     print(f"{verb} {len(released)}: {' '.join(released)}" if released else "nothing to release")
+
+
+def _claims(config) -> dict[str, set[str]]:
+    """Every dispatcher the ledger knows, with the submissions it runs now (none without
+    a ledger)."""
+    from runner.ledger import Ledger
+    from runner.states import RUNNING_STATES
+
+    if not config.ledger_path.exists():
+        return {}
+    claims: dict[str, set[str]] = {}
+    with Ledger(config.ledger_path) as ledger:
+        for row in ledger.all():
+            runs = claims.setdefault(row.worker, set())
+            if row.state in RUNNING_STATES:
+                runs.add(row.name)
+    return claims
 
 
 @task(help={"workers": "number of Dask workers (one thread each): one per RAMP slot",

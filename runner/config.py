@@ -118,8 +118,9 @@ class WorkerSection:
 
     def as_worker_dict(self, **dispatcher_keys: Any) -> WorkerConfig:
         """Return the dict a worker receives (the seed's ``config`` argument)."""
+        # A list left empty stays unsaid, as in the file: validation refuses an empty one.
         values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                  if not f.metadata.get(FILLED)}
+                  if not f.metadata.get(FILLED) and getattr(self, f.name) != ()}
         values.update(values.pop("extra", {}))
         values.update(dispatcher_keys)
         return WorkerConfig(values, section=self)

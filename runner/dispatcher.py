@@ -29,8 +29,9 @@ from pathlib import Path
 
 from runner import blinded, training_output
 from runner.config import EventConfig
-from runner.errors import EventError, LedgerError, RunnerError, SubmissionError
+from runner.errors import ConfigError, EventError, LedgerError, RunnerError, SubmissionError
 from runner.eventlock import DispatcherBusy
+from runner.ledger import Ledger
 from runner.scratch import remove_tree
 from runner.signals import stop_on_signals
 from runner.source import FolderSource, SubmissionSource
@@ -92,6 +93,12 @@ class Dispatcher:
     def __init__(self, config: EventConfig, on_change: Callable[[str, str], None] | None = None,
                  source: SubmissionSource | None = None):
         self.config = config
+        if (getattr(config.worker, "budget_usd", None) is not None and source is not None
+                and not isinstance(source, Ledger)):
+            # Costs are kept in the event's ledger, which a RAMP board's dispatch does not use.
+            raise ConfigError(str(config.path), "worker.budget_usd",
+                              "no budget when the submissions come from a RAMP board (their "
+                              "cost is not kept, so the budget could not be enforced)")
         self.source: SubmissionSource = source or FolderSource(config)
         self.worker_class: type[BaseWorker] = worker_class(config.worker.worker_type)
         self.dispatcher_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -115,6 +122,9 @@ class Dispatcher:
         # The dispatcher's own scratch space, beside the ledger: every run's scratch folder
         # and the Dask pack cache live under it, and it is emptied at each start.
         self.scratch_dir = Path(f"{config.ledger_path}.scratch")
+        # What the event's instances cost so far (the ledger's sum, then each teardown's).
+        self._spent_usd = 0.0
+        self._budget_said = False
 
     # -- public -------------------------------------------------------------------------
 
@@ -129,6 +139,8 @@ class Dispatcher:
             stack.enter_context(stop_on_signals(self.stop))
             self._reap_scratch()
             prepare_data(self.config.worker.data_dir)
+            if isinstance(self.source, Ledger):
+                self._spent_usd = sum(s.cost_usd or 0.0 for s in self.source.all())
             recovered = self.source.recover_abandoned()
             if recovered:
                 logger.warning("back from a dead dispatcher: %s",
@@ -193,7 +205,7 @@ class Dispatcher:
                 last_intake = now
             self._fill_slots()
             busy = self._busy_slots()
-            if not busy and self.source.count_new() == 0:
+            if not busy and (self.source.count_new() == 0 or self._over_budget()):
                 if policy == "exit":
                     logger.info("no submission left to run: exiting (hunger_policy: exit)")
                     return
@@ -212,7 +224,11 @@ class Dispatcher:
     def _fill_slots(self) -> None:
         with self._slots_lock:
             running = len(self._slots) - len(self._collecting)
+            # Under a budget, what an ended run cost counts before the next launch.
+            costing = bool(self._collecting) and self._budget() is not None
         free = self.config.dispatcher.slots - running
+        if costing or self._over_budget():
+            return
         for name in self.source.claim(free, worker=self.dispatcher_id):
             self._changed(name, SubmissionState.SENT_TO_TRAINING)
             run = next(self._run_numbers)
@@ -250,6 +266,7 @@ class Dispatcher:
                     worker.teardown()
                 except Exception:
                     logger.exception("%s: teardown failed", name)
+                self._record_usage(name, worker)
             try:
                 if requeue is not None:
                     requeue()
@@ -404,6 +421,42 @@ class Dispatcher:
                     return f"[Errno {seen.errno}] {seen.strerror}{where}"
             seen = seen.__cause__ or seen.__context__
         return None
+
+    # -- cost ---------------------------------------------------------------------------
+
+    def _record_usage(self, name: str, worker: BaseWorker) -> None:
+        """Keep what the run's instance cost (workers that rent one give ``usage``)."""
+        usage = getattr(worker, "usage", None)
+        if usage is None or not isinstance(self.source, Ledger):
+            return
+        try:
+            self.source.record_instance(
+                name, instance_id=usage.instance_id, instance_type=usage.instance_type,
+                market=usage.market, launched_at=usage.launched_at,
+                terminated_at=usage.ended_at, seconds=usage.seconds, cost_usd=usage.cost_usd)
+        except LedgerError as fatal:
+            self._stop_for(fatal)
+            return
+        with self._slots_lock:
+            self._spent_usd += usage.cost_usd or 0.0
+
+    def _budget(self) -> float | None:
+        """The event's ``budget_usd`` for its instances (workers that rent them have one)."""
+        return getattr(self.config.worker, "budget_usd", None)
+
+    def _over_budget(self) -> bool:
+        """Whether the event spent its ``budget_usd`` (said once): no run starts then, and
+        the submissions wait as new. Runs already going finish: the overshoot is at most
+        theirs."""
+        budget = self._budget()
+        if budget is None or self._spent_usd < budget:
+            return False
+        if not self._budget_said:
+            self._budget_said = True
+            logger.warning("budget spent: %.2f of %.2f USD; no instance is launched, the "
+                           "submissions wait as new (raise worker.budget_usd to go on)",
+                           self._spent_usd, budget)
+        return True
 
     # -- source helpers -----------------------------------------------------------------
 

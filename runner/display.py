@@ -104,8 +104,11 @@ def _fixed_column(table: Table, header: str, values: Iterable[str],
 def status_table(title: str, submissions: Sequence[Submission],
                  runs: Counter[str], positions: Mapping[str, int] | None = None) -> Table:
     """Every submission with its state, its place in the fair queue while it waits
-    (``Ledger.queue_positions``), runs, time, memory and the last line of its error."""
+    (``Ledger.queue_positions``), runs, time, memory and the last line of its error; on
+    events that rent instances, each one's last instance, instance-seconds and cost, and
+    the event's total in the caption."""
     positions = positions or {}
+    rented = any(s.instance_id for s in submissions)
     table = _table(title)
     _fixed_column(table, "submission", (s.name for s in submissions), justify="left")
     _fixed_column(table, "state", (s.state for s in submissions), justify="left")
@@ -113,14 +116,33 @@ def status_table(title: str, submissions: Sequence[Submission],
     table.add_column("runs", justify="right")
     table.add_column("run s", justify="right")
     table.add_column("MiB", justify="right")
+    if rented:
+        table.add_column("instance", justify="left")
+        table.add_column("inst s", justify="right")
+        table.add_column("USD", justify="right")
+        table.caption = f"instances: {spent_text(submissions)}"
     table.add_column("error", overflow="fold", ratio=1)
     for s in submissions:
         place = positions.get(s.name)
+        cost = [Text(" ".join(filter(None, (s.instance_type, s.market)))),
+                seconds(s.instance_seconds), _dollars(s.cost_usd)] if rented else []
         table.add_row(Text(visible(s.name)), _state(s.state),
                       "" if place is None else str(place), str(runs[s.name]),
-                      seconds(s.run_time), _megabytes(s.peak_memory_mb),
+                      seconds(s.run_time), _megabytes(s.peak_memory_mb), *cost,
                       Text(visible(last_line(s.error_msg))))
     return table
+
+
+def _dollars(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def spent_text(submissions: Sequence[Submission]) -> str:
+    """The event's instance-seconds and estimated cost, e.g. ``3600 s, 0.0416 USD``."""
+    total = sum(s.instance_seconds or 0.0 for s in submissions)
+    unpriced = sum(1 for s in submissions if s.instance_id and s.cost_usd is None)
+    text = f"{total:.0f} s, {sum(s.cost_usd or 0.0 for s in submissions):.4f} USD"
+    return text + (f" ({unpriced} without a price)" if unpriced else "")
 
 
 def submission_detail(submission: Submission, transitions: Sequence[Transition]) -> Group:
@@ -138,6 +160,16 @@ def submission_detail(submission: Submission, transitions: Sequence[Transition])
             facts.add_row(label, seconds(value))
     if submission.peak_memory_mb is not None:
         facts.add_row("peak MiB", _megabytes(submission.peak_memory_mb))
+    if submission.instance_id:
+        stamp = "%Y-%m-%d %H:%M:%S"
+        facts.add_row("instance", f"{submission.instance_id} {submission.instance_type} "
+                                  f"{submission.market}")
+        for label, at in (("launched", submission.launched_at),
+                          ("terminated", submission.terminated_at)):
+            if at is not None:
+                facts.add_row(label, time.strftime(stamp, time.localtime(at)))
+        facts.add_row("instance s", seconds(submission.instance_seconds))
+        facts.add_row("USD", _dollars(submission.cost_usd) or "no price")
     for split, scores in (submission.scores or {}).items():
         facts.add_row(f"{split} scores",
                       Text("  ".join(f"{k}={v:.4g}" for k, v in scores.items())))

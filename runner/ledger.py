@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS submissions (
     sandboxed INTEGER NOT NULL DEFAULT 0,
     team TEXT NOT NULL DEFAULT '',
     claimed_before INTEGER NOT NULL DEFAULT 0,
+    instance_id TEXT,
+    instance_type TEXT,
+    market TEXT,
+    launched_at REAL,
+    terminated_at REAL,
+    instance_seconds REAL,
+    cost_usd REAL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -100,6 +107,15 @@ class Submission:
     updated_at: float
     sandboxed: bool = False
     team: str = ""
+    # The cloud instance of the last run (runner.aws.cost); seconds and cost add up every
+    # run's, retries included.
+    instance_id: str | None = None
+    instance_type: str | None = None
+    market: str | None = None
+    launched_at: float | None = None
+    terminated_at: float | None = None
+    instance_seconds: float | None = None
+    cost_usd: float | None = None
 
 
 class Ledger:
@@ -398,6 +414,21 @@ class Ledger:
                           detail="left running by a dead dispatcher")
         return [row[0] for row in rows]
 
+    def record_instance(self, name: str, *, instance_id: str, instance_type: str, market: str,
+                        launched_at: float, terminated_at: float, seconds: float,
+                        cost_usd: float | None) -> None:
+        """Keep the instance a run of ``name`` used, adding its seconds and cost to the
+        submission's (whatever its state: the money is spent either way)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE submissions SET instance_id = ?, instance_type = ?, market = ?, "
+                "launched_at = ?, terminated_at = ?, "
+                "instance_seconds = COALESCE(instance_seconds, 0) + ?, "
+                "cost_usd = CASE WHEN ? IS NULL THEN cost_usd "
+                "ELSE COALESCE(cost_usd, 0) + ? END WHERE name = ?",
+                (instance_id, instance_type, market, launched_at, terminated_at, seconds,
+                 cost_usd, cost_usd, name))
+
     def rerun(self, name: str) -> None:
         """Queue a finished submission again, forgetting its results and attempts."""
         with self._transaction() as db:
@@ -411,6 +442,11 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(submissions)")}
     if "sandboxed" not in columns:
         db.execute("ALTER TABLE submissions ADD COLUMN sandboxed INTEGER NOT NULL DEFAULT 0")
+    for column, kind in (("instance_id", "TEXT"), ("instance_type", "TEXT"), ("market", "TEXT"),
+                         ("launched_at", "REAL"), ("terminated_at", "REAL"),
+                         ("instance_seconds", "REAL"), ("cost_usd", "REAL")):
+        if column not in columns:
+            db.execute(f"ALTER TABLE submissions ADD COLUMN {column} {kind}")
     if "team" not in columns:
         # Before team folders every submission was its own team, queued oldest first: with
         # no turn taken yet, the fair order starts as that same order.

@@ -83,9 +83,6 @@ class Confinement:
     limits: Mapping[str, int]
     # The worker's n_threads: the cores the run may use (None: not confined).
     cpus: int | None = None
-    # Whether the run's writable space goes on a disk of its own (a mount that whoever
-    # removes the scratch must undo: remote hosts do not yet, and keep the measured limit).
-    own_disk: bool = True
 
     def options(self) -> list[str]:
         """The ``supervise.py`` options (before ``--``) for this confinement."""
@@ -94,8 +91,6 @@ class Confinement:
             options += [f"--{name.replace('_', '-')}", str(int(self.limits[name]))]
         if self.cpus:
             options += ["--cpus", str(int(self.cpus))]
-        if not self.own_disk:
-            options.append("--no-own-disk")
         if self.sandbox:
             options.append("--sandbox")
             if self.network:
@@ -111,8 +106,7 @@ class Confinement:
 
 def confinement(settings: WorkerSection, sandboxed: bool, read_only: Sequence[str | Path],
                 writable: Sequence[str | Path], tmp: str | Path,
-                hidden: Sequence[str | Path] = (), cpus: int | None = None,
-                own_disk: bool = True) -> Confinement:
+                hidden: Sequence[str | Path] = (), cpus: int | None = None) -> Confinement:
     """The confinement of a run under a worker's ``settings``, wherever it runs.
 
     ``sandboxed`` is ``use_sandbox``'s answer on the machine the run goes to (this one, an
@@ -127,5 +121,4 @@ def confinement(settings: WorkerSection, sandboxed: bool, read_only: Sequence[st
         tmp=str(tmp),
         limits={name: getattr(settings, name) for name in LIMITS},
         cpus=cpus,
-        own_disk=own_disk,
     )

@@ -1,19 +1,18 @@
 """Removing a run's scratch folder, whatever the run left in it.
 
 A submission shapes its scratch: a tree 1,200 folders deep (``shutil.rmtree`` recurses and
-raises RecursionError), paths longer than PATH_MAX, folders without permissions, and the
-supervisor's own mounts (the run's disk, ``runner/supervise.py``) under it. ``remove_tree``
-walks with one open folder at a time, relative to it, without recursion, within a depth
-and an entry cap, and never raises on content: what it cannot remove is logged and left.
+raises RecursionError), paths longer than PATH_MAX, folders without permissions.
+``remove_tree`` walks with one open folder at a time, relative to it, without recursion,
+within a depth and an entry cap, and never raises on content: what it cannot remove is
+logged and left. Nothing is mounted there to undo: the run's disk lives in its
+supervisor's own mount namespace (``runner/supervise.py``); a mount point found anyway is
+not entered (what it holds is not the scratch's) and is left, said.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-
-from runner import supervise
 
 logger = logging.getLogger("runner.scratch")
 
@@ -26,17 +25,13 @@ OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def remove_tree(path: str | os.PathLike[str], max_depth: int = MAX_DEPTH,
                 max_entries: int = MAX_ENTRIES) -> bool:
-    """Unmount what is mounted at or under ``path``, then remove it; return whether it is gone.
+    """Remove ``path`` and what it holds; return whether it is gone.
 
     Never raises on what the tree holds: what is left is said in one warning line.
     """
-    # The parent's real path, as the mount table names it; ``path`` itself, if a link, is
-    # removed, never followed.
-    parent, name = os.path.split(os.path.abspath(path))
-    top = os.path.join(os.path.realpath(parent), name)
+    # ``path`` itself, if a link, is removed, never followed.
+    top = os.path.abspath(path)
     try:
-        for mount_point in mounts_under(top):
-            supervise.unmount(mount_point)
         if not os.path.lexists(top):
             return True
         if not os.path.isdir(top) or os.path.islink(top):
@@ -49,19 +44,6 @@ def remove_tree(path: str | os.PathLike[str], max_depth: int = MAX_DEPTH,
         logger.warning("scratch: left %r behind: %s", top, problem)
         return False
     return True
-
-
-def mounts_under(top: str) -> list[str]:
-    """The mount points at or under ``top`` (a real path), deepest first."""
-    found = []
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            # Field 5 is the mount point, with space, tab, newline and backslash in octal.
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
-                           line.split(" ", 5)[4])
-            if point == top or point.startswith(top.rstrip("/") + "/"):
-                found.append(point)
-    return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
 def _remove_folder(top: str, max_depth: int, max_entries: int) -> str | None:
@@ -125,8 +107,7 @@ class _Budget:
                 elif entry.stat(follow_symlinks=False).st_dev == self.device:
                     subfolders.append(entry.name)
                 else:
-                    raise OSError(f"{entry.name!r} is a mount point that could not be "
-                                  "unmounted")
+                    raise OSError(f"{entry.name!r} is a mount point")
         return subfolders
 
 

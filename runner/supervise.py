@@ -31,8 +31,11 @@ as a child subreaper, so that descendants that leave the group are still its own
   free, N cores no other run holds. ``--output-limit-mb N`` with ``--tmp DIR`` mounts a
   tmpfs of N MiB and DISK_INODES inodes over DIR and moves the ``--rw`` folders into it,
   bound back in place: the run writes nothing anywhere else, and a run that fails with its
-  disk full has passed the limit. The disk stays mounted for its starter to collect from
-  (``runner.scratch.remove_tree`` unmounts it). ``--log-limit-mb N``: COMMAND's output
+  disk full has passed the limit. The disk is mounted in a mount namespace of the
+  supervisor's own: the host never sees it and it dies with the supervisor's last process,
+  however it is killed; at the run's own end (not at SIGTERM) what it left in the ``--rw``
+  folders is copied out to the folders beneath, within N MiB, no link followed.
+  ``--log-limit-mb N``: COMMAND's output
   goes through the supervisor to its stdout: the head and the tail are kept, with a marker
   between, and the run is stopped. Where the cgroup or the mount is refused (not root), the
   supervisor says so in one line on stderr and falls back: memory (the tree's proportional
@@ -53,6 +56,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -67,8 +71,9 @@ MIB = 1024 * 1024
 UID_BASE = 2_000_000_000
 PR_SET_CHILD_SUBREAPER = 36
 WAITED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM)
+CLONE_NEWNS = 0x20000
 MNT_DETACH = 2
-MS_NOSUID, MS_NODEV, MS_BIND = 2, 4, 4096
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
 CGROUP_ROOT = "/sys/fs/cgroup"
 # A run's cgroup is ramp-run-<supervisor pid>-<its start time>: the folders of a supervisor
 # that is gone are known as such and removed by the next one.
@@ -90,7 +95,7 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_ENTRIES = ("passwd", "group", "hosts", "resolv.conf", "nsswitch.conf", "host.conf",
                "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives",
                "ssl/certs", "ca-certificates", "protocols", "services", "mime.types")
-FLAGS = ("--sandbox", "--network", "--check-sandbox", "--no-own-disk")
+FLAGS = ("--sandbox", "--network", "--check-sandbox")
 REPEATED = ("--ro", "--rw", "--hide")
 VALUED = ("--watch", "--peak-rss", "--reason", "--tmp", "--memory-limit-mb",
           "--output-limit-mb", "--log-limit-mb", "--max-processes", "--cpus")
@@ -275,30 +280,88 @@ def walk(top):
 # -- the run's disk ---------------------------------------------------------------------
 
 
-def make_disk(tmp, folders, limit_mb):
-    """Mount a tmpfs of ``limit_mb`` and DISK_INODES over ``tmp`` and move ``folders`` into
-    it, each bound back where it was, so that everything the run writes is on it.
+class Disk:
+    """The run's own disk: a tmpfs of ``limit_mb`` and DISK_INODES over ``tmp``, holding
+    ``folders`` too (each moved into it and bound back in place), so that everything the run
+    writes is on it.
 
-    It stays mounted after the run (the starter collects what the run wrote there); who
-    removes the scratch unmounts it (``runner.scratch.remove_tree``).
+    It is mounted in a mount namespace of the supervisor's own, which propagates nothing to
+    the host: the host never sees it, and it goes with the last process of the namespace,
+    however the supervisor ends (SIGKILLed at a timeout, with its Dask worker or its
+    dispatcher). What the run left in ``folders`` is copied out (``copy_out``) to the
+    folders beneath, reached through descriptors opened before the mounts.
     """
-    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={limit_mb}m,nr_inodes={DISK_INODES},mode=0755")
-    mounted = [tmp]
-    try:
-        for index, folder in enumerate(folders):
-            store = os.path.join(tmp, "writable", str(index))
-            copy_tree(folder, store)
-            mount(store, folder, None, MS_BIND, None)
-            mounted.append(folder)
-    except OSError:
-        for point in reversed(mounted):
-            unmount(point)
-        raise
+
+    def __init__(self, tmp, folders, limit_mb):
+        private_mounts()
+        self.tmp, self.folders, self.limit_mb = tmp, folders, limit_mb
+        self.beneath = []
+        mounted = []
+        try:
+            self.beneath = [os.open(folder, OPEN_FOLDER) for folder in folders]
+            mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV,
+                  f"size={limit_mb}m,nr_inodes={DISK_INODES},mode=0755")
+            mounted.append(tmp)
+            for index, folder in enumerate(folders):
+                store = os.path.join(tmp, "writable", str(index))
+                copy_tree(folder, store)
+                mount(store, folder, None, MS_BIND, None)
+                mounted.append(folder)
+            # A working folder inside one of them is the folder beneath until looked up anew.
+            os.chdir(os.getcwd())
+        except OSError:
+            # The run falls back to the folders themselves (seen by the host alone).
+            for point in reversed(mounted):
+                unmount(point)
+            self.close()
+            raise
+
+    def full(self):
+        """Whether the disk has no room left: no inode, or less than 1 % (1 MiB) free."""
+        disk = os.statvfs(self.tmp)
+        size = disk.f_blocks * disk.f_frsize
+        return disk.f_favail == 0 or disk.f_bavail * disk.f_frsize < max(MIB, size // 100)
+
+    def copy_out(self):
+        """Copy what the run left in its folders to the folders beneath (call it once the
+        run's processes are gone); raise Oversized past ``limit_mb`` of files in all."""
+        # Uncovered first: ".." from a folder beneath would lead back onto the disk.
+        for folder in reversed(self.folders):
+            unmount(folder)
+        budget = [self.limit_mb * MIB, 0]
+        for index, beneath in enumerate(self.beneath):
+            source = os.open(os.path.join(self.tmp, "writable", str(index)), OPEN_FOLDER)
+            try:
+                copy_out(source, beneath, budget)
+            finally:
+                os.close(source)
+
+    def close(self):
+        """Close the descriptors of the folders beneath."""
+        for descriptor in self.beneath:
+            os.close(descriptor)
+        self.beneath = []
+
+
+class Oversized(Exception):
+    """The files a run left add up to more than its disk holds (sparse files)."""
+
+
+OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def private_mounts():
+    """Move this process to a mount namespace of its own whose mounts propagate nowhere."""
+    _checked(libc().unshare(CLONE_NEWNS), "unshare the mount namespace")
+    # The host's mounts are often shared (systemd): without this, ours would appear there.
+    mount("none", "/", None, MS_REC | MS_PRIVATE, None)
 
 
 def copy_tree(source, target):
-    """Copy folders, regular files and links (as links) of ``source`` to a new ``target``."""
+    """Copy folders, regular files and links (as links) of ``source`` to a new ``target``,
+    with their modification times (``copy_out`` skips what did not change)."""
     os.makedirs(target)
     shutil.copymode(source, target)
     for entry in walk(source):
@@ -309,14 +372,105 @@ def copy_tree(source, target):
             os.mkdir(destination)
             shutil.copymode(entry.path, destination)
         elif entry.is_file(follow_symlinks=False):
-            shutil.copy(entry.path, destination)
+            shutil.copy2(entry.path, destination, follow_symlinks=False)
 
 
-def disk_full(tmp):
-    """Whether the run's disk has no room left: no inode, or less than 1 % (1 MiB) free."""
-    disk = os.statvfs(tmp)
-    size = disk.f_blocks * disk.f_frsize
-    return disk.f_favail == 0 or disk.f_bavail * disk.f_frsize < max(MIB, size // 100)
+def copy_out(source, target, budget):
+    """Copy the tree of folder descriptor ``source`` into folder descriptor ``target``.
+
+    The run shaped ``source`` and may have planted links in ``target``: everything is
+    reached through descriptors, one level at a time, no link is ever followed (a link is
+    copied as a link, and one in ``target`` where a folder or file goes is replaced), and
+    the walk keeps one pair of folders open at a time, whatever the depth. New and changed
+    entries are copied: regular files (their permission bits only), folders, links, FIFOs
+    and sockets; what the run removed stays. ``budget`` is [the bytes it may
+    copy, the bytes copied so far]: Oversized(bytes) past it.
+    """
+    source, target = os.dup(source), os.dup(target)
+    # Per level below the top: the entries of the parent still to copy.
+    stack = []
+    try:
+        pending = _names(source)
+        while True:
+            if pending:
+                name = pending.pop()
+                if _copy_entry(source, target, name, budget):
+                    source, target = _move(source, name), _move(target, name)
+                    stack.append(pending)
+                    pending = _names(source)
+                continue
+            if not stack:
+                return
+            pending = stack.pop()
+            source, target = _move(source, ".."), _move(target, "..")
+    finally:
+        os.close(source)
+        os.close(target)
+
+
+def _names(folder):
+    with os.scandir(folder) as entries:
+        return [entry.name for entry in entries]
+
+
+def _move(folder, name):
+    """Open folder ``name`` (or "..") of descriptor ``folder`` and close ``folder``."""
+    try:
+        return os.open(name, OPEN_FOLDER, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def _copy_entry(source, target, name, budget):
+    """Copy entry ``name`` of ``source`` into ``target``; return whether it is a folder
+    whose entries are to be copied next."""
+    found = os.stat(name, dir_fd=source, follow_symlinks=False)
+    mode = found.st_mode
+    try:
+        there = os.stat(name, dir_fd=target, follow_symlinks=False)
+    except FileNotFoundError:
+        there = None
+    if there is not None:
+        if stat.S_ISDIR(there.st_mode):
+            # A folder the run replaced by another kind of entry stays as it was.
+            return stat.S_ISDIR(mode)
+        if stat.S_ISREG(mode) and stat.S_ISREG(there.st_mode) and (
+                found.st_size, found.st_mtime_ns) == (there.st_size, there.st_mtime_ns):
+            return False  # copied in at the start, unchanged
+        os.unlink(name, dir_fd=target)
+    permissions = stat.S_IMODE(mode) & 0o777
+    if stat.S_ISDIR(mode):
+        os.mkdir(name, permissions, dir_fd=target)
+        return True
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(name, dir_fd=source), name, dir_fd=target)
+    elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        # Kept as what they are: the starter refuses them in results.
+        os.mknod(name, stat.S_IFMT(mode) | 0o600, dir_fd=target)
+    elif stat.S_ISREG(mode):
+        _copy_file(source, target, name, found, budget)
+    return False
+
+
+def _copy_file(source, target, name, found, budget):
+    budget[1] += found.st_size
+    if budget[1] > budget[0]:
+        raise Oversized(budget[1])
+    reader = os.open(name, OPEN_FILE, dir_fd=source)
+    try:
+        writer = os.open(name, CREATE_FILE, stat.S_IMODE(found.st_mode) & 0o777, dir_fd=target)
+        try:
+            offset = 0
+            while offset < found.st_size:
+                sent = os.sendfile(writer, reader, offset, min(found.st_size - offset, 1 << 30))
+                if sent == 0:
+                    break
+                offset += sent
+            os.utime(writer, ns=(found.st_atime_ns, found.st_mtime_ns))
+        finally:
+            os.close(writer)
+    finally:
+        os.close(reader)
 
 
 # -- the run's cgroup -------------------------------------------------------------------
@@ -656,12 +810,9 @@ class Run:
         fallbacks = []
         if tmp:
             os.makedirs(tmp, exist_ok=True)
-            # --no-own-disk: a starter that cannot unmount it afterwards (remote hosts)
-            # keeps the measured output limit.
-            if "output_limit_mb" in self.limits and not options.get("--no-own-disk"):
+            if "output_limit_mb" in self.limits:
                 try:
-                    make_disk(tmp, options["--rw"], self.limits["output_limit_mb"])
-                    self.disk = tmp
+                    self.disk = Disk(tmp, options["--rw"], self.limits["output_limit_mb"])
                 except OSError as error:
                     fallbacks.append(f"no disk of its own ({error}): its files are "
                                      "measured every second")
@@ -825,7 +976,7 @@ class Run:
                 self.reason = {"fault": "event", "message": (
                     f"the sandbox (bubblewrap) could not start the run (exit {returncode}); "
                     "see the end of the log")}
-            elif self.disk is not None and disk_full(self.disk):
+            elif self.disk is not None and self.disk.full():
                 self.stop("output_limit_mb", "filled its disk and tried to write more")
             elif self.disk is None:
                 self.check_output(strict=False)
@@ -843,10 +994,27 @@ class Run:
         if self.group is not None:
             self.peak_mib = self.group.memory_mib()
 
+    def deliver(self):
+        """Copy what the run left in its folders off its disk, seen by this supervisor
+        only, to the folders beneath, where its starter reads it."""
+        if self.disk is None:
+            return
+        try:
+            self.disk.copy_out()
+        except Oversized as error:
+            self.stop("output_limit_mb", f"left files of at least {error.args[0] / MIB:.0f} "
+                      "MB in all (sparse)")
+        except OSError as error:
+            if self.reason is None:
+                self.reason = {"fault": "event", "message": (
+                    f"the run's files could not be copied off its disk: {error}")}
+
     def release(self):
-        """Remove the run's cgroup (its disk stays: the starter collects from it)."""
+        """Remove the run's cgroup; its disk goes with this process's mount namespace."""
         if self.group is not None:
             self.group.remove()
+        if self.disk is not None:
+            self.disk.close()
 
 
 def set_subreaper():
@@ -901,6 +1069,8 @@ def main(argv):
     try:
         returncode, ended_by = watch(run, watched, born)
         run.finish(returncode)
+        if ended_by is None:
+            run.deliver()
     finally:
         run.release()
     if ended_by is not None:

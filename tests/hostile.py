@@ -229,6 +229,48 @@ def attack_in_fit():
 '''
 
 
+def fork_chain() -> str:
+    """Forks a chain of processes, each the child of the last, until a fork is refused; every
+    one holds its place in the tree."""
+    return PRELUDE + '''
+def attack_in_fit():
+    fork = f("o" + "s", "fo", "rk")
+    sleep = f("time", "sl", "eep")
+    depth = 0
+    while True:
+        try:
+            pid = fork()
+        except OSError as error:
+            say("FORKS: refused at depth", depth, error)
+            break
+        if pid:
+            break
+        depth += 1
+    sleep(30)
+    if depth:
+        f("o" + "s", "_ex", "it")(0)
+'''
+
+
+def cpu_hog(processes: int) -> str:
+    """Keeps ``processes`` processes busy until the run is stopped; each says, after 3 s,
+    the share of a core it got."""
+    return PRELUDE + f'''
+def attack_in_fit():
+    fork = f("o" + "s", "fo", "rk")
+    wall, cpu = f("time", "mono", "tonic"), f("time", "process", "_time")
+    for _ in range({processes} - 1):
+        if fork() == 0:
+            break
+    started, used = wall(), cpu()
+    while wall() - started < 3:
+        pass
+    say("CPU: share", round((cpu() - used) / (wall() - started), 3))
+    while True:
+        pass
+'''
+
+
 def filler(megabytes: int) -> str:
     """Writes ``megabytes`` MB to /tmp in 8 MB files."""
     return PRELUDE + f'''

@@ -1,10 +1,10 @@
 """The supervisor's ceilings, with real attack programs against the real kernel.
 
 Each run gets a cgroup (memory with shared memory counted, processes, CPU) and a disk of its
-own (a tmpfs capped in size and inodes); ``runner.scratch.remove_tree`` removes what a run
-left. These tests need root, the cgroup controllers and mount(2): they fail, never skip,
-where those are missing. After each test no mount is left under its folder and no run's
-cgroup is left on the host.
+own (a tmpfs capped in size and inodes, in the supervisor's own mount namespace);
+``runner.scratch.remove_tree`` removes what a run left. These tests need root, the cgroup
+controllers, unshare(2) and mount(2): they fail, never skip, where those are missing. After
+each test no mount is left under its folder and no run's cgroup is left on the host.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -41,8 +42,12 @@ def _groups_on_host() -> list[str]:
             if name.startswith(supervise.GROUP_PREFIX)]
 
 
-def _mounts_under(path: Path) -> list[str]:
-    return scratch.mounts_under(os.path.realpath(path))
+def _mounts_under(path: Path, table: str = "/proc/self/mounts") -> list[str]:
+    """The mount points at or under ``path`` in a mount table (this process's by default)."""
+    top = os.path.realpath(path)
+    with open(table) as handle:
+        points = [line.split()[1] for line in handle]
+    return [p for p in points if p == top or p.startswith(top + "/")]
 
 
 @pytest.fixture(autouse=True)
@@ -131,12 +136,89 @@ def test_preallocated_files_fill_the_runs_own_disk_not_the_hosts(tmp_path):
             "os.O_WRONLY)\n try: os.posix_fallocate(fd, 0, 99 << 20)\n except OSError as e:\n"
             "  print('REFUSED', i, e.errno); sys.exit(1)\nprint('WROTE 1980 MB')")
     outcome = _supervise(tmp_path, "--output-limit-mb", "100", code=code)
-    assert "REFUSED 1 28" in outcome.log  # ENOSPC at the second file
+    assert "REFUSED 1 28" in outcome.log  # ENOSPC at the second file: its own 100 MB disk
     _stopped_for(outcome, "output_limit_mb", 100)
     copy = tmp_path / "scratch" / "submissions" / "attack"
-    disk = os.statvfs(copy)
-    assert disk.f_blocks * disk.f_frsize <= 100 * MIB  # the run's own disk, not the host's
+    # What reached the host's disk: what the run's disk held, no more.
+    assert sum(p.stat().st_size for p in copy.iterdir()) <= 100 * MIB
     assert (copy / "estimator.py").read_text() == "# the participant's source\n"
+
+
+def test_sparse_files_are_copied_out_within_the_output_limit(tmp_path):
+    # Each under RLIMIT_FSIZE and next to nothing on the run's disk, 120 MB in all once read.
+    code = ("import os\nfor i in range(3):\n with open(f'sparse{i}', 'wb') as handle:\n"
+            "  handle.truncate(40 << 20)\nprint('SPARSE 120 MB')")
+    outcome = _supervise(tmp_path, "--output-limit-mb", "50", code=code)
+    assert "SPARSE 120 MB" in outcome.log
+    _stopped_for(outcome, "output_limit_mb", 50)
+    copy = tmp_path / "scratch" / "submissions" / "attack"
+    assert sum(p.stat().st_size for p in copy.iterdir()) <= 50 * MIB
+
+
+def test_the_runs_files_are_copied_out_at_its_end_and_no_link_is_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "kept").write_text("precious")
+    copy = tmp_path / "scratch" / "submissions" / "attack"
+    copy.mkdir(parents=True)
+    (copy / "planted").symlink_to(victim)  # shipped with the submission
+    code = ("import os\nos.unlink('planted'); os.mkdir('planted')\n"
+            "open('planted/x', 'w').write('through the link?')\n"
+            "os.makedirs('training_output/fold_0')\n"
+            "open('training_output/fold_0/y_pred.npy', 'w').write('predictions')\n"
+            f"os.symlink({str(victim / 'kept')!r}, 'training_output/kept')\n"
+            "os.mkfifo('training_output/pipe')\n"
+            "open('estimator.py', 'a').write('# changed by the run\\n')\nprint('WROTE')")
+    outcome = _supervise(tmp_path, "--output-limit-mb", "50", code=code)
+    assert (outcome.returncode, outcome.reason) == (0, None), outcome.log
+    assert "WROTE" in outcome.log
+    output = copy / "training_output"
+    assert (output / "fold_0" / "y_pred.npy").read_text() == "predictions"
+    assert os.readlink(output / "kept") == str(victim / "kept")  # a link, not its target
+    assert stat.S_ISFIFO(os.lstat(output / "pipe").st_mode)
+    assert (copy / "estimator.py").read_text().endswith("# changed by the run\n")
+    # The planted link was replaced by the run's folder, never written through.
+    assert not (copy / "planted").is_symlink()
+    assert (copy / "planted" / "x").read_text() == "through the link?"
+    assert sorted(os.listdir(victim)) == ["kept"]
+    assert (victim / "kept").read_text() == "precious"
+
+
+@pytest.mark.parametrize("sandboxed", [True, False], ids=["sandbox", "no-sandbox"])
+def test_a_supervisor_killed_outright_leaves_no_mount(tmp_path, sandboxed):
+    folder = tmp_path / "scratch"
+    copy = folder / "submissions" / "attack"
+    copy.mkdir(parents=True)
+    code = ("import os, time\nopen('mine', 'w').write('on its disk')\n"
+            "print('UP', os.getpid(), flush=True)\ntime.sleep(3600)")
+    supervisor = subprocess.Popen(
+        [sys.executable, supervise.__file__, "--tmp", str(folder / "tmp"), "--rw", str(copy),
+         *(["--sandbox"] if sandboxed else []), "--output-limit-mb", "50", "--",
+         sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=copy)
+    run = None
+    try:
+        words = supervisor.stdout.readline().split()
+        assert words[:1] == [b"UP"], words
+        run = int(words[1])
+        # The disk is there for the supervisor and its run, and nowhere else.
+        assert sorted(_mounts_under(folder, f"/proc/{supervisor.pid}/mounts")) == sorted(
+            [str(copy), str(folder / "tmp")])
+        assert _mounts_under(tmp_path) == []
+        assert not (copy / "mine").exists()
+        supervisor.kill()
+        supervisor.wait()
+        if not sandboxed:
+            # Its run lives on (until its starter kills it), holding the namespace: the
+            # folder can be removed all the same.
+            os.kill(run, 0)
+        assert _mounts_under(tmp_path) == []
+        assert scratch.remove_tree(folder)
+        assert not folder.exists()
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+        if not sandboxed and run is not None:
+            _kill(run)
 
 
 def test_a_flood_of_empty_files_is_refused_by_the_inode_cap(tmp_path):
@@ -250,21 +332,31 @@ def test_the_cpu_count_reaches_the_supervisor():
     assert supervise.parse([*options, "--", "true"])[0]["--cpus"] == "2"
 
 
-def test_a_deep_tree_with_mounts_is_removed_without_recursion(tmp_path):
+def test_a_deep_tree_is_removed_without_recursion(tmp_path):
     top = tmp_path / "scratch"
     top.mkdir()
     _deep_tree(top, 1200, "d")
     _deep_tree(top, 30, "x" * 200)  # 6,000 characters: longer than PATH_MAX
-    (top / "mounted").mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(top / "mounted")],
-                   check=True)
-    (top / "mounted" / "file").write_text("on the mount")
     locked = top / "locked"
     locked.mkdir()
     (locked / "inside").write_text("")
     locked.chmod(0)
     assert scratch.remove_tree(top)
     assert not top.exists()
+
+
+def test_a_mount_point_in_a_scratch_is_not_entered(tmp_path, caplog):
+    top = tmp_path / "other"
+    (top / "mounted").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(top / "mounted")],
+                   check=True)
+    try:
+        (top / "mounted" / "file").write_text("not the scratch's")
+        assert scratch.remove_tree(top) is False
+        assert (top / "mounted" / "file").read_text() == "not the scratch's"
+        assert "'mounted' is a mount point" in caplog.text
+    finally:
+        subprocess.run(["umount", str(top / "mounted")], check=True)
 
 
 def test_a_scratch_that_is_a_link_is_removed_not_followed(tmp_path):

@@ -1,9 +1,10 @@
 """Hostile submissions of the example kit, all dispatched at once by a real dispatcher.
 
-One event (module scope) holds an honest rival and one submission per attack of issue 9;
-the event runs to its end with the default ``sandbox: auto`` (bubblewrap works on these
-machines) and small limits, then each test checks that one attack failed and the event
-went on.
+One event (module scope) holds an honest rival and one submission per attack of issues 9
+and 18; the event runs to its end with the default ``sandbox: auto`` (bubblewrap works on
+these machines), small limits and one core per run (``n_threads: 1``), then each test checks
+that one attack failed and the event went on. A second, smaller event pits a CPU hog that
+never ends against an honest run in the other slot.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def event(tmp_path_factory):
         "x_chatty": hostile.chatty(200),
         "x_hog": hostile.hog(1200),
         "x_threads": hostile.threads(200),
+        "x_forks": hostile.fork_chain(),
         "x_filler": hostile.filler(96),
         "x_network": hostile.network(listener.getsockname()[1]),
         **{f"x_forged_{kind}": hostile.forger(kind)
@@ -95,6 +97,46 @@ def event(tmp_path_factory):
         rows = {s.name: s for s in ledger.all()}
     after = {"kit": _tree_digest(kit), "data": _tree_digest(data)}
     return config, rows, before, after
+
+
+# The example's own timeout: an honest run takes under 6 s with another beside it.
+CPU_TIMEOUT = 20
+
+
+@pytest.fixture(scope="module")
+def cpu_event(tmp_path_factory):
+    """A CPU hog that never ends and an honest rival, dispatched together on 2 slots of one
+    core each: (config, ledger rows, ledger transitions)."""
+    root = tmp_path_factory.mktemp("cpu")
+    path = make_event(root / "event", ("starting_kit",),
+                      worker={"timeout": CPU_TIMEOUT, "hidden_test_labels": "off", **LIMITS},
+                      dispatcher={"n_workers": 2, "n_threads": 1})
+    config = load_event_config(path)
+    hostile.add_submission(Path(config.worker.submissions_dir), "x_cpu", hostile.cpu_hog(8))
+    subprocess.run(
+        [sys.executable, "-m", "invoke", "--search-root", str(REPO), "dispatch",
+         "--event-config", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        timeout=600, check=True)
+    with Ledger(config.ledger_path) as ledger:
+        return config, {s.name: s for s in ledger.all()}, ledger.transitions()
+
+
+def test_a_cpu_hog_keeps_to_its_core_and_the_other_slot_finishes(cpu_event):
+    config, rows, transitions = cpu_event
+    assert rows["starting_kit"].state == "scored", rows["starting_kit"].error_msg
+    message = _training_error(rows, "x_cpu")
+    assert message.splitlines()[-1] == ramptest.timeout_message(CPU_TIMEOUT)
+    # 8 busy processes shared one core's worth of time (this machine has 2): the quota holds
+    # even when the cores are claimed by other runs of the host and the cpuset is not set.
+    shares = [float(line.split()[-1]) for line in _log(config, "x_cpu").splitlines()
+              if line.startswith("CPU: share")]
+    assert len(shares) == 8, _log(config, "x_cpu")[-2000:]
+    assert sum(shares) < 1.3, shares
+    # The rival ran beside the hog: claimed together, and scored while the hog still spun.
+    claimed = {t.name: t.at for t in transitions if t.to_state == "training"}
+    ended = {t.name: t.at for t in transitions if t.to_state in ("scored", "training_error")}
+    assert claimed["starting_kit"] < ended["x_cpu"]
+    assert ended["starting_kit"] < ended["x_cpu"]
 
 
 def _log(config, name: str) -> str:
@@ -179,11 +221,26 @@ def test_the_log_is_capped_with_head_and_tail(event):
 @pytest.mark.parametrize(("name", "limit"), [
     ("x_hog", "memory_limit_mb=600"),
     ("x_threads", "max_processes=64"),
+    ("x_forks", "max_processes=64"),
     ("x_filler", "output_limit_mb=48"),
 ])
 def test_each_limit_ends_the_run_naming_it(event, name, limit):
     _, rows, _, _ = event
-    _training_error(rows, name, limit)
+    message = _training_error(rows, name, limit)
+    # ramp-runner's own last line says which limit stopped it.
+    ending = message.splitlines()[-1]
+    assert ending.startswith(ramptest.ENDING_PREFIX) and limit in ending, message
+
+
+def test_a_deep_process_tree_is_stopped_at_max_processes(event):
+    config, rows, _, _ = event
+    words = _log(config, "x_forks").split()
+    assert "FORKS:" in words, _log(config, "x_forks")[-2000:]
+    # A chain that deep: each process the child of the one before, refused at the cap.
+    assert 32 <= int(words[words.index("depth") + 1]) <= LIMITS["max_processes"]
+    survivors = [p for p in psutil.process_iter(["cmdline"])
+                 if "x_forks" in " ".join(p.info["cmdline"] or ())]
+    assert survivors == []
 
 
 def test_no_network_without_network_true(event):

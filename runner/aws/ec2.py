@@ -1,7 +1,11 @@
 """The EC2 side of an AWS run (boto3 only): newest AMI, launch, wait, terminate, reap.
 
 Instances carry tags naming the event, the submission and the dispatcher that launched
-them, so that a dispatcher that died can have its instances found and terminated later.
+them, so that a dispatcher that died can have its instances found and terminated later,
+and a deadline (``ramp-runner:deadline``) past which the stack's reaper terminates them
+whatever the dispatcher does. They start from the stack's launch template when the event
+names one (IMDSv2 only, encrypted root volume, terminate on halt); without one the
+request itself asks for IMDSv2 and an encrypted root volume.
 Throttling and 5xx answers are retried by botocore's ``standard`` retry mode, except a
 spot launch's capacity errors, which fall back to on-demand at once.
 
@@ -22,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -44,6 +49,15 @@ TAG_EVENT = "ramp-runner:event"
 TAG_SUBMISSION = "ramp-runner:submission"
 TAG_DISPATCHER = "ramp-runner:dispatcher"
 TAG_OWNER = "ramp-runner:owner"
+# Read by the stack's reaper (infra/tags.py and infra/reaper_lambda.py carry the same
+# literal and format): an ISO-8601 UTC time past which the instance is terminated.
+TAG_DEADLINE = "ramp-runner:deadline"
+# The stack's workers' tag (stack output workerTags): its dispatcher policy and reaper ask for it.
+TAG_CHALLENGE = "ramp-runner:challenge"
+DEADLINE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# Instance metadata through session tokens only (IMDSv2), one hop: a process on the
+# instance reaches it, a container or a forwarded socket does not.
+IMDSV2 = {"HttpEndpoint": "enabled", "HttpTokens": "required", "HttpPutResponseHopLimit": 1}
 # Written on each AMI by the stack's distribution (infra/tags.py carries the same literal).
 TAG_AMI_BASE_NAME = "ramp-runner:ami-base-name"
 # The key infra wrote before issue 12: AMIs built then are still found.
@@ -72,10 +86,33 @@ class AMINotFoundError(EventError):
 
 @dataclass(frozen=True)
 class Instance:
-    """A launched instance: its id and whether it runs on the spot market."""
+    """A launched instance: its id, whether it runs on the spot market, its type and when
+    it was asked for (seconds since the epoch, just before RunInstances)."""
 
     instance_id: str
     spot: bool
+    instance_type: str = ""
+    launched_at: float = 0.0
+
+    @property
+    def market(self) -> str:
+        """``spot`` or ``on-demand``."""
+        return "spot" if self.spot else "on-demand"
+
+
+def deadline_tag(at: float) -> str:
+    """``at`` (seconds since the epoch) as the deadline tag's value, e.g. 2026-12-05T19:30:00Z."""
+    return datetime.fromtimestamp(at, UTC).strftime(DEADLINE_FORMAT)
+
+
+def parse_deadline(value: str | None) -> float | None:
+    """The deadline tag as seconds since the epoch (a time without offset is UTC, as the
+    reaper reads it); None when absent or not ISO-8601."""
+    try:
+        deadline = datetime.fromisoformat(value or "")
+    except ValueError:
+        return None
+    return (deadline if deadline.tzinfo else deadline.replace(tzinfo=UTC)).timestamp()
 
 
 def client(region_name: str, profile_name: str | None = None,
@@ -90,23 +127,29 @@ def client(region_name: str, profile_name: str | None = None,
     )
     retries = {"mode": "standard", "total_max_attempts": API_MAX_ATTEMPTS}
     ec2 = session.client("ec2", config=botocore.config.Config(retries=retries))
-    # Registered first, on the operation's own event: botocore asks the more specific
-    # handlers first, and takes the first answer that is not None (False: no retry).
+    # Registered first, on the operation's own event, so it is asked before the retry
+    # handler of standard mode.
     ec2.meta.events.register_first("needs-retry.ec2.RunInstances", _no_retry_without_capacity)
     return ec2
 
 
 def _no_retry_without_capacity(response: Any = None, request_dict: Any = None,
-                                **_: Any) -> bool | None:
-    """Veto botocore's retries of a spot launch that found no capacity: EC2 answers
+                                **_: Any) -> None:
+    """End a spot launch that found no capacity at its first answer: EC2 answers
     InsufficientInstanceCapacity with HTTP 500, which standard mode retries with backoff
     (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html lists it
-    among server errors); the on-demand fallback is the better next attempt."""
+    among server errors); the on-demand fallback is the better next attempt.
+
+    It raises the answer's ClientError rather than returning False: botocore reads a False
+    from ``needs-retry`` as "do not retry" only since 1.43.3, and before as "retry after
+    sleeping 0 s", a tight loop of RunInstances that never reaches the fallback. A raise
+    ends the call the same way on every version."""
     if response is None or "InstanceMarketOptions.MarketType" not in (
             (request_dict or {}).get("body") or {}):
-        return None
-    code = response[1].get("Error", {}).get("Code")
-    return False if code in CAPACITY_ERRORS else None
+        return
+    parsed = response[1]
+    if parsed.get("Error", {}).get("Code") in CAPACITY_ERRORS:
+        raise ClientError(parsed, "RunInstances")
 
 
 def newest_ami(ec2: Any, base_name: str) -> str:
@@ -160,26 +203,54 @@ def self_destruct_user_data(seconds: float) -> str:
     return f"#!/bin/sh\nshutdown -h +{minutes} 'ramp-runner self-destruct'\n"
 
 
+def encrypted_root(ec2: Any, image_id: str) -> dict[str, Any]:
+    """A block device mapping that replaces the AMI's root volume (same device, same size)
+    with an encrypted one, encrypted with the account's default key even when the AMI's
+    snapshot is not."""
+    image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
+    device = image.get("RootDeviceName") or "/dev/sda1"
+    ebs: dict[str, Any] = {"Encrypted": True, "DeleteOnTermination": True, "VolumeType": "gp3"}
+    size = next((m.get("Ebs", {}).get("VolumeSize") for m in image.get("BlockDeviceMappings", [])
+                 if m.get("DeviceName") == device), None)
+    if size:
+        ebs["VolumeSize"] = size
+    return {"DeviceName": device, "Ebs": ebs}
+
+
 def launch_instance(ec2: Any, *, image_id: str, instance_type: str, key_name: str,
                     security_group: str, tags: dict[str, str], spot: bool,
-                    spot_fallback_on_demand: bool = True, user_data: str = "") -> Instance:
-    """Launch one instance (spot if asked; on-demand again when spot has no capacity)."""
-    group_key = "SecurityGroupIds" if security_group.startswith("sg-") else "SecurityGroups"
+                    spot_fallback_on_demand: bool = True, user_data: str = "",
+                    launch_template_id: str | None = None) -> Instance:
+    """Launch one instance (spot if asked; on-demand again when spot has no capacity).
+
+    With ``launch_template_id`` the template gives the key pair, the security group, the
+    encrypted root volume and the shutdown behaviour (the dispatcher policy of the stack
+    allows no launch without it); otherwise the request gives them, the root volume of the
+    AMI encrypted. IMDSv2 is asked for either way."""
     tag_list = [{"Key": key, "Value": value} for key, value in tags.items()]
-    request = {
+    request: dict[str, Any] = {
         "ImageId": image_id,
         "InstanceType": instance_type,
-        "KeyName": key_name,
-        group_key: [security_group],
         "MinCount": 1,
         "MaxCount": 1,
-        "InstanceInitiatedShutdownBehavior": "terminate",
+        "MetadataOptions": IMDSV2,
         "TagSpecifications": [
             {"ResourceType": "instance", "Tags": tag_list},
             {"ResourceType": "volume", "Tags": tag_list},
         ],
         "UserData": user_data,
     }
+    if launch_template_id:
+        request["LaunchTemplate"] = {"LaunchTemplateId": launch_template_id,
+                                     "Version": "$Default"}
+    else:
+        group_key = "SecurityGroupIds" if security_group.startswith("sg-") else "SecurityGroups"
+        request.update({
+            "KeyName": key_name,
+            group_key: [security_group],
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "BlockDeviceMappings": [encrypted_root(ec2, image_id)],
+        })
     if spot:
         spot_request = {
             **request,
@@ -193,14 +264,16 @@ def launch_instance(ec2: Any, *, image_id: str, instance_type: str, key_name: st
             },
         }
         try:
-            return Instance(_run_one(ec2, spot_request), spot=True)
+            started = time.time()
+            return Instance(_run_one(ec2, spot_request), True, instance_type, started)
         except ClientError as error:
             code = error.response["Error"]["Code"]
             if code not in CAPACITY_ERRORS or not spot_fallback_on_demand:
                 raise
             logger.warning("no spot capacity for %s (%s): launching on-demand instead",
                            instance_type, code)
-    return Instance(_run_one(ec2, request), spot=False)
+    started = time.time()
+    return Instance(_run_one(ec2, request), False, instance_type, started)
 
 
 def _run_one(ec2: Any, request: dict[str, Any]) -> str:

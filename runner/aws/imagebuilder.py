@@ -32,13 +32,46 @@ ProgressCallback = Callable[[str, float], None]
 
 
 class ImageBuildError(RunnerError, RuntimeError):
-    """The image ended in a state other than AVAILABLE; carries Image Builder's reason."""
+    """The image ended in a state other than AVAILABLE; carries Image Builder's reason and,
+    for a failed image, where it failed (``failure_context``)."""
 
-    def __init__(self, image_arn: str, status: str, reason: str | None):
-        super().__init__(f"image {image_arn} {status}: {reason or 'no reason given'}")
+    def __init__(self, image_arn: str, status: str, reason: str | None,
+                 failure_context: str = ""):
+        where = f"\n{failure_context}" if failure_context else ""
+        super().__init__(f"image {image_arn} {status}: {reason or 'no reason given'}{where}")
         self.image_arn = image_arn
         self.status = status
         self.reason = reason
+        self.failure_context = failure_context
+
+
+def failure_context(image: dict) -> str:
+    """Where a failed image failed, from ``state.failureContext`` of GetImage: the stage,
+    the workflow step, the component's phase, step and message, or the distribution's;
+    and the log group of its build. Empty when Image Builder gives none."""
+    context = image.get("state", {}).get("failureContext") or {}
+    lines = []
+    stage = context.get("imageStatus")
+    step = context.get("failedStep")
+    if stage or step:
+        lines.append("failed " + " ".join(filter(None, (
+            f"while {stage}" if stage else "", f"at workflow step {step}" if step else ""))))
+    component = context.get("componentFailure") or {}
+    if component:
+        name = component.get("componentArn", "").split("component/")[-1] or "a component"
+        where = "/".join(filter(None, (component.get("phaseName"), component.get("stepName"))))
+        action = f" ({component['action']})" if component.get("action") else ""
+        lines.append(f"component {name}, step {where or '?'}{action}: "
+                     f"{component.get('errorMessage') or 'no message'}")
+    distribution = context.get("distributionFailure") or {}
+    if distribution:
+        lines.append(f"distribution: {distribution.get('errorMessage') or 'no message'}")
+        lines += [f"  {region.get('region', '?')}: {region.get('errorMessage', '')}"
+                  for region in distribution.get("regionFailures", [])]
+    group = (image.get("loggingConfiguration") or {}).get("logGroupName")
+    if lines and group:
+        lines.append(f"logs: CloudWatch log group {group}")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -94,17 +127,21 @@ def start_build(
     pipeline_arn: str,
     *,
     client_token: str | None = None,
+    tags: dict[str, str] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> str:
     """Start one pipeline execution; return the image build version ARN.
 
     The client token is fixed before the first attempt, so a retried request after a
-    throttle or a lost response starts no second build.
+    throttle or a lost response starts no second build. ``tags`` go on the image (the
+    stack output ``imageTags``): Image Builder does not copy the pipeline's, and the
+    stack's lifecycle policy finds the images to delete by them.
     """
     token = client_token or str(uuid.uuid4())
+    more = {"tags": dict(tags)} if tags else {}
     response = call_with_retries(
         lambda: client.start_image_pipeline_execution(
-            imagePipelineArn=pipeline_arn, clientToken=token
+            imagePipelineArn=pipeline_arn, clientToken=token, **more
         ),
         sleep=sleep,
     )
@@ -136,7 +173,7 @@ def wait_for_image(
         if status == "AVAILABLE":
             return _built_ami(image_arn, image, client.meta.region_name)
         if status not in IN_PROGRESS:
-            raise ImageBuildError(image_arn, status, state.get("reason"))
+            raise ImageBuildError(image_arn, status, state.get("reason"), failure_context(image))
         sleep(poll_seconds)
 
 

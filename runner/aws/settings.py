@@ -4,6 +4,7 @@ boto3 nor fabric."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from runner.errors import ConfigError
 from runner.redaction import secret
@@ -14,8 +15,20 @@ MIN_SELF_DESTRUCT_MARGIN = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
+class InstancePrice:
+    """One entry of ``prices``: what an hour of an on-demand instance type costs."""
+
+    instance_type: str
+    usd_per_hour: float
+
+
+@dataclasses.dataclass(frozen=True)
 class AWSWorkerSection(RemoteWorkerSection):
     """``worker_type: aws``: one EC2 instance per submission."""
+
+    # The instance user keeps cloud-init's passwordless sudo: a run outside the sandbox
+    # could reach it (and cancel the instance's self-destruct), so none runs without it.
+    sandbox: Literal["auto", "required", "off"] = "required"
 
     region_name: str = ""
     ami_user_name: str = ""
@@ -35,6 +48,14 @@ class AWSWorkerSection(RemoteWorkerSection):
     profile_name: str | None = None
     ssh_ready_timeout: float = 600.0
     self_destruct_margin: float = 1800.0
+    # The stack's outputs (``aws-config`` writes them): the launch template every launch
+    # goes through, and the challenge tag its dispatcher policy asks for.
+    launch_template_id: str | None = None
+    challenge_name: str | None = None
+    # Cost: past ``budget_usd`` (estimated, summed over the event) no instance is launched;
+    # on-demand hours are priced from ``prices``, spot hours from EC2's price history.
+    budget_usd: float | None = None
+    prices: tuple[InstancePrice, ...] = ()
 
     REQUIRED = (
         "region_name",
@@ -60,6 +81,24 @@ class AWSWorkerSection(RemoteWorkerSection):
                               f"a number of seconds >= {MIN_SELF_DESTRUCT_MARGIN:g} (boot, "
                               "upload and collection must fit before the instance halts "
                               "itself)", repr(self.self_destruct_margin))
+        if self.budget_usd is not None and self.budget_usd < 0:
+            raise ConfigError(source, f"{key_path}.budget_usd", "a number of dollars >= 0",
+                              repr(self.budget_usd))
+        if self.budget_usd is not None and self.price_per_hour(self.instance_type) is None:
+            # Without a price the budget could not count the on-demand runs.
+            raise ConfigError(source, f"{key_path}.prices",
+                              f"an entry for instance_type {self.instance_type!r} (its "
+                              "on-demand price per hour) when budget_usd is set",
+                              repr([p.instance_type for p in self.prices]))
+        for index, price in enumerate(self.prices):
+            if price.usd_per_hour < 0:
+                raise ConfigError(source, f"{key_path}.prices[{index}].usd_per_hour",
+                                  "a number of dollars >= 0", repr(price.usd_per_hour))
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ConfigError(source, f"{key_path}.access_key_id",
                               "access_key_id and secret_access_key together, or neither")
+
+    def price_per_hour(self, instance_type: str) -> float | None:
+        """The on-demand price of ``instance_type`` from ``prices``, or None."""
+        return next((p.usd_per_hour for p in self.prices if p.instance_type == instance_type),
+                    None)

@@ -25,7 +25,10 @@ WORKER_KEYS = {
     "region": "region_name",
     "instanceUser": "ami_user_name",
     "remoteKitFolder": "remote_ramp_kit_folder",
+    "launchTemplateId": "launch_template_id",
 }
+# The challenge tag in the stack output ``workerTags`` (infra/tags.py).
+CHALLENGE_TAG = "ramp-runner:challenge"
 REQUIRED_OUTPUTS = ("amiBaseName", "securityGroupName", "keyName", "region")
 
 
@@ -81,7 +84,11 @@ def worker_settings(outputs: Mapping[str, Any]) -> dict[str, Any]:
     missing = [key for key in REQUIRED_OUTPUTS if not outputs.get(key)]
     if missing:
         raise StackOutputsError(f"the stack outputs lack {', '.join(missing)}")
-    return {worker: outputs[key] for key, worker in WORKER_KEYS.items() if outputs.get(key)}
+    settings = {worker: outputs[key] for key, worker in WORKER_KEYS.items() if outputs.get(key)}
+    challenge = (outputs.get("workerTags") or {}).get(CHALLENGE_TAG)
+    if challenge:
+        settings["challenge_name"] = challenge
+    return settings
 
 
 def write_worker_settings(event_config: str | Path, outputs: Mapping[str, Any]) -> dict[str, Any]:

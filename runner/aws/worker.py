@@ -5,7 +5,12 @@ terminated if any of it fails, and always in ``teardown``. The instance also hal
 itself (and, launched with shutdown behaviour ``terminate``, ends) ``timeout +
 self_destruct_margin`` seconds after boot, so a dead dispatcher leaks nothing for long.
 That timer is a user-data script: only an AMI whose boot runs cloud-init (Ubuntu's do)
-starts it; the margin (>= 10 minutes) covers boot, upload and collection.
+starts it; the margin (>= 10 minutes) covers boot, upload and collection. The same time
+is the instance's deadline tag, which the stack's reaper enforces from outside, and the
+AMI's heartbeat timer halts it 10 minutes after the last poll.
+
+After the termination, ``usage`` says what the instance cost (``runner.aws.cost``); the
+dispatcher keeps it in the ledger.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 from botocore.exceptions import BotoCoreError, ClientError
 
-from runner.aws import ec2
+from runner.aws import cost, ec2
 from runner.aws.settings import AWSWorkerSection
 from runner.errors import InfrastructureError
 from runner.ssh.remote_worker import RemoteWorker, check_private_key, known_hosts_path
@@ -62,6 +69,7 @@ class AWSWorker(RemoteWorker):
     def __init__(self, config: dict[str, Any], submission: str):
         super().__init__(config, submission)
         self.instance: ec2.Instance | None = None
+        self.usage: cost.InstanceUsage | None = None
         self._ec2: Any = None
 
     def setup(self) -> None:
@@ -75,13 +83,18 @@ class AWSWorker(RemoteWorker):
         else:
             image_id = ec2.newest_ami(self._ec2, section.ami_image_name)
         event = section.dispatch.event_name or ""
+        lifetime = self.timeout + section.self_destruct_margin
         tags = {
             "Name": f"ramp-runner {event} {self.submission}",
             ec2.TAG_EVENT: event,
             ec2.TAG_SUBMISSION: self.submission,
             ec2.TAG_DISPATCHER: section.dispatch.dispatcher_id or "",
             ec2.TAG_OWNER: owner_token(),
+            # Counted from before the launch: the self-destruct counts from the later boot.
+            ec2.TAG_DEADLINE: ec2.deadline_tag(time.time() + lifetime),
         }
+        if section.challenge_name:
+            tags[ec2.TAG_CHALLENGE] = section.challenge_name
         self.instance = ec2.launch_instance(
             self._ec2,
             image_id=image_id,
@@ -91,7 +104,8 @@ class AWSWorker(RemoteWorker):
             tags=tags,
             spot=section.use_spot_instance,
             spot_fallback_on_demand=section.spot_fallback_on_demand,
-            user_data=ec2.self_destruct_user_data(self.timeout + section.self_destruct_margin),
+            user_data=ec2.self_destruct_user_data(lifetime),
+            launch_template_id=section.launch_template_id,
         )
         self._check_spot_notice = self.instance.spot
         try:
@@ -115,15 +129,28 @@ class AWSWorker(RemoteWorker):
         self._close_session()
         if self.instance is None:
             return
-        instance_id, self.instance = self.instance.instance_id, None
+        instance, self.instance = self.instance, None
+        instance_id = instance.instance_id
         try:
             ec2.terminate(self._ec2, [instance_id])
+            self.usage = self._usage(instance, time.time())
         except (BotoCoreError, ClientError, InfrastructureError) as error:
             lifetime = self.timeout + self.settings.self_destruct_margin
             logger.error("%r: could not terminate instance %s: %s; it halts itself %g s "
                          "after its boot at the latest, and the next dispatch or `invoke reap` "
                          "terminates it once EC2 answers", self, instance_id,
                          " ".join(str(error).split()), lifetime)
+
+    def _usage(self, instance: ec2.Instance, ended_at: float) -> cost.InstanceUsage:
+        """What ``instance`` cost, terminated at ``ended_at``."""
+        price = None
+        if instance.spot:
+            price = cost.spot_price(self._ec2, instance.instance_id, instance.instance_type,
+                                    instance.launched_at, ended_at)
+        if price is None:  # on-demand, or a spot price EC2 did not give: the table's
+            price = self.settings.price_per_hour(instance.instance_type)
+        return cost.InstanceUsage(instance.instance_id, instance.instance_type,
+                                  instance.market, instance.launched_at, ended_at, price)
 
     def release_run(self) -> None:
         """Terminate the instance, whatever happened before (after a failed collect too)."""
@@ -137,12 +164,34 @@ class AWSWorker(RemoteWorker):
         return []
 
     @classmethod
-    def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False) -> list[str]:
-        """Terminate this event's instances whose launching process is gone."""
+    def reap_leftovers(cls, config: dict[str, Any], dry_run: bool = False,
+                       claims: Callable[[], dict[str, set[str]]] | None = None) -> list[str]:
+        """Terminate this event's instances whose launching process is gone or whose
+        deadline tag has passed; with ``claims`` (the ledger's dispatchers, each with the
+        submissions it runs now; read after the instances are listed), also those of a
+        dispatcher the ledger knows that no running submission accounts for: a live
+        dispatcher's leaks. A dispatcher the ledger does not know (a RAMP board's) is
+        left to the other rules."""
         section = cls.settings_of(config)
         event = section.dispatch.event_name or ""
-        orphans = ec2.reap(_client(section), event,
-                           lambda tags: owner_alive(tags.get(ec2.TAG_OWNER)), dry_run=dry_run)
+        now = time.time()
+        running: dict[str, set[str]] | None = None
+
+        def owned(tags: dict[str, str]) -> bool:
+            nonlocal running
+            deadline = ec2.parse_deadline(tags.get(ec2.TAG_DEADLINE))
+            if not owner_alive(tags.get(ec2.TAG_OWNER)) or (
+                    deadline is not None and deadline <= now):
+                return False
+            if claims is None:
+                return True
+            # Read once, after EC2 listed the instances: a submission is claimed before
+            # its instance is launched, so every live run's claim is already there.
+            running = claims() if running is None else running
+            runs = running.get(tags.get(ec2.TAG_DISPATCHER, ""))
+            return runs is None or tags.get(ec2.TAG_SUBMISSION, "") in runs
+
+        orphans = ec2.reap(_client(section), event, owned, dry_run=dry_run)
         if orphans:
             logger.warning("%s %d leftover instance(s) of event %r: %s",
                            "would terminate" if dry_run else "terminated", len(orphans), event,

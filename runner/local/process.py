@@ -16,6 +16,9 @@ from runner.results import read_reason
 from runner.sandbox import Confinement
 
 KILL_GRACE_SECONDS = 5.0
+# How long the supervisor has, after SIGTERM, to end its run and remove its cgroup itself
+# (it takes milliseconds) before the whole group is SIGKILLed.
+STOP_GRACE_SECONDS = 2.0
 
 
 class LocalRun:
@@ -68,11 +71,16 @@ class LocalRun:
         return True
 
     def stop(self) -> None:
-        """Kill the whole process tree (idempotent) and reap the leader."""
+        """End the whole process tree (idempotent) and reap the leader: SIGTERM to the
+        supervisor, which ends its run and removes its cgroup, then, after
+        STOP_GRACE_SECONDS, SIGKILL to whatever is left."""
         try:
             stragglers = psutil.Process(self._proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             stragglers = []
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            self.wait(STOP_GRACE_SECONDS)
         try:
             os.killpg(self._proc.pid, signal.SIGKILL)
         except ProcessLookupError:

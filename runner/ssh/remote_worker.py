@@ -78,18 +78,14 @@ def known_hosts_path(settings: RemoteWorkerSection, event_dir: str | None) -> Pa
 
 
 def remote_removal(*paths: str) -> str:
-    """A shell command removing ``paths`` on a host: the supervisor run as root there puts
-    a run's disk on a mount of its own, which ``rm`` alone cannot remove."""
+    """A shell command removing ``paths`` on a host (nothing is mounted there: a run's disk
+    lives in its supervisor's own mount namespace)."""
     return removal_of_words(" ".join(shlex.quote(path) for path in paths))
 
 
 def removal_of_words(words: str) -> str:
     """``remote_removal`` of paths given as shell words (they may expand variables)."""
-    # Every mount at or under each path (the run's disk is at <run>/tmp), deepest first.
-    mounted = ("awk -v p=\"$p\" '$2 == p || index($2, p \"/\") == 1 {print $2}' "
-               "/proc/self/mounts")
-    return (f"for p in {words}; do {mounted}; done | sort -r | "
-            f"while read -r m; do umount -l \"$m\"; done; rm -rf {words}")
+    return f"rm -rf {words}"
 
 
 class RemoteWorker(BaseWorker):
@@ -197,7 +193,7 @@ class RemoteWorker(BaseWorker):
             hidden.append(f"{kit}/data")
         options = sandbox.confinement(
             self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
-            hidden=hidden, cpus=self.settings.dispatch.n_threads, own_disk=False).options()
+            hidden=hidden, cpus=self.settings.dispatch.n_threads).options()
         return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
                 "--reason", f"{run}/reason", *options, "--", *argv]
 

@@ -201,6 +201,14 @@ def test_spot_notice_retries_on_a_new_instance(tmp_path, sshd, remote_kit, insta
     assert len(instances) == 2
     assert all(i.get("InstanceLifecycle") == "spot" for i in instances)
     assert live_instances(instance_at_sshd) == []
+    # Both instances are paid for: the seconds and cost add up over the two runs,
+    # priced from the spot price history (moto's: the same price in every zone).
+    [price] = {float(entry["SpotPrice"]) for entry in instance_at_sshd.describe_spot_price_history(
+        InstanceTypes=["t3.micro"])["SpotPriceHistory"]}
+    assert (submission.market, submission.instance_type) == ("spot", "t3.micro")
+    assert submission.instance_id in {i["InstanceId"] for i in instances}
+    assert submission.instance_seconds >= 120  # a billed minute at least, each
+    assert submission.cost_usd == pytest.approx(submission.instance_seconds * price / 3600)
 
 
 DISPATCHER = """

@@ -210,3 +210,66 @@ def test_task_reads_the_pipeline_from_stack_outputs(stubbed_task_client, tmp_pat
     stubbed_task_client.add_response("start_image_pipeline_execution", *started())
     tasks.build_ami(Context(), outputs_file=str(outputs), no_wait=True)
     assert IMAGE in capsys.readouterr().out
+
+
+COMPONENT = f"arn:aws:imagebuilder:{REGION}:123456789012:component/iris-ramp-worker/1.0.3/1"
+
+
+def failed_with_context() -> dict:
+    """A FAILED get_image answer with Image Builder's failure context, as the service
+    model shapes it (the Stubber checks it)."""
+    response = image("FAILED", reason="Image Builder workflow failed")
+    response["image"]["state"]["failureContext"] = {
+        "imageStatus": "BUILDING",
+        "failedStep": "ApplyBuildComponents",
+        "componentFailure": {
+            "componentArn": COMPONENT,
+            "phaseName": "build",
+            "stepName": "InstallRampKit",
+            "action": "ExecuteBash",
+            "errorMessage": "pip install failed: No matching distribution for ramp-workflow",
+        },
+    }
+    response["image"]["loggingConfiguration"] = {"logGroupName": "/aws/imagebuilder/iris"}
+    return response
+
+
+def test_failed_image_says_which_component_phase_and_step(client):
+    stubber = Stubber(client)
+    stubber.add_response("get_image", failed_with_context())
+    with stubber, pytest.raises(imagebuilder.ImageBuildError) as error:
+        imagebuilder.wait_for_image(client, IMAGE, sleep=lambda _: None)
+    message = str(error.value)
+    assert "failed while BUILDING at workflow step ApplyBuildComponents" in message
+    assert ("component iris-ramp-worker/1.0.3/1, step build/InstallRampKit (ExecuteBash): "
+            "pip install failed: No matching distribution for ramp-workflow") in message
+    assert "logs: CloudWatch log group /aws/imagebuilder/iris" in message
+
+
+def test_failed_distribution_names_its_regions(client):
+    response = image("FAILED", reason="distribution failed")
+    response["image"]["state"]["failureContext"] = {
+        "imageStatus": "DISTRIBUTING",
+        "distributionFailure": {"errorMessage": "AMI copy failed", "regionFailures": [
+            {"region": "eu-west-3", "errorMessage": "AMI quota exceeded"}]},
+    }
+    stubber = Stubber(client)
+    stubber.add_response("get_image", response)
+    with stubber, pytest.raises(imagebuilder.ImageBuildError) as error:
+        imagebuilder.wait_for_image(client, IMAGE, sleep=lambda _: None)
+    assert "distribution: AMI copy failed" in str(error.value)
+    assert "eu-west-3: AMI quota exceeded" in str(error.value)
+
+
+def test_task_tags_the_image_and_shows_the_failure_context(stubbed_task_client, tmp_path):
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(f'{{"pipelineArn": "{PIPELINE}", '
+                       '"imageTags": {"ramp-runner:challenge": "iris"}}')
+    response, expected = started()
+    stubbed_task_client.add_response("start_image_pipeline_execution", response,
+                                     {**expected, "tags": {"ramp-runner:challenge": "iris"}})
+    stubbed_task_client.add_response("get_image", failed_with_context())
+    with pytest.raises(Exit) as error:
+        tasks.build_ami(Context(), outputs_file=str(outputs), poll=0)
+    assert error.value.code == 1
+    assert "step build/InstallRampKit (ExecuteBash)" in error.value.message

@@ -331,3 +331,127 @@ def test_termination_that_cannot_be_confirmed_raises(client, quick_polls, monkey
     _not_found_first(client, "DescribeInstances", 10**6)
     with pytest.raises(InfrastructureError, match=instance.instance_id):
         ec2.terminate(client, [instance.instance_id])
+
+
+def _old_botocore_needs_retry(monkeypatch):
+    """botocore before 1.43.3: any answer of a needs-retry handler that is not None, False
+    included, meant "retry after sleeping that many seconds"."""
+    import botocore.endpoint
+    from botocore.hooks import first_non_none_response
+
+    def needs_retry(self, attempts, operation_model, request_dict, response=None,
+                    caught_exception=None):
+        service_id = operation_model.service_model.service_id.hyphenize()
+        responses = self._event_emitter.emit(
+            f"needs-retry.{service_id}.{operation_model.name}", response=response,
+            endpoint=self, operation=operation_model, attempts=attempts,
+            caught_exception=caught_exception, request_dict=request_dict)
+        handler_response = first_non_none_response(responses)
+        if handler_response is None:
+            return False
+        return True  # (it slept handler_response seconds: 0 for False)
+
+    monkeypatch.setattr(botocore.endpoint.Endpoint, "_needs_retry", needs_retry)
+
+
+@pytest.mark.parametrize("botocore_behaviour", ["since 1.43.3", "before 1.43.3"])
+def test_spot_fallback_holds_on_every_botocore_behaviour(client, monkeypatch,
+                                                         botocore_behaviour):
+    if botocore_behaviour == "before 1.43.3":
+        _old_botocore_needs_retry(monkeypatch)
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    spot_requests = []
+
+    def no_spot(request, **_):
+        if "InstanceMarketOptions" in _body(request):
+            spot_requests.append(request)
+            # A bound on the runaway loop, so that a failure is a count and not a hang.
+            return _error("InsufficientInstanceCapacity", 500) if len(spot_requests) < 50 \
+                else None
+        return None
+
+    client.meta.events.register("before-send.ec2.RunInstances", no_spot)
+    instance = _launch(client, image, spot=True)
+    assert (len(spot_requests), instance.spot) == (1, False)
+    assert len(live_instances(client)) == 1
+
+
+def _volume_of(client, instance_id):
+    [volume] = client.describe_volumes(Filters=[
+        {"Name": "attachment.instance-id", "Values": [instance_id]}])["Volumes"]
+    return volume
+
+
+def test_launch_without_a_template_asks_imdsv2_and_an_encrypted_root(client):
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    instance = _launch(client, image)
+    described = _describe(client, instance.instance_id)
+    assert described["MetadataOptions"]["HttpTokens"] == "required"
+    assert described["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+    root = _volume_of(client, instance.instance_id)
+    assert root["Encrypted"] is True
+    assert root["Attachments"][0]["Device"] == described["RootDeviceName"]
+    assert (instance.instance_type, instance.market) == ("t3.micro", "on-demand")
+
+
+def test_launch_through_the_stack_template(client):
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    group = client.describe_security_groups(GroupNames=["ramp-workers"])["SecurityGroups"][0]
+    template = client.create_launch_template(LaunchTemplateName="iris-ramp-worker",
+                                             LaunchTemplateData={
+        "KeyName": "stack-key", "SecurityGroupIds": [group["GroupId"]],
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1},
+        "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {
+            "Encrypted": True, "VolumeType": "gp3", "VolumeSize": 8,
+            "DeleteOnTermination": True}}],
+    })["LaunchTemplate"]["LaunchTemplateId"]
+    sent = []
+    client.meta.events.register("before-send.ec2.RunInstances",
+                                lambda request, **_: sent.append(_body(request)))
+    instance = _launch(client, image, key_name="event-key", launch_template_id=template)
+    # The template gives the key, the group, the volume and the shutdown: the policy
+    # allows the launch only through it.
+    assert f"LaunchTemplate.LaunchTemplateId={template}" in sent[0]
+    assert "KeyName" not in sent[0] and "BlockDeviceMapping" not in sent[0]
+    assert "MetadataOptions.HttpTokens=required" in sent[0]
+    described = _describe(client, instance.instance_id)
+    assert described["KeyName"] == "stack-key"
+    # moto adds its default root volume beside the template's; EC2 maps the template's
+    # over the AMI's root device.
+    volumes = client.describe_volumes(Filters=[
+        {"Name": "attachment.instance-id", "Values": [instance.instance_id]}])["Volumes"]
+    assert [(v["Size"], v["Encrypted"]) for v in volumes if v["VolumeType"] == "gp3"] == [
+        (8, True)]
+
+
+def test_deadline_tag_is_what_the_stack_reaper_reads():
+    from datetime import UTC, datetime
+
+    from infra.reaper_lambda import parse_deadline
+
+    at = 1_796_500_000.0
+    value = ec2.deadline_tag(at)
+    assert value.endswith("Z") and "." not in value
+    assert parse_deadline(value) == datetime.fromtimestamp(at, UTC)
+    assert ec2.parse_deadline(value) == at
+    assert ec2.parse_deadline("not a time") is None and ec2.parse_deadline(None) is None
+
+
+def test_spot_price_comes_from_the_instance_zone_history(client):
+    from runner.aws import cost
+
+    image = add_ami(f"{AMI_BASE}-1", "2024-01-01T00:00:00+00:00")
+    instance = _launch(client, image, spot=True)
+    zone = _describe(client, instance.instance_id)["Placement"]["AvailabilityZone"]
+    history = client.describe_spot_price_history(InstanceTypes=["t3.micro"],
+                                                 AvailabilityZone=zone)["SpotPriceHistory"]
+    expected = max(float(entry["SpotPrice"]) for entry in history
+                   if entry["AvailabilityZone"] == zone)
+    price = cost.spot_price(client, instance.instance_id, "t3.micro", instance.launched_at,
+                            instance.launched_at + 120)
+    assert price == expected
+    usage = cost.InstanceUsage(instance.instance_id, "t3.micro", "spot", 100.0, 130.0, 0.36)
+    assert usage.seconds == 60.0  # billed a minute at least
+    assert usage.cost_usd == pytest.approx(0.006)

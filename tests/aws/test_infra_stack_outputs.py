@@ -176,3 +176,14 @@ def test_aws_config_task_error_exits_2(event_config, tmp_path):
         tasks.aws_config(Context(), str(event_config), outputs_file=str(tmp_path / "none.json"))
     assert error.value.code == 2
     assert "none.json" in error.value.message
+
+
+def test_write_points_the_event_at_the_launch_template_and_challenge(event_config):
+    outputs = {**OUTPUTS, "launchTemplateId": "lt-0123456789abcdef0",
+               "workerTags": {"ramp-runner:challenge": "iris"}}
+    written = stack_outputs.write_worker_settings(event_config, outputs)
+    assert (written["launch_template_id"], written["challenge_name"]) == (
+        "lt-0123456789abcdef0", "iris")
+    worker = yaml.safe_load(event_config.read_text())["worker"]
+    assert (worker["launch_template_id"], worker["challenge_name"]) == (
+        "lt-0123456789abcdef0", "iris")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from runner import ramptest
@@ -101,6 +102,50 @@ def test_timeout_kills_the_remote_tree(tmp_path, sshd, remote_kit):
     assert returncode == ramptest.TIMEOUT_RETURNCODE
     assert error_msg == ramptest.timeout_message(4)
     assert (Path(config.worker.logs_dir) / "hanging" / "log").exists()
+
+
+def test_a_run_killed_at_its_timeout_leaves_no_mount_on_the_host(tmp_path, sshd, remote_kit):
+    worker, _ = _worker(tmp_path, sshd, remote_kit, "hanging", timeout=4, output_limit_mb=64)
+    run = remote_kit / ".ramp-runner" / "hanging"
+    own = remote_kit / "submissions" / "hanging"
+    worker.setup()
+    try:
+        worker.launch_submission()
+        supervisor = _remote_supervisor(run)
+        # The run's disk: its tmp and its submission folder, seen by its supervisor only.
+        with open(f"/proc/{supervisor.pid}/mounts") as handle:
+            disk = {line.split()[1]: line.split()[3] for line in handle
+                    if line.split()[1] in (str(run / "tmp"), str(own))}
+        assert sorted(disk) == sorted([str(run / "tmp"), str(own)]), disk
+        assert "size=65536k" in disk[str(run / "tmp")]
+        assert _host_mounts_under(remote_kit) == []
+        _run_until_done(worker)
+        assert worker.status == "timeout"
+        worker.collect_results()
+        assert not supervisor.is_running() or supervisor.status() == psutil.STATUS_ZOMBIE
+    finally:
+        worker.teardown()
+    assert _host_mounts_under(remote_kit) == []
+    assert not run.exists() and not own.exists()
+
+
+def _remote_supervisor(run: Path) -> psutil.Process:
+    """The supervisor of the run in the host's folder ``run``, once it has started."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            if f"{run}/supervise.py" in (process.info["cmdline"] or []):
+                with open(f"/proc/{process.pid}/mounts") as handle:
+                    if f" {run}/tmp " in handle.read():
+                        return process
+        time.sleep(0.1)
+    raise AssertionError(f"no supervisor with its disk mounted for {run}")
+
+
+def _host_mounts_under(folder: Path) -> list[str]:
+    with open("/proc/self/mounts") as handle:
+        points = [line.split()[1] for line in handle]
+    return [p for p in points if p.startswith(f"{folder}/")]
 
 
 def test_kill_from_the_dispatcher_stops_the_run(tmp_path, sshd, remote_kit):
