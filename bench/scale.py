@@ -3,14 +3,17 @@
 With a worker that finishes at once (instant_worker.py, registered as a third-party worker
 type through the ``ramp_runner.workers`` entry points), for 100, 1,000 and 10,000 queued
 submission folders: the dispatcher's wall and CPU time per submission (around
-``Dispatcher.run``, in a process of its own) and the process's peak RSS. Then:
+``Dispatcher.run``, in a process of its own) and the process's peak RSS; each size laid
+out flat (every submission its own team, as before team folders) and in ``--teams`` team
+folders (``submissions/<team>/<submission>``, the fair queue taking turns between them).
+Then:
 
 - arrival to start: with ``hunger_policy: None`` and a free slot, one folder dropped into
   ``submissions_dir`` at a time (staged under a hidden name and renamed, as ``submit``
   does); the time until its worker's ``setup`` begins;
 - a profile (cProfile, every thread) of the run at 1,000: where the time goes.
 
-    .venv/bin/python bench/scale.py [--sizes 100 1000 10000] [--drops 5]
+    .venv/bin/python bench/scale.py [--sizes 100 1000 10000] [--teams 20] [--drops 5]
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ def real_output(root: Path) -> Path:
     return Path(event.worker.submissions_dir) / "starting_kit" / "training_output"
 
 
-def event(root: Path, output: Path, data: Path, queued: int, hunger_policy) -> Path:
-    """An event run by the instant worker with ``queued`` empty submission folders."""
+def event(root: Path, output: Path, data: Path, queued: int, hunger_policy,
+          teams: int = 0) -> Path:
+    """An event run by the instant worker with ``queued`` empty submission folders, flat
+    or dealt round ``teams`` team folders."""
     config = make_event(root, (), worker={"worker_type": WORKER_TYPE,
                                           "bench_output": str(output)},
                         dispatcher={"hunger_policy": hunger_policy, "n_workers": 2})
@@ -67,7 +72,8 @@ def event(root: Path, output: Path, data: Path, queued: int, hunger_policy) -> P
     submissions = root / "submissions"
     submissions.mkdir(exist_ok=True)
     for i in range(queued):
-        (submissions / f"s{i:05d}").mkdir()
+        team = f"team{i % teams:03d}/" if teams else ""
+        (submissions / f"{team}s{i:05d}").mkdir(parents=True)
     return config
 
 
@@ -87,7 +93,6 @@ def run_queue(config_path: str, budget: float, profile_out: str | None = None) -
     """Dispatch the queue, for at most ``budget`` seconds; wall, CPU and memory around
     ``Dispatcher.run`` and how many submissions it finished."""
     config = load_event_config(config_path)
-    queued = sum(1 for _ in Path(config.worker.submissions_dir).iterdir())
     profiles = []
     if profile_out:
         original = threading.Thread.run
@@ -125,8 +130,8 @@ def run_queue(config_path: str, budget: float, profile_out: str | None = None) -
     with sqlite3.connect(config.ledger_path) as db:
         states = dict(db.execute("SELECT state, COUNT(*) FROM submissions GROUP BY state"))
     done = sum(n for state, n in states.items() if state in FINAL_STATES)
-    return {"queued": queued, "done": done, "states": states, "wall": wall, "cpu": cpu,
-            "worker_cpu": InstantWorker.own_cpu, "peak_rss_mib": peak_rss_mib()}
+    return {"queued": sum(states.values()), "done": done, "states": states, "wall": wall,
+            "cpu": cpu, "worker_cpu": InstantWorker.own_cpu, "peak_rss_mib": peak_rss_mib()}
 
 
 def peak_rss_mib() -> float:
@@ -193,7 +198,8 @@ def top_entries(profile: Path, count: int = PROFILE_TOP) -> list[dict]:
     return sorted(rows, key=lambda r: r["own_s"], reverse=True)[:count]
 
 
-def measure(sizes: list[int], drops: int, budget: float, profile: bool = True) -> dict:
+def measure(sizes: list[int], drops: int, budget: float, profile: bool = True,
+            teams: int = 0) -> dict:
     """Every measurement of this module, as one dict; each queue runs ``budget`` s at most."""
     with tempfile.TemporaryDirectory(prefix="rr-bench-scale-") as scratch:
         root = Path(scratch)
@@ -203,15 +209,19 @@ def measure(sizes: list[int], drops: int, budget: float, profile: bool = True) -
         data = root / "real" / "ramp-data" / "iris" / "data"
         rows = []
         for size in sizes:
-            config = event(root / f"queue{size}", output, data, size, "exit")
-            # A queue that built up, not one copied in this instant: folders created in
-            # place are taken once quiet (runner.submissions), a wait that is no cost.
-            time.sleep(QUIET_SECONDS)
-            result = child(site, "queue", str(config), str(budget))
-            result["wall_ms_per_submission"] = 1000 * result["wall"] / result["done"]
-            result["cpu_ms_per_submission"] = 1000 * result["cpu"] / result["done"]
-            result["worker_cpu_ms_per_submission"] = 1000 * result["worker_cpu"] / result["done"]
-            rows.append(result)
+            for layout_teams in dict.fromkeys((0, teams)):
+                config = event(root / f"queue{size}-{layout_teams}", output, data, size, "exit",
+                               layout_teams)
+                # A queue that built up, not one copied in this instant: folders created in
+                # place are taken once quiet (runner.submissions), a wait that is no cost.
+                time.sleep(QUIET_SECONDS)
+                result = child(site, "queue", str(config), str(budget))
+                result["teams"] = layout_teams
+                result["wall_ms_per_submission"] = 1000 * result["wall"] / result["done"]
+                result["cpu_ms_per_submission"] = 1000 * result["cpu"] / result["done"]
+                result["worker_cpu_ms_per_submission"] = (1000 * result["worker_cpu"]
+                                                          / result["done"])
+                rows.append(result)
         latency = child(site, "latency", str(event(root / "latency", output, data, 0, None)),
                         str(drops))
         top = []
@@ -228,15 +238,19 @@ def main() -> None:
     """Print the table and write bench/results/scale.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--teams", type=int, default=20,
+                        help="team folders of the second layout (0: flat only)")
     parser.add_argument("--drops", type=int, default=5)
     parser.add_argument("--budget", type=float, default=120,
                         help="seconds each queue may run (the rate is taken over those done)")
     options = parser.parse_args()
-    results = measure(options.sizes, options.drops, options.budget)
-    print(f"{'queued':>8}{'done':>7}{'wall ms/sub':>13}{'cpu ms/sub':>12}"
+    results = measure(options.sizes, options.drops, options.budget, teams=options.teams)
+    print(f"{'queued':>8}{'teams':>7}{'done':>7}{'wall ms/sub':>13}{'cpu ms/sub':>12}"
           f"{'worker cpu ms/sub':>19}{'peak RSS MiB':>14}")
     for row in results["sizes"]:
-        print(f"{row['queued']:>8}{row['done']:>7}{row['wall_ms_per_submission']:>13.2f}"
+        teams = row["teams"] or "flat"
+        print(f"{row['queued']:>8}{teams:>7}{row['done']:>7}"
+              f"{row['wall_ms_per_submission']:>13.2f}"
               f"{row['cpu_ms_per_submission']:>12.2f}"
               f"{row['worker_cpu_ms_per_submission']:>19.2f}{row['peak_rss_mib']:>14.1f}")
     print("arrival to start (s):", results["arrival_to_start"])

@@ -201,7 +201,8 @@ def status(c, event_config=None, submission=None):
             out.print(submission_detail(found, ledger.transitions(submission)))
             return
         rows, runs = ledger.all(), runs_per_submission(ledger.transitions())
-    out.print(status_table(config.ramp.event_name, rows, runs))
+        positions = ledger.queue_positions()
+    out.print(status_table(config.ramp.event_name, rows, runs, positions))
 
 
 @task(help={**EVENT_CONFIG_HELP, "split": "which bagged score ranks: test (default) or valid"})

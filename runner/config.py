@@ -202,6 +202,8 @@ class DispatcherSection:
     time_between_collection: float | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     ledger: str | None = None
+    # At most this many of one team's submissions run at once (None: no cap).
+    max_running_per_team: int | None = None
 
     @property
     def slots(self) -> int:
@@ -401,6 +403,10 @@ def _check_dispatcher(dispatcher: DispatcherSection, source: str) -> None:
     if dispatcher.max_attempts < 1:
         raise ConfigError(source, "dispatcher.max_attempts", "an integer >= 1",
                           repr(dispatcher.max_attempts))
+    if dispatcher.max_running_per_team is not None and dispatcher.max_running_per_team < 1:
+        raise ConfigError(source, "dispatcher.max_running_per_team",
+                          "an integer >= 1, or no key for no cap",
+                          repr(dispatcher.max_running_per_team))
 
 
 def _resolve_paths(worker: WorkerSection, ramp: RampSection, base: Path) -> WorkerSection:

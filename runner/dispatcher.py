@@ -36,6 +36,7 @@ from runner.scratch import remove_tree
 from runner.signals import stop_on_signals
 from runner.source import FolderSource, SubmissionSource
 from runner.states import SubmissionState
+from runner.submissions import worker_view
 from runner.worker import BaseWorker, WorkerStatus, worker_class
 
 logger = logging.getLogger("runner.dispatcher")
@@ -253,8 +254,9 @@ class Dispatcher:
         requeue: Callable[[], None] | None = None
         try:
             self._clear_previous(name)
-            # A copy each: a worker may change its dict.
-            worker = self.worker_class(self._run_config.for_run(slot=slot), name)
+            # A copy each, with the slot's number: a worker may change its dict. A team's
+            # submission is given its team's folders and its own name.
+            worker = self.worker_class(*worker_view(self._run_config.for_run(slot=slot), name))
             with self._slots_lock:
                 self._slots[run] = (name, self._slots[run][1], worker)
             requeue = self._run_worker(run, name, worker)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,14 +102,17 @@ def _fixed_column(table: Table, header: str, values: Iterable[str],
 
 
 def status_table(title: str, submissions: Sequence[Submission],
-                 runs: Counter[str]) -> Table:
-    """Every submission with its state, runs, time, memory and the last line of its error;
-    on events that rent instances, each one's last instance, instance-seconds and cost,
-    and the event's total in the caption."""
+                 runs: Counter[str], positions: Mapping[str, int] | None = None) -> Table:
+    """Every submission with its state, its place in the fair queue while it waits
+    (``Ledger.queue_positions``), runs, time, memory and the last line of its error; on
+    events that rent instances, each one's last instance, instance-seconds and cost, and
+    the event's total in the caption."""
+    positions = positions or {}
     rented = any(s.instance_id for s in submissions)
     table = _table(title)
     _fixed_column(table, "submission", (s.name for s in submissions), justify="left")
     _fixed_column(table, "state", (s.state for s in submissions), justify="left")
+    table.add_column("queue", justify="right")
     table.add_column("runs", justify="right")
     table.add_column("run s", justify="right")
     table.add_column("MiB", justify="right")
@@ -120,9 +123,11 @@ def status_table(title: str, submissions: Sequence[Submission],
         table.caption = f"instances: {spent_text(submissions)}"
     table.add_column("error", overflow="fold", ratio=1)
     for s in submissions:
+        place = positions.get(s.name)
         cost = [Text(" ".join(filter(None, (s.instance_type, s.market)))),
                 seconds(s.instance_seconds), _dollars(s.cost_usd)] if rented else []
-        table.add_row(Text(visible(s.name)), _state(s.state), str(runs[s.name]),
+        table.add_row(Text(visible(s.name)), _state(s.state),
+                      "" if place is None else str(place), str(runs[s.name]),
                       seconds(s.run_time), _megabytes(s.peak_memory_mb), *cost,
                       Text(visible(last_line(s.error_msg))))
     return table

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from runner.errors import LedgerError
+from runner.fair_queue import Waiting, fair_order, team_of
 from runner.states import RUNNING_STATES, Move, SubmissionState, TransitionError, check_move
 from runner.untrusted import visible
 
@@ -38,6 +39,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     peak_memory_mb REAL,
     worker TEXT NOT NULL DEFAULT '',
     sandboxed INTEGER NOT NULL DEFAULT 0,
+    team TEXT NOT NULL DEFAULT '',
+    claimed_before INTEGER NOT NULL DEFAULT 0,
     instance_id TEXT,
     instance_type TEXT,
     market TEXT,
@@ -57,6 +60,21 @@ CREATE TABLE IF NOT EXISTS transitions (
     at REAL NOT NULL,
     detail TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS teams (
+    team TEXT PRIMARY KEY,
+    last_turn INTEGER NOT NULL DEFAULT 0,
+    head TEXT,
+    head_again INTEGER NOT NULL DEFAULT 0,
+    head_created_at REAL
+);
+"""
+# After the columns an earlier ledger lacks are added (_add_missing_columns).
+FAIR_QUEUE_SCHEMA = """
+CREATE INDEX IF NOT EXISTS submissions_by_team
+    ON submissions (team, state, claimed_before DESC, created_at, name);
+CREATE INDEX IF NOT EXISTS teams_in_turn
+    ON teams (head_again DESC, last_turn, head_created_at, head) WHERE head IS NOT NULL;
+CREATE INDEX IF NOT EXISTS teams_by_turn ON teams (last_turn);
 """
 
 
@@ -88,6 +106,7 @@ class Submission:
     created_at: float
     updated_at: float
     sandboxed: bool = False
+    team: str = ""
     # The cloud instance of the last run (runner.aws.cost); seconds and cost add up every
     # run's, retries included.
     instance_id: str | None = None
@@ -127,6 +146,7 @@ class Ledger:
             self._connection.execute("PRAGMA synchronous=NORMAL")
             self._connection.executescript(SCHEMA)
             _add_missing_columns(self._connection)
+            self._connection.executescript(FAIR_QUEUE_SCHEMA)
         # The file opened, by identity: a ledger deleted or replaced while in use would take
         # every later transition into a file nobody will read again.
         self.identity = _identity(self.path)
@@ -243,31 +263,67 @@ class Ledger:
             for name in names:
                 now = time.time()
                 cursor = db.execute(
-                    "INSERT OR IGNORE INTO submissions (name, state, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (name, SubmissionState.NEW, now, now),
+                    "INSERT OR IGNORE INTO submissions (name, state, team, created_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (name, SubmissionState.NEW, team_of(name), now, now),
                 )
                 if cursor.rowcount:
                     _log(db, name, None, SubmissionState.NEW, now, "discovered")
+                    _rehead(db, team_of(name))
                     added.append(name)
         return added
 
-    def claim(self, limit: int, worker: str) -> list[str]:
-        """Move up to ``limit`` new submissions, oldest first, to ``sent_to_training``."""
+    def claim(self, limit: int, worker: str, max_running_per_team: int | None = None
+              ) -> list[str]:
+        """Move up to ``limit`` new submissions to ``sent_to_training``, in fair order
+        (``runner.fair_queue``): round-robin across teams, oldest first within a team,
+        those claimed before first; a team with ``max_running_per_team`` runs going
+        waits."""
         if limit <= 0:
             return []
         with self._transaction() as db:
-            names = [
-                row[0]
-                for row in db.execute(
-                    "SELECT name FROM submissions WHERE state = ?"
-                    " ORDER BY created_at, name LIMIT ?",
-                    (SubmissionState.NEW, limit),
-                )
-            ]
-            for name in names:
-                _move(db, name, Move.CLAIM, worker=worker)
+            turn = db.execute("SELECT COALESCE(MAX(last_turn), 0) FROM teams").fetchone()[0]
+            running: dict[str, int] = {}
+            full: list[str] = []  # teams at max_running_per_team
+            if max_running_per_team is not None:
+                running = dict(db.execute(
+                    "SELECT team, COUNT(*) FROM submissions"
+                    f" WHERE state IN ({_RUNNING_PLACEHOLDERS}) GROUP BY team",
+                    RUNNING_STATES).fetchall())
+                full = [team for team, count in running.items()
+                        if count >= max_running_per_team]
+            names = []
+            while len(names) < limit:
+                # Each team's head is kept in ``teams``: a turn costs an index probe,
+                # whatever the length of the queue.
+                excluded = ", ".join("?" for _ in full)
+                row = db.execute(
+                    "SELECT team, head FROM teams WHERE head IS NOT NULL"
+                    + (f" AND team NOT IN ({excluded})" if full else "")
+                    + " ORDER BY head_again DESC, last_turn, head_created_at, head LIMIT 1",
+                    full).fetchone()
+                if row is None:
+                    break
+                team, name = row
+                _move(db, name, Move.CLAIM, worker=worker, claimed_before=1)
+                turn += 1
+                db.execute("UPDATE teams SET last_turn = ? WHERE team = ?", (turn, team))
+                names.append(name)
+                running[team] = running.get(team, 0) + 1
+                if max_running_per_team is not None and running[team] >= max_running_per_team:
+                    full.append(team)
         return names
+
+    def queue_positions(self) -> dict[str, int]:
+        """Each waiting submission's place in the fair order (1 starts next), if nothing
+        else arrives and no team is held back by ``max_running_per_team``."""
+        with self._reading() as db:
+            waiting = [Waiting(name, team, bool(again)) for name, team, again in db.execute(
+                "SELECT name, team, claimed_before FROM submissions WHERE state = ?"
+                " ORDER BY created_at, name", (SubmissionState.NEW,))]
+            turns = dict(db.execute("SELECT team, last_turn FROM teams WHERE last_turn > 0"))
+        return {item.key: position
+                for position, item in enumerate(fair_order(waiting, turns), start=1)}
 
     def mark_training(self, name: str, sandboxed: bool = False) -> None:
         """The worker is set up and the run starts, ``sandboxed`` or not."""
@@ -391,6 +447,27 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                          ("instance_seconds", "REAL"), ("cost_usd", "REAL")):
         if column not in columns:
             db.execute(f"ALTER TABLE submissions ADD COLUMN {column} {kind}")
+    if "team" not in columns:
+        # Before team folders every submission was its own team, queued oldest first: with
+        # no turn taken yet, the fair order starts as that same order.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(submissions)")}
+            if "team" in columns:  # another process brought it up to date meanwhile
+                db.execute("COMMIT")
+                return
+            db.execute("ALTER TABLE submissions ADD COLUMN team TEXT NOT NULL DEFAULT ''")
+            db.execute("ALTER TABLE submissions ADD COLUMN claimed_before INTEGER NOT NULL"
+                       " DEFAULT 0")
+            db.execute("UPDATE submissions SET team = name,"
+                       " claimed_before = (state != 'new' OR attempts > 0)")
+            for (name,) in db.execute("SELECT name FROM submissions WHERE state = 'new'"
+                                      ).fetchall():
+                _rehead(db, name)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -425,6 +502,8 @@ def _move(db: sqlite3.Connection, name: str, move: Move, detail: str = "",
                            (*columns.values(), name, move.sources[0])).rowcount
         if moved:
             _log(db, name, move.sources[0], move.target, now, detail)
+            if SubmissionState.NEW in (move.target, *move.sources):
+                _rehead(db, team_of(name))
             return move.target
     row = db.execute("SELECT state FROM submissions WHERE name = ?", (name,)).fetchone()
     if row is None:
@@ -432,7 +511,22 @@ def _move(db: sqlite3.Connection, name: str, move: Move, detail: str = "",
     check_move(name, row[0], move)
     db.execute(f"UPDATE submissions SET {assignments} WHERE name = ?", (*columns.values(), name))
     _log(db, name, row[0], move.target, now, detail)
+    if SubmissionState.NEW in (move.target, *move.sources):
+        _rehead(db, team_of(name))
     return move.target
+
+
+def _rehead(db: sqlite3.Connection, team: str) -> None:
+    """Keep ``teams`` naming the submission ``team`` starts next (its oldest waiting, one
+    claimed before first), after one of its submissions joined or left the queue."""
+    head = db.execute(
+        "SELECT name, claimed_before, created_at FROM submissions WHERE team = ? AND state = ?"
+        " ORDER BY claimed_before DESC, created_at, name LIMIT 1",
+        (team, SubmissionState.NEW)).fetchone() or (None, 0, None)
+    db.execute("INSERT INTO teams (team, head, head_again, head_created_at) VALUES (?, ?, ?, ?)"
+               " ON CONFLICT (team) DO UPDATE SET head = excluded.head,"
+               " head_again = excluded.head_again, head_created_at = excluded.head_created_at",
+               (team, *head))
 
 
 def _log(db: sqlite3.Connection, name: str, source: str | None, target: str, at: float,
@@ -448,4 +542,5 @@ def _submission(row: sqlite3.Row) -> Submission:
     values["state"] = SubmissionState(values["state"])
     values["scores"] = json.loads(values["scores"]) if values["scores"] else None
     values["sandboxed"] = bool(values["sandboxed"])
+    del values["claimed_before"]
     return Submission(**values)

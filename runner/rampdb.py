@@ -1,11 +1,14 @@
 """RAMP-board source: the dispatcher's submissions from a ramp-database (ramp-frontend's).
 
 It honours ramp-engine 0.10.1's contract with the board (``ramp_engine/dispatcher.py``):
-new submissions of the event from ``get_submissions(session, event, 'new')``, oldest
-first, never the sandbox; states through ``set_submission_state``; results through
-``set_time``/``set_scores``/``set_bagged_scores`` read from ``predictions_dir/<submission>``
-and the peak memory through ``set_submission_max_ram``; ``queue_position`` 1..n while
-waiting and -1 once training; leaderboards refreshed as ramp-engine refreshes them.
+the event's new submissions, never the sandbox; states through ``set_submission_state``;
+results through ``set_time``/``set_scores``/``set_bagged_scores`` read from
+``predictions_dir/<submission>`` and the peak memory through ``set_submission_max_ram``;
+``queue_position`` 1..n while waiting and -1 once training; leaderboards refreshed as
+ramp-engine refreshes them. Unlike ramp-engine (oldest first), new submissions start in
+fair order (``runner.fair_queue``): round-robin across the event's teams, a team's last
+turn being its latest ``sent_to_training_timestamp``; one sent to training before (an
+organiser's re-run, or a run lost) goes first; ``queue_position`` follows that order.
 
 A submission is named by its folder, ``submission_<id:09d>`` (``Submission.basename``): the
 name ramp-engine hands its workers, unique where participants' names are not.
@@ -30,7 +33,6 @@ from typing import Any, TypeVar
 from ramp_database.model import Event, EventTeam, Submission
 from ramp_database.tools.leaderboard import update_all_user_leaderboards, update_leaderboards
 from ramp_database.tools.submission import (
-    get_submissions,
     set_bagged_scores,
     set_scores,
     set_submission_error_msg,
@@ -38,7 +40,7 @@ from ramp_database.tools.submission import (
     set_submission_state,
     set_time,
 )
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -47,6 +49,7 @@ from runner import ramptest
 from runner.config import EventConfig
 from runner.errors import EventError, SubmissionError
 from runner.eventlock import event_lock
+from runner.fair_queue import Waiting, fair_order
 from runner.states import (
     QUEUED_STATES,
     RUNNING_STATES,
@@ -239,20 +242,21 @@ class RampSource:
     # -- transitions --------------------------------------------------------------------
 
     def claim(self, limit: int, worker: str) -> list[str]:
-        """Move up to ``limit`` new submissions, oldest first, to ``sent_to_training``."""
+        """Move up to ``limit`` new submissions to ``sent_to_training``, in fair order
+        (``runner.fair_queue``), at most ``dispatcher.max_running_per_team`` of a team
+        running."""
         if limit <= 0 or not self.count_new():
             return []
+        cap = self.config.dispatcher.max_running_per_team
 
         def work(session: Session, retried: bool) -> list[int]:
-            chosen = []
-            for key, _, _ in get_submissions(session, self.event_name,
-                                             state=SubmissionState.NEW):
-                if len(chosen) == limit:
-                    break
-                if key in self._held or not session.get(Submission, key).is_not_sandbox:
-                    continue
+            _, waiting, last_turns = self._queue(session)
+            running = {} if cap is None else self._running_per_team(session)
+            chosen = [item.key for item in fair_order(
+                [item for item in waiting if item.key not in self._held], last_turns,
+                running, cap, limit)]
+            for key in chosen:
                 set_submission_state(session, key, Move.CLAIM.target)
-                chosen.append(key)
             if chosen:
                 self._renumber(session, self._waiting_ids(session))
             return chosen
@@ -368,19 +372,48 @@ class RampSource:
                 .join(Event, EventTeam.event_id == Event.id)
                 .where(Event.name == self.event_name))
 
-    def _waiting_ids(self, session: Session) -> tuple[int, ...]:
-        """Non-sandbox submissions waiting, in queue order: those sent to training first,
-        then the new ones, oldest first."""
+    def _queue(self, session: Session) -> tuple[list[int], list[Waiting], dict[int, Any]]:
+        """The event's non-sandbox submissions sent to training, and those new by team,
+        oldest first, with each team's last turn (its latest ``sent_to_training_timestamp``):
+        one query."""
+        earlier = Submission.__table__.alias("earlier")
+        last_turn = (select(func.max(earlier.c.sent_to_training_timestamp))
+                     .where(earlier.c.event_team_id == Submission.event_team_id)
+                     .scalar_subquery())
         rows = session.execute(
-            select(Submission.id, Submission.state, Submission.name, Event.ramp_sandbox_name)
+            select(Submission.id, Submission.state, Submission.name, Event.ramp_sandbox_name,
+                   Submission.event_team_id, Submission.sent_to_training_timestamp,
+                   last_turn.label("last_turn"))
             .join(EventTeam, Submission.event_team_id == EventTeam.id)
             .join(Event, EventTeam.event_id == Event.id)
-            .where(Event.name == self.event_name,
-                   Submission.state.in_(QUEUED_STATES))
+            .where(Event.name == self.event_name, Submission.state.in_(QUEUED_STATES))
             .order_by(Submission.submission_timestamp, Submission.id))
-        rows = [row for row in rows if row.name != row.ramp_sandbox_name]
-        rows.sort(key=lambda row: row.state != SubmissionState.SENT_TO_TRAINING)
-        return tuple(row.id for row in rows)
+        sent, waiting, last_turns = [], [], {}
+        for row in rows:
+            if row.name == row.ramp_sandbox_name:
+                continue
+            if row.state == SubmissionState.SENT_TO_TRAINING:
+                sent.append(row.id)
+                continue
+            waiting.append(Waiting(row.id, row.event_team_id,
+                                   row.sent_to_training_timestamp is not None))
+            if row.last_turn is not None:
+                last_turns[row.event_team_id] = row.last_turn
+        return sent, waiting, last_turns
+
+    def _running_per_team(self, session: Session) -> dict[int, int]:
+        return dict(session.execute(
+            select(Submission.event_team_id, func.count())
+            .join(EventTeam, Submission.event_team_id == EventTeam.id)
+            .join(Event, EventTeam.event_id == Event.id)
+            .where(Event.name == self.event_name, Submission.state.in_(RUNNING_STATES))
+            .group_by(Submission.event_team_id)).all())
+
+    def _waiting_ids(self, session: Session) -> tuple[int, ...]:
+        """Non-sandbox submissions waiting, in queue order: those sent to training first,
+        then the new ones in fair order."""
+        sent, waiting, last_turns = self._queue(session)
+        return (*sent, *(item.key for item in fair_order(waiting, last_turns)))
 
     def _renumber(self, session: Session, waiting: tuple[int, ...]) -> None:
         """queue_position 1..n as RAMP's frontend shows it, and the new-submission

@@ -46,7 +46,9 @@ class SubmissionSource(Protocol):
         """How many submissions wait to be run."""
 
     def claim(self, limit: int, worker: str) -> list[str]:
-        """Move up to ``limit`` waiting submissions, oldest first, to ``sent_to_training``."""
+        """Move up to ``limit`` waiting submissions to ``sent_to_training``, in fair order
+        (``runner.fair_queue``: round-robin across teams, oldest first within a team,
+        those claimed before first, at most ``dispatcher.max_running_per_team`` running)."""
 
     def still_claimed(self, name: str, worker: str) -> bool:
         """Whether ``name`` is still running under ``worker`` (nobody else changed it)."""
@@ -89,11 +91,15 @@ class FolderSource(Ledger):
         super().__init__(config.ledger_path)
         self.submissions_dir = Path(config.worker.submissions_dir)
         self.max_attempts = config.dispatcher.max_attempts
+        self.max_running_per_team = config.dispatcher.max_running_per_team
         self._intake: Intake | None = None
         # While watched: what wakes the dispatcher, and the timer that wakes it when a
         # folder still settling may have become quiet.
         self._wake: Callable[[], None] | None = None
         self._settled: threading.Timer | None = None
+        # While watched, the watch of each team folder is added as the folder is found.
+        self._watch_team: Callable[[Path], None] | None = None
+        self._team_watches: set[str] = set()
 
     @contextmanager
     def opened(self) -> Iterator[None]:
@@ -108,6 +114,10 @@ class FolderSource(Ledger):
         ready = self._intake.ready()
         if ready:
             self.add(ready)
+        if self._watch_team is not None:
+            for team in self._intake.teams.keys() - self._team_watches:
+                self._team_watches.add(team)
+                self._watch_team(self.submissions_dir / team)
         delay = self._intake.next_judgement()
         if delay is not None and self._wake is not None:
             if self._settled is not None:
@@ -116,6 +126,11 @@ class FolderSource(Ledger):
             self._settled = threading.Timer(delay + SETTLE_MARGIN_SECONDS, self._wake)
             self._settled.daemon = True
             self._settled.start()
+
+    def claim(self, limit: int, worker: str, max_running_per_team: int | None = None
+              ) -> list[str]:
+        """Ledger.claim, with the event's ``max_running_per_team``."""
+        return super().claim(limit, worker, max_running_per_team or self.max_running_per_team)
 
     def count_new(self) -> int:
         """Submissions waiting to run: new in the ledger, and folders still being copied
@@ -148,20 +163,39 @@ class FolderSource(Ledger):
 
             def on_moved(self, event):
                 name = Path(os.fsdecode(event.dest_path))
-                if source._intake is not None and name.parent == source.submissions_dir:
-                    source._intake.arrived_by_rename(name.name)
+                if source._intake is not None:
+                    if name.parent == source.submissions_dir:
+                        source._intake.arrived_by_rename(name.name)
+                    elif name.parent.parent == source.submissions_dir:
+                        source._intake.arrived_by_rename(f"{name.parent.name}/{name.name}")
                 wake()
 
         self._wake = wake
         observer = Observer()
-        try:
-            self.submissions_dir.mkdir(parents=True, exist_ok=True)
+        arrivals = Arrivals()
+
+        def watch_folder(folder: Path) -> None:
             # Only arrivals: the default mask also wakes the watch on every open and read
-            # of an entry (IN_OPEN, IN_CLOSE_NOWRITE), i.e. at each run's copy.
-            observer.schedule(Arrivals(), str(self.submissions_dir), recursive=False,
+            # of an entry (IN_OPEN, IN_CLOSE_NOWRITE), i.e. at each run's copy. Not
+            # recursive: a watch for each submission's every subfolder costs inotify
+            # watches and wakes the dispatcher at each file a copy writes.
+            observer.schedule(arrivals, str(folder), recursive=False,
                               event_filter=[DirCreatedEvent, FileCreatedEvent, DirMovedEvent,
                                             FileMovedEvent])
+
+        def watch_team(folder: Path) -> None:
+            try:
+                watch_folder(folder)
+            except OSError as error:
+                logger.warning("cannot watch team folder %s (%s): its new submissions are "
+                               "noticed at the next rescan", folder, error)
+
+        try:
+            self.submissions_dir.mkdir(parents=True, exist_ok=True)
+            watch_folder(self.submissions_dir)
             observer.start()
+            self._team_watches = set()  # the next intake watches every team folder
+            self._watch_team = watch_team
         except OSError as error:  # e.g. the inotify watch limit: the rescans still run
             logger.warning("cannot watch %s (%s): new submissions are noticed at the next "
                            "rescan", self.submissions_dir, error)
@@ -170,6 +204,7 @@ class FolderSource(Ledger):
             yield
         finally:
             self._wake = None
+            self._watch_team = None
             if self._settled is not None:
                 self._settled.cancel()
             if observer is not None:
