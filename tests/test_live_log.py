@@ -1,0 +1,118 @@
+"""``ramp-runner logs``: a running local submission's log, live, through the real dispatcher
+and the real command, escaped and bounded; the live view's slot line."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+from runner.ledger import Ledger
+from runner.livelog import LINE_CHARS
+from tests.chatty import (FIRST_LINE, HUGE_LINE_CHARS, LAST_LINE, NAME, PROGRAM, add_chatty,
+                          follow)
+from tests.events import make_event
+from tests.test_cli import ANSI, under_terminal
+
+
+@pytest.fixture(scope="module")
+def event(tmp_path_factory):
+    """The chatty submission and the starting kit dispatched on a 120-column terminal, with
+    ``logs --follow`` on the chatty one from the moment it trains, and a plain ``logs``
+    once its first line is out."""
+    root = tmp_path_factory.mktemp("event")
+    path = make_event(root, ("starting_kit",), worker={"timeout": 120})
+    add_chatty(path)
+    ledger = path.with_name("ramp-runner.sqlite3")
+    screen = []
+    dispatch = threading.Thread(target=lambda: screen.append(
+        under_terminal([PROGRAM, "dispatch", "-e", str(path)], columns=120)))
+    dispatch.start()
+    deadline = time.monotonic() + 120
+    while not _training(ledger):
+        assert time.monotonic() < deadline and dispatch.is_alive(), screen
+        time.sleep(0.1)
+
+    def snapshot():
+        return subprocess.run([PROGRAM, "logs", "-e", str(path), "-s", NAME],
+                              capture_output=True, timeout=60)
+
+    followed = follow(path, ledger, at_first_line=snapshot)
+    dispatch.join(180)
+    assert not dispatch.is_alive()
+    return path, ledger, followed, screen[0]
+
+
+def _training(ledger) -> bool:
+    if not ledger.exists():
+        return False
+    with Ledger(ledger) as opened:
+        return NAME in opened.names() and opened.get(NAME).state == "training"
+
+
+def test_follow_shows_lines_while_the_run_runs_and_ends_with_its_state(event):
+    _, _, followed, _ = event
+    assert followed.returncode == 0, followed.stderr
+    assert followed.state_at_first_line == "training"
+    assert any(LAST_LINE in line for line in followed.lines)
+    assert followed.lines[-1] == f"{NAME}: scored"
+
+
+def test_logs_without_follow_prints_what_is_there_and_returns(event):
+    _, _, followed, _ = event
+    snapshot = followed.meanwhile
+    assert snapshot.returncode == 0, snapshot.stderr
+    assert FIRST_LINE.encode() in snapshot.stdout
+    assert not snapshot.stdout.decode().rstrip().endswith(f"{NAME}: scored")
+
+
+def test_hostile_output_is_escaped_and_cut(event):
+    _, _, followed, _ = event
+    # No control character reaches the terminal: the escapes are shown as text.
+    assert b"\x1b" not in followed.raw and b"\x07" not in followed.raw
+    assert "\u202e" not in followed.raw.decode()
+    line = next(x for x in followed.lines if x.startswith("CHATTY line 2"))
+    assert line == r"CHATTY line 2 \x1b]0;owned\x07 \x1b[2J \u202eevil"
+    huge = next(x for x in followed.lines if x.startswith("HUGE "))
+    cut = len("HUGE ") + HUGE_LINE_CHARS - LINE_CHARS
+    assert huge == "HUGE " + "X" * (LINE_CHARS - len("HUGE ")) + f" [... {cut} more characters]"
+    assert "NOT UTF-8 \ufffd\ufffd end" in followed.lines
+
+
+def test_no_test_score_with_hidden_test_labels(event):
+    # The run is the ingestion program (hidden test labels on): it never scores the test
+    # fold, so no line of the live log is a test score (ramp-test prints "test  0.844 ...").
+    _, _, followed, _ = event
+    assert any(line.startswith("CV fold") for line in followed.lines)
+    assert not [line for line in followed.lines if line.strip().startswith("test")]
+
+
+def test_the_live_view_shows_each_slots_last_line(event):
+    _, _, _, (code, screen) = event
+    assert code == 0, screen
+    plain = ANSI.sub("", screen)
+    # The slot's line ends with the last line the run printed, escaped.
+    assert r"CHATTY line 2 \x1b]0;owned\x07" in plain
+    assert "\x1b]0;owned" not in screen
+
+
+def test_the_live_log_is_gone_once_the_run_is_torn_down(event):
+    path, ledger, _, _ = event
+    assert not (ledger.parent / f"{ledger.name}.live" / f"{NAME}.log").exists()
+    assert LAST_LINE in (path.parent / "runs" / "logs" / NAME / "log").read_text()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no_such_submission", "no_such_submission"),
+    ("starting_kit", "starting_kit is not running (it is scored)"),
+])
+def test_unknown_or_finished_submission_is_one_line_and_exit_2(event, name, message):
+    path, _, _, _ = event
+    result = subprocess.run([PROGRAM, "logs", "-e", str(path), "-s", name],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr
