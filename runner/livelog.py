@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,8 @@ class LiveCopy:
         # Bytes of the run's log accounted for (written here, or skipped).
         self.offset = 0
         self._written = 0
+        # A Dask run's bytes arrive on the client's thread, its last ones on the slot's.
+        self._lock = threading.Lock()
 
     def start(self) -> Path | None:
         """A new, empty file for a new run (a new file, not the old one emptied: a reader
@@ -92,6 +95,10 @@ class LiveCopy:
 
     def add(self, data: bytes, start: int) -> None:
         """Append ``data``, the bytes of the run's log from byte ``start`` on."""
+        with self._lock:
+            self._add(data, start)
+
+    def _add(self, data: bytes, start: int) -> None:
         if self.path is None:
             return
         if start < self.offset:  # already here

@@ -76,6 +76,22 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) ->
     return lines
 
 
+def wait_until_training(ledger: Path, alive=lambda: True, timeout: float = 120) -> None:
+    """Wait until the chatty submission trains (fail if ``alive()`` turns False first)."""
+    deadline = time.monotonic() + timeout
+    while not _training(ledger):
+        assert time.monotonic() < deadline, "the chatty submission never started training"
+        assert alive(), "the dispatcher ended before the chatty submission trained"
+        time.sleep(0.1)
+
+
+def _training(ledger: Path) -> bool:
+    if not ledger.exists():
+        return False
+    with Ledger(ledger) as opened:
+        return NAME in opened.names() and opened.get(NAME).state == "training"
+
+
 @dataclass
 class Followed:
     """What ``ramp-runner logs --follow`` did."""

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 
 import pytest
 
-from runner.ledger import Ledger
 from runner.livelog import LINE_CHARS
-from tests.chatty import (FIRST_LINE, HUGE_LINE_CHARS, LAST_LINE, NAME, PROGRAM, add_chatty,
-                          follow)
+from tests.chatty import (
+    FIRST_LINE,
+    HUGE_LINE_CHARS,
+    LAST_LINE,
+    NAME,
+    PROGRAM,
+    add_chatty,
+    follow,
+    wait_until_training,
+)
 from tests.events import make_event
 from tests.test_cli import ANSI, under_terminal
 
@@ -30,10 +36,7 @@ def event(tmp_path_factory):
     dispatch = threading.Thread(target=lambda: screen.append(
         under_terminal([PROGRAM, "dispatch", "-e", str(path)], columns=120)))
     dispatch.start()
-    deadline = time.monotonic() + 120
-    while not _training(ledger):
-        assert time.monotonic() < deadline and dispatch.is_alive(), screen
-        time.sleep(0.1)
+    wait_until_training(ledger, dispatch.is_alive)
 
     def snapshot():
         return subprocess.run([PROGRAM, "logs", "-e", str(path), "-s", NAME],
@@ -43,13 +46,6 @@ def event(tmp_path_factory):
     dispatch.join(180)
     assert not dispatch.is_alive()
     return path, ledger, followed, screen[0]
-
-
-def _training(ledger) -> bool:
-    if not ledger.exists():
-        return False
-    with Ledger(ledger) as opened:
-        return NAME in opened.names() and opened.get(NAME).state == "training"
 
 
 def test_follow_shows_lines_while_the_run_runs_and_ends_with_its_state(event):

@@ -4,10 +4,15 @@ runs and ends with the state it ended in."""
 
 from __future__ import annotations
 
-import time
-
-from runner.ledger import Ledger
-from tests.chatty import FIRST_LINE, LAST_LINE, NAME, add_chatty, follow, ramp_runner
+from tests.chatty import (
+    FIRST_LINE,
+    LAST_LINE,
+    NAME,
+    add_chatty,
+    follow,
+    ramp_runner,
+    wait_until_training,
+)
 from tests.events import make_event
 from tests.sshd import remote_dispatcher, ssh_worker_section
 
@@ -19,11 +24,7 @@ def test_follow_a_run_on_an_ssh_host(tmp_path, sshd, remote_kit):
     ledger = path.with_name("ramp-runner.sqlite3")
     dispatch = ramp_runner("dispatch", "-e", str(path))
     try:
-        deadline = time.monotonic() + 120
-        while not _training(ledger):
-            assert time.monotonic() < deadline and dispatch.poll() is None, \
-                dispatch.stderr.read() if dispatch.poll() is not None else "not training yet"
-            time.sleep(0.1)
+        wait_until_training(ledger, lambda: dispatch.poll() is None)
         followed = follow(path, ledger)
         out, err = dispatch.communicate(timeout=120)
     finally:
@@ -38,10 +39,3 @@ def test_follow_a_run_on_an_ssh_host(tmp_path, sshd, remote_kit):
     assert b"\x1b" not in followed.raw
     assert followed.lines[-1] == f"{NAME}: scored"
     assert not (ledger.parent / f"{ledger.name}.live" / f"{NAME}.log").exists()
-
-
-def _training(ledger) -> bool:
-    if not ledger.exists():
-        return False
-    with Ledger(ledger) as opened:
-        return NAME in opened.names() and opened.get(NAME).state == "training"
