@@ -228,6 +228,14 @@ def dispatcher_alive(ledger_path: Path) -> bool:
                for fields in (line.split() for line in table.splitlines()))
 
 
+def _replaced(handle, path: Path) -> bool:
+    """Whether ``path`` now names another file than the open ``handle``."""
+    try:
+        return os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino
+    except OSError:
+        return False  # removed: the run is being torn down
+
+
 def follow(live_file: Path, still_running: Callable[[], bool], show: Callable[[str], None],
            keep_following: bool, dispatcher: Callable[[], bool] = lambda: True,
            seconds: float = FOLLOW_SECONDS) -> bool:
@@ -252,6 +260,11 @@ def follow(live_file: Path, still_running: Callable[[], bool], show: Callable[[s
                 while chunk := handle.read(REFRESH_BYTES):
                     for line in text.feed(chunk):
                         show(line)
+                if running and _replaced(handle, live_file):
+                    # A dead dispatcher's file, replaced by this run's when it started.
+                    handle.close()
+                    handle = None
+                    continue
             if not keep_following or not running:
                 break
             if not dispatcher():

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from runner.livelog import LINE_CHARS
+from runner.ledger import Ledger
+from runner.livelog import LINE_CHARS, REFRESH_BYTES, LiveCopy, LogText, skipped_marker, window
 from tests.chatty import (
     FIRST_LINE,
     HUGE_LINE_CHARS,
@@ -112,3 +113,39 @@ def test_unknown_or_finished_submission_is_one_line_and_exit_2(event, name, mess
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert message in result.stderr
+
+
+def test_a_running_submission_without_its_dispatcher_is_one_line_and_exit_2(tmp_path):
+    # A dispatcher killed mid-run leaves the submission training in the ledger.
+    path = make_event(tmp_path / "event", ())
+    with Ledger(path.with_name("ramp-runner.sqlite3")) as ledger:
+        ledger.add([NAME])
+        ledger.claim(1, worker="dead-dispatcher")
+        ledger.mark_training(NAME)
+    result = subprocess.run([PROGRAM, "logs", "-e", str(path), "-s", NAME, "--follow"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {NAME} is training but no dispatcher runs this event "
+                             "(the next dispatch puts it back in the queue)\n")
+
+
+# -- the live copy's bounds, on real files --------------------------------------------------
+
+
+def test_a_refresh_brings_the_newest_bytes_after_a_marker_and_the_copy_stays_bounded(tmp_path):
+    copy = LiveCopy(tmp_path, "sub", limit_bytes=300_000)
+    copy.start()
+    log = b"".join(b"line %06d\n" % i for i in range(30_000))  # 330,000 bytes
+    start = window(len(log), copy.offset)
+    copy.add(log[start:start + REFRESH_BYTES], start)
+    kept = (tmp_path / "sub.log").read_bytes()
+    assert kept == skipped_marker(len(log) - REFRESH_BYTES) + log[-REFRESH_BYTES:]
+    copy.add(b"y" * 1_000_000, len(log))  # past log_limit_mb: cut at the limit
+    assert (tmp_path / "sub.log").stat().st_size == 300_000
+
+
+def test_shown_text_ends_lines_at_carriage_returns_and_keeps_split_characters():
+    text = LogText(line_chars=20)
+    assert text.feed("épo".encode()[:1]) == []  # half of "é"
+    assert text.feed("épo".encode()[1:] + b"ch 1\repoch 2\r\n\x1b[31mred") == ["époch 1", "epoch 2"]
+    assert text.flush() == [r"\x1b[31mred"]
