@@ -143,9 +143,11 @@ class LiveCopy:
             return  # no log came back: collecting says so
 
     def remove(self) -> None:
-        """Remove the file (the run was torn down)."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        """Remove the file (the run was torn down); bytes arriving later are dropped."""
+        with self._lock:
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
+                self.path = None
 
     def _give_up(self, error: OSError) -> None:
         logger.warning("the live log %s cannot be written (%s): it stops here", self.path,
