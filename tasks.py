@@ -17,6 +17,7 @@ from runner.cli import (  # noqa: F401
     dask_cluster,
     dispatch,
     leaderboard,
+    logs,
     reap,
     rerun,
     serve,

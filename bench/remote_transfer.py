@@ -81,7 +81,9 @@ def one_submission(folder: Path, port: int, key: str) -> dict[str, float]:
         f"  hosts: [{{host: 127.0.0.1, port: {port}, user: {getpass.getuser()}, "
         f"key_path: {key}, remote_ramp_kit_folder: {kit}}}]\n"
         "dispatcher: {time_between_collection: 1, n_threads: 1}\n")
-    worker = SSHWorker(load_event_config(event / "config.yml").worker_dict(), "starting_kit")
+    # With the live log the dispatcher keeps (runner.livelog): each poll brings its new bytes.
+    worker = SSHWorker(load_event_config(event / "config.yml").worker_dict(
+        live_log_dir=str(folder / "live")), "starting_kit")
     started = time.monotonic()
     worker.setup()
     worker.launch_submission()

@@ -109,6 +109,7 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
 
     Exit 1 when a submission of this dispatch ended in checking_error, 130 when interrupted.
     """
+    from runner import livelog
     from runner.dispatcher import Dispatcher, DispatcherBusy
     from runner.display import DispatchView, configure_logging
     from runner.ramp_server import load_ramp_event
@@ -122,7 +123,7 @@ def dispatch(c, event_config=None, verbose=False, ramp_config=None):
     log_file = config.ledger_path.with_suffix(".log")
     configure_logging(out if out.is_terminal else err, verbose, log_file)
     install_redaction(config)
-    view = DispatchView(out, live=out.is_terminal)
+    view = DispatchView(out, live=out.is_terminal, live_logs=livelog.folder(config.ledger_path))
     try:
         interrupted = view.run(Dispatcher(config, on_change=view.on_change, source=source))
     except DispatcherBusy:
@@ -203,6 +204,59 @@ def status(c, event_config=None, submission=None):
         rows, runs = ledger.all(), runs_per_submission(ledger.transitions())
         positions = ledger.queue_positions()
     out.print(status_table(config.ramp.event_name, rows, runs, positions))
+
+
+@task(help={**EVENT_CONFIG_HELP, "submission": "the running submission whose log to show",
+            "follow": "keep showing what it prints until its run ends, then its state"})
+def logs(c, event_config=None, submission=None, follow=False):
+    """Show what a running submission printed so far (escaped, long lines cut).
+
+    With --follow, keep showing it until the run ends, then print the state it ended in.
+    Exit 2 when the submission is unknown or not running, 1 when its dispatcher stops first."""
+    if not submission:
+        raise Exit("error: give the submission: --submission/-s NAME", code=EXIT_USAGE)
+    from runner import livelog
+    from runner.display import last_line
+    from runner.ledger import Ledger
+    from runner.states import RUNNING_STATES
+    from runner.untrusted import visible
+
+    config = _load(event_config)
+    if not config.ledger_path.exists():
+        raise Exit(f"error: {config.ledger_path}: no ledger yet (nothing dispatched or "
+                   "submitted)", code=EXIT_USAGE)
+    with Ledger(config.ledger_path) as ledger:
+        try:
+            run = ledger.get(submission)
+        except KeyError as error:
+            raise Exit(f"error: {error.args[0]}", code=EXIT_USAGE) from None
+        log = Path(config.worker.logs_dir) / submission / "log"
+        if run.state not in RUNNING_STATES:
+            raise Exit(f"error: {submission} is not running (it is {run.state}); the log of "
+                       f"its last run is {log}", code=EXIT_USAGE)
+        alive = functools.partial(livelog.dispatcher_alive, config.ledger_path)
+        if not alive():
+            raise Exit(f"error: {submission} is {run.state} but no dispatcher runs this "
+                       "event (the next dispatch puts it back in the queue)", code=EXIT_USAGE)
+
+        def still_running() -> bool:
+            now = ledger.get(submission)
+            # A lost run goes back to new with one more attempt: that run is over.
+            return now.state in RUNNING_STATES and now.attempts == run.attempts
+
+        def show(line: str) -> None:
+            print(line, flush=True)
+
+        followed = livelog.follow(livelog.live_path(livelog.folder(config.ledger_path),
+                                                    submission),
+                                  still_running, show, follow, dispatcher=alive)
+        end = ledger.get(submission)
+    if not followed:
+        raise Exit(f"error: the dispatcher stopped while {submission} was {end.state}",
+                   code=EXIT_FAILED)
+    if follow:
+        why = last_line(end.error_msg) if end.state not in RUNNING_STATES else ""
+        print(visible(f"{submission}: {end.state}" + (f": {why}" if why else "")), flush=True)
 
 
 @task(help={**EVENT_CONFIG_HELP, "split": "which bagged score ranks: test (default) or valid"})
@@ -419,7 +473,7 @@ def dask_cluster(c, workers=2, tls=False, folder=".dask-cluster", port=None, slu
     serve(folder, workers=int(workers), tls=tls, port=DEFAULT_PORT if port is None else port)
 
 
-namespace = Collection(check_config, dispatch, serve, submit, status, leaderboard, rerun,
+namespace = Collection(check_config, dispatch, serve, submit, status, logs, leaderboard, rerun,
                        create_conda_env, update_conda_env, test, build_ami, aws_config, reap,
                        dask_cluster)
 

@@ -39,6 +39,8 @@ class DispatchFacts:
     event_config: str | None = None
     # The dispatcher's scratch folder, reaped at its start (runs' private folders go there).
     scratch_dir: str | None = None
+    # The event's folder of live logs (runner.livelog): running submissions' logs go there.
+    live_log_dir: str | None = None
     dispatcher_id: str | None = None
     # What the worker type's ``prepare`` found once for every run, and the blinded data.
     prepared: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -27,7 +27,7 @@ from contextlib import ExitStack, suppress
 from functools import partial
 from pathlib import Path
 
-from runner import blinded, training_output
+from runner import blinded, livelog, training_output
 from runner.config import EventConfig
 from runner.errors import ConfigError, EventError, LedgerError, RunnerError, SubmissionError
 from runner.eventlock import DispatcherBusy
@@ -489,6 +489,7 @@ class Dispatcher:
     def _worker_dict(self, prepared: dict | None = None) -> dict:
         return self.config.worker_dict(dispatcher_id=self.dispatcher_id,
                                        scratch_dir=str(self.scratch_dir),
+                                       live_log_dir=str(livelog.folder(self.config.ledger_path)),
                                        prepared=prepared or {})
 
     # -- shutdown -----------------------------------------------------------------------

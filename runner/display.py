@@ -24,6 +24,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
+from runner import livelog
 from runner.config import EventConfig
 from runner.leaderboard import Entry
 from runner.ledger import Submission, Transition
@@ -225,9 +226,11 @@ class DispatchView:
     """Follows one dispatch: state changes as lines, and on a terminal a live table of the
     busy slots with counts per state. ``on_change`` is the dispatcher's callback."""
 
-    def __init__(self, console: Console, live: bool):
+    def __init__(self, console: Console, live: bool, live_logs: Path | None = None):
         self.console = console
         self.live = live
+        # The event's live logs (runner.livelog): each slot's line ends with its last line.
+        self.live_logs = live_logs
         self.started = time.monotonic()
         self.states: dict[str, str] = {}
         self.finals: Counter[str] = Counter()
@@ -249,10 +252,15 @@ class DispatchView:
     def render(self, running: Sequence[tuple[str, str, float, float]]) -> Group:
         """The live part: one line per busy slot, then the counts per state."""
         slots = Table.grid(padding=(0, 2))
+        for _ in range(3):
+            slots.add_column(no_wrap=True)
+        slots.add_column(no_wrap=True, overflow="ellipsis")
         for name, status, elapsed, timeout in running:
             limit = f" / {timeout:.0f} s" if timeout else ""
+            said = "" if self.live_logs is None else livelog.last_line(
+                self.live_logs, name, self.console.width)
             slots.add_row(Text(visible(name)), Text(self.states.get(name, status)),
-                          Text(f"{elapsed:.0f} s{limit}", style="dim"))
+                          Text(f"{elapsed:.0f} s{limit}", style="dim"), Text(said, style="dim"))
         with self._lock:
             counts = Counter(self.states.values())
         tally = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))

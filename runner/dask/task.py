@@ -24,7 +24,7 @@ from typing import Any
 
 import distributed
 
-from runner import archive, blinded, gpus, ingest, ramptest, results, sandbox
+from runner import archive, blinded, gpus, ingest, livelog, ramptest, results, sandbox
 from runner.errors import SubmissionError
 from runner.local.conda import conda_env_prefix
 from runner.local.process import LocalRun
@@ -34,6 +34,11 @@ CACHE_FOLDER = "ramp-runner-cache"
 # How often a running task checks that the dispatcher still wants it (a cancelled future
 # does not stop a thread: a dead dispatcher's run is stopped by this check).
 ABANDON_CHECK_SECONDS = 1.0
+
+# The Dask topic on which running tasks send their log's new bytes, at most
+# livelog.REFRESH_BYTES per ABANDON_CHECK_SECONDS: one topic for every run, so that what the
+# scheduler keeps of it is bounded by its event log's length, whatever the number of runs.
+LIVE_TOPIC = "ramp-runner-live-log"
 
 # How long a kill is remembered, to refuse a start that arrives after it (a task and its
 # kill travel separately); bounded so a long-lived Dask worker does not grow with every run.
@@ -88,8 +93,9 @@ def run_submission(job: dict[str, Any]) -> TaskResult:
     ``job`` keys: ``run_id``, ``submission``, ``submission_tar`` (bytes), ``kit`` and
     ``data`` (``{"path": ...}`` or ``{"sha": ..., "tar": bytes | None}``), ``conda_env``,
     ``n_threads``, ``settings``: the worker's settings (its timeout, sandbox and limits),
-    and ``ingest``: whether ``data`` is blinded and the run is the ingestion program
-    (runner.blinded) rather than ramp-test.
+    ``ingest``: whether ``data`` is blinded and the run is the ingestion program
+    (runner.blinded) rather than ramp-test, and ``live_log``: whether to send the log's new
+    bytes as the run goes (on ``LIVE_TOPIC``: ``{"run", "start", "data"}``).
     """
     worker = distributed.get_worker()
     root = Path(worker.local_directory)
@@ -206,7 +212,8 @@ def _run(job: dict[str, Any], kit: Path, data: Path, scratch: Path,
         run = LocalRun(argv, env, log_path, cwd=scratch, confinement=confinement)
         _RUNS[run_id] = run
     try:
-        outcome = _wait(run, float(settings.timeout), worker)
+        forward = _LiveForward(worker, run_id, log_path) if job.get("live_log") else None
+        outcome = _wait(run, float(settings.timeout), worker, forward)
         run.stop()
         if outcome is TaskOutcome.ENDED and run_id in _KILLED:
             outcome = TaskOutcome.KILLED
@@ -255,11 +262,38 @@ def _worker_gpus(per_run: int, worker: distributed.Worker,
     return held
 
 
-def _wait(run: LocalRun, timeout: float, worker: distributed.Worker) -> TaskOutcome:
-    """Wait for ``run`` to end: ``ENDED``, or ``TIMEOUT``/``KILLED`` after stopping it."""
+class _LiveForward:
+    """Sends the run's log's new bytes to the dispatcher (``runner.livelog``), the newest
+    ``REFRESH_BYTES`` at most each time."""
+
+    def __init__(self, worker: distributed.Worker, run_id: str, log_path: Path):
+        self.worker, self.run_id, self.log_path = worker, run_id, log_path
+        self.offset = 0
+
+    def __call__(self) -> None:
+        try:
+            with open(self.log_path, "rb") as log:
+                size = os.fstat(log.fileno()).st_size
+                if size <= self.offset:
+                    return
+                start = livelog.window(size, self.offset)
+                log.seek(start)
+                data = log.read(livelog.REFRESH_BYTES)
+        except OSError:
+            return
+        self.offset = start + len(data)
+        self.worker.log_event(LIVE_TOPIC, {"run": self.run_id, "start": start, "data": data})
+
+
+def _wait(run: LocalRun, timeout: float, worker: distributed.Worker,
+          forward: _LiveForward | None = None) -> TaskOutcome:
+    """Wait for ``run`` to end: ``ENDED``, or ``TIMEOUT``/``KILLED`` after stopping it;
+    ``forward`` the log's new bytes at each check."""
     key = worker.get_current_task()
     deadline = time.monotonic() + timeout
     while True:
+        if forward is not None:
+            forward()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             run.stop()

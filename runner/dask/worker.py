@@ -30,6 +30,7 @@ from runner.dask import task as dask_task
 from runner.dask.settings import DaskWorkerSection
 from runner.dask.task import TaskOutcome, TaskResult
 from runner.errors import ConfigError, EventError, SubmissionError
+from runner.livelog import LiveCopy
 from runner.local.conda import CondaError, conda_env_prefix
 from runner.results import RunEnd
 from runner.worker import (
@@ -48,6 +49,7 @@ CONNECT_TIMEOUT = "20s"
 KILL_GRACE_SECONDS = 30.0
 # One short connection attempt: a scheduler that is not there must not cost minutes.
 SCHEDULER_CONNECT_SECONDS = 3.0
+MIB = 1024 * 1024
 
 
 
@@ -70,6 +72,9 @@ class DaskWorker(BaseWorker):
         self._task_result: TaskResult | None = None
         self._shipped: list[distributed.Future] = []
         self._submits = 0
+        # The live copy of the run's log (runner.livelog), fed by the task's events.
+        self._live = LiveCopy(None, submission, 0)
+        self._listening = False
 
     @classmethod
     def preflight(cls, config: dict[str, Any]) -> list[str]:
@@ -130,14 +135,27 @@ class DaskWorker(BaseWorker):
             # Its timeout, sandbox and limits; whether the sandbox works is asked on the
             # Dask worker that runs the task. None of the dispatcher's own facts.
             "settings": dataclasses.replace(settings, dispatch=DispatchFacts()),
+            "live_log": settings.dispatch.live_log_dir is not None,
         }
         super().setup()
 
     # -- the run's execution interface ------------------------------------------------------
 
     def start_run(self) -> None:
-        """Submit the run as one task; its end wakes ``wait`` (no polling)."""
+        """Submit the run as one task; its end wakes ``wait`` (no polling). The log's new
+        bytes the task sends as it runs go to the live copy."""
+        self._live = LiveCopy(self.settings.dispatch.live_log_dir, self.submission,
+                              self.settings.log_limit_mb * MIB)
+        if self._live.start() is not None:
+            self._client.subscribe_topic(dask_task.LIVE_TOPIC, self._on_live_bytes)
+            self._listening = True
         self._submit(self._job)
+
+    def _on_live_bytes(self, event: tuple[float, Any]) -> None:
+        """One event of the live topic (every run's): this run's bytes are kept."""
+        message = event[1]
+        if isinstance(message, dict) and message.get("run") == self._run_id:
+            self._live.add(bytes(message.get("data") or b""), int(message.get("start") or 0))
 
     def poll_run(self) -> RunState:
         """Lost with the scheduler, or when the cluster dropped the task or ran it twice;
@@ -191,6 +209,7 @@ class DaskWorker(BaseWorker):
                     f"on Dask worker {result.worker}: {result.message}"))
         log_file = self.scratch / "log"
         log_file.write_bytes(result.log if result is not None else b"")
+        self._live.catch_up(result.log if result is not None else b"")
         output = None
         outcome = result.outcome if result is not None else None
         if timed_out or outcome is TaskOutcome.TIMEOUT:
@@ -214,7 +233,11 @@ class DaskWorker(BaseWorker):
     def release_run(self) -> None:
         """Release the task's futures and the shipped bytes, and close the connection,
         whatever happened before."""
+        self._live.remove()
         if self._client is not None:
+            if self._listening:
+                self._client.unsubscribe_topic(dask_task.LIVE_TOPIC)
+                self._listening = False
             futures = [f for f in (self._future, *self._shipped) if f is not None]
             for future in futures:
                 future.release()

@@ -29,15 +29,18 @@ class LocalRun:
     group also dies with the process that created this object, even by SIGKILL: the
     supervisor leading it watches that process. With a ``confinement``, the supervisor
     also runs the command in the sandbox and ends it at its limits (``stop_reason``).
+    The supervisor's own files go to ``aside`` (default: beside the log), so that a log
+    written where others read it live (``runner.livelog``) has nothing next to it.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path,
                  cwd: str | os.PathLike[str] | None = None,
-                 confinement: Confinement | None = None):
+                 confinement: Confinement | None = None, aside: Path | None = None):
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._memory_path = self.log_path.with_name(self.log_path.name + ".peak_rss")
-        self._reason_path = self.log_path.with_name(self.log_path.name + ".reason")
+        aside = Path(aside) if aside is not None else self.log_path.parent
+        self._memory_path = aside / f"{self.log_path.name}.peak_rss"
+        self._reason_path = aside / f"{self.log_path.name}.reason"
         options = confinement.options() if confinement is not None else []
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(

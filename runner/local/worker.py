@@ -10,6 +10,7 @@ from typing import Any
 
 from runner import blinded, gpus, ingest, ramptest, sandbox
 from runner.errors import ConfigError, EventError
+from runner.livelog import LiveCopy
 from runner.local.conda import CondaError, conda_env_prefix, conda_executable
 from runner.local.process import LocalRun
 from runner.local.settings import CondaWorkerSection
@@ -17,6 +18,8 @@ from runner.results import run_end
 from runner.worker import BaseWorker, RunArtifacts, RunState, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
+
+MIB = 1024 * 1024
 
 
 class CondaEnvWorker(BaseWorker):
@@ -40,6 +43,7 @@ class CondaEnvWorker(BaseWorker):
         self._confinement: sandbox.Confinement | None = None
         # The run's own GPUs (gpus_per_run of them), those of its dispatcher slot.
         self.gpus: tuple[int, ...] = ()
+        self._live: LiveCopy | None = None
 
     @classmethod
     def preflight(cls, config: dict[str, Any]) -> list[str]:
@@ -128,7 +132,8 @@ class CondaEnvWorker(BaseWorker):
 
     def start_run(self) -> None:
         """Start ramp-test, or the ingestion program with hidden test labels, in its own
-        process group, its output going to the log."""
+        process group, its output going to the log: the event's live log of the
+        submission when the dispatcher keeps one (``runner.livelog``)."""
         hidden = self.hidden_labels
         if hidden is None:
             argv = ramptest.command(
@@ -146,8 +151,11 @@ class CondaEnvWorker(BaseWorker):
                                          extra_path=str(self._bin))
         if self.gpus:
             env.update(gpus.visible_devices(self.gpus))
-        self._run = LocalRun(argv, env, self.scratch / "log", cwd=self.scratch,
-                             confinement=self._confinement)
+        self._live = LiveCopy(self.settings.dispatch.live_log_dir, self.submission,
+                              self.settings.log_limit_mb * MIB)
+        log = self._live.start() or self.scratch / "log"
+        self._run = LocalRun(argv, env, log, cwd=self.scratch, confinement=self._confinement,
+                             aside=self.scratch)
 
     def poll_run(self) -> RunState:
         """Ended once the process exited."""
@@ -167,16 +175,19 @@ class CondaEnvWorker(BaseWorker):
         """Stop what is left of the run; its log and outputs are already here."""
         self._run.stop()
         return RunArtifacts(
-            log=self.scratch / "log",
+            log=self._run.log_path,
             output=self._submissions_copy / self.submission / "training_output",
             end=run_end(self._run.stop_reason, self._run.returncode, timed_out),
             peak_memory_mb=self._run.peak_memory_mb)
 
     def release_run(self) -> None:
-        """Make sure nothing of the run is left, and remove the supervisor's files."""
+        """Make sure nothing of the run is left, and remove the supervisor's files and the
+        live log."""
         if self._run is not None:
             self._run.stop()
             self._run.cleanup()
+        if self._live is not None:
+            self._live.remove()
 
 def _check_conda(source: str, conda_env: str | None) -> list[str]:
     warnings = []

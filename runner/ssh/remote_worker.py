@@ -18,6 +18,8 @@ not work warns once per host and runs without it; ``required`` is the event's er
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import shlex
@@ -28,6 +30,7 @@ from typing import Any
 
 from runner import blinded, gpus, ingest, ramptest, sandbox, supervise
 from runner.errors import ConfigError, EventError
+from runner.livelog import REFRESH_BYTES, LiveCopy
 from runner.results import read_reason, run_end
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
 from runner.ssh.settings import RemoteWorkerSection
@@ -50,6 +53,9 @@ KILL_SESSION = (
 )
 # Seconds a poll may take (one short command) before its connection is given up.
 POLL_TIMEOUT = 60.0
+# The poll's answer line carrying the log's new bytes: "log <start> <base64>".
+LIVE_LINE = "log"
+MIB = 1024 * 1024
 # Conda installs an AMI may have when conda is not on the login PATH.
 CONDA_HOMES = ("$HOME/miniforge3", "$HOME/miniconda3", "$HOME/miniconda", "/opt/conda")
 
@@ -128,6 +134,9 @@ class RemoteWorker(BaseWorker):
         self._exit_code: int | None = None
         # The run's own GPUs on the host (gpus_per_run of them).
         self.gpus: tuple[int, ...] = ()
+        # The live copy of the run's log on the dispatcher's disk (runner.livelog), made at
+        # launch and refreshed at each poll.
+        self._live = LiveCopy(None, submission, 0)
 
     # -- remote paths and scripts ---------------------------------------------------------
 
@@ -275,7 +284,34 @@ class RemoteWorker(BaseWorker):
                 f"curl -sf -m 2 -o /dev/null -H \"X-aws-ec2-metadata-token: $t\" "
                 f"{url}/latest/meta-data/spot/instance-action && echo notice; true"
             )
+        if self._live.path is not None:
+            script += f"; {self._live_script()}"
         return self._beating(script)
+
+    def _live_script(self) -> str:
+        """Print the log's bytes past those seen, at most REFRESH_BYTES (the newest), as
+        one line: ``log <start> <base64>``."""
+        log, seen = shlex.quote(f"{self.run_dir}/log"), self._live.offset
+        return (f"s=$(wc -c 2>/dev/null < {log} || echo 0); o=$((s - {REFRESH_BYTES})); "
+                f"[ $o -lt {seen} ] && o={seen}; "
+                f"printf '{LIVE_LINE} %s ' $o; tail -c +$((o + 1)) {log} 2>/dev/null "
+                "| head -c $((s - o)) | base64 | tr -d '\\n'; echo")
+
+    def _take_live(self, output: str) -> str:
+        """Append the log's new bytes the poll brought to the live copy; the poll's answer
+        without them."""
+        kept = []
+        for line in output.splitlines():
+            words = line.split()
+            if words[:1] != [LIVE_LINE]:
+                kept.append(line)
+            elif len(words) >= 2 and words[1].isdigit():
+                try:
+                    data = base64.b64decode(words[2] if len(words) > 2 else "", validate=True)
+                except (binascii.Error, ValueError):
+                    continue  # a garbled refresh: the next poll asks again
+                self._live.add(data, int(words[1]))
+        return "\n".join(kept)
 
     def _beating(self, script: str) -> str:
         """``script``, refreshing the host's heartbeat first when it keeps one."""
@@ -287,6 +323,9 @@ class RemoteWorker(BaseWorker):
 
     def start_run(self) -> None:
         """Start ramp-test detached on the host (one round trip)."""
+        self._live = LiveCopy(self.settings.dispatch.live_log_dir, self.submission,
+                              self.settings.log_limit_mb * MIB)
+        self._live.start()
         run = shlex.quote(self.run_dir)
         # "cd || exit" and not "&&": "a && b &" would background a subshell, and $! would
         # name it instead of the session leader.
@@ -304,12 +343,12 @@ class RemoteWorker(BaseWorker):
             return self._poll_state
         self._poll_at = time.monotonic()
         try:
-            self._poll_state = self._parse_poll(self._poll_output())
+            self._poll_state = self._parse_poll(self._take_live(self._poll_output()))
         except CONNECTION_ERRORS as error:
             logger.warning("%r: connection lost (%s); reconnecting", self, error)
             try:
                 self.session.reconnect()
-                self._poll_state = self._parse_poll(self._poll_output())
+                self._poll_state = self._parse_poll(self._take_live(self._poll_output()))
             except CONNECTION_ERRORS as again:
                 logger.warning("%r: host unreachable: %s", self, again)
                 self._poll_state = ("lost", None, False)
@@ -361,6 +400,7 @@ class RemoteWorker(BaseWorker):
         self.session.download(self.remote_kit, names, str(incoming),
                               before=self._kill_script())
         run_files = incoming / RUN_FOLDER / self.submission
+        self._live.catch_up_file(run_files / "log")
         peak_memory_mb = None
         if self.settings.memory_profiling and (run_files / "peak_rss").exists():
             peak_memory_mb = float((run_files / "peak_rss").read_text())
@@ -368,6 +408,13 @@ class RemoteWorker(BaseWorker):
         end = run_end(read_reason(run_files / "reason"), exit_code, timed_out,
                       where=f"on {self.session!r}: ")
         return RunArtifacts(run_files / "log", incoming / output, end, peak_memory_mb)
+
+    def teardown(self) -> None:
+        """Release the host (``release_run``), then remove the live log."""
+        try:
+            super().teardown()
+        finally:
+            self._live.remove()
 
     def _close_session(self) -> None:
         if self.session is not None:
