@@ -343,6 +343,12 @@ def instance_address(ec2: Any, instance_id: str) -> tuple[str, int]:
     return host, SSH_PORT
 
 
+def tag(ec2: Any, instance_id: str, tags: dict[str, str]) -> None:
+    """Set ``tags`` on an instance (a reused one: its submission and deadline)."""
+    ec2.create_tags(Resources=[instance_id],
+                    Tags=[{"Key": key, "Value": value} for key, value in tags.items()])
+
+
 def terminate(ec2: Any, instance_ids: Iterable[str]) -> None:
     """Terminate instances and see DescribeInstances confirm it (already-ended ones are
     fine); raise InfrastructureError for one still unconfirmed after CONSISTENCY_TIMEOUT."""
