@@ -39,13 +39,26 @@ class WarmInstance:
     timer: threading.Timer | None = field(default=None, repr=False)
 
 
-_lock = threading.Lock()
+_lock = threading.Condition()
 _pools: dict[str, list[WarmInstance]] = {}
+# Per pool, the instances whose run ended and that are on their way back (their outputs
+# are being fetched): the dispatcher starts the next run at once, which waits for one
+# rather than paying a boot.
+_returning: dict[str, int] = {}
 
 
-def take(key: str) -> WarmInstance | None:
-    """The instance of pool ``key`` that waited least, out of the pool; None when empty."""
+def take(key: str, wait_seconds: float = 0.0,
+         stop: threading.Event | None = None) -> WarmInstance | None:
+    """The instance of pool ``key`` that waited least, out of the pool; while none waits
+    but one is on its way back, wait for it up to ``wait_seconds`` (or ``stop``); None
+    when there is none."""
+    deadline = time.monotonic() + wait_seconds
     with _lock:
+        while not _pools.get(key) and _returning.get(key, 0) > 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                break
+            _lock.wait(min(left, 0.5))
         waiting = _pools.get(key)
         if not waiting:
             return None
@@ -55,12 +68,20 @@ def take(key: str) -> WarmInstance | None:
     return warm
 
 
+def returning(key: str, change: int) -> None:
+    """Count an instance on its way back to pool ``key`` (+1), or no longer (-1)."""
+    with _lock:
+        _returning[key] = _returning.get(key, 0) + change
+        _lock.notify_all()
+
+
 def give_back(key: str, warm: WarmInstance, idle_seconds: float) -> None:
     """Keep ``warm`` in pool ``key`` for ``idle_seconds``; then terminate it."""
     warm.timer = threading.Timer(idle_seconds, _expire, (key, warm))
     warm.timer.daemon = True
     with _lock:
         _pools.setdefault(key, []).append(warm)
+        _lock.notify_all()
     warm.timer.start()
 
 

@@ -35,9 +35,12 @@ from runner.aws.settings import AWSWorkerSection
 from runner.errors import InfrastructureError
 from runner.ssh.remote_worker import RemoteWorker, check_private_key, known_hosts_path
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession, forget_host
-from runner.worker import RunArtifacts, WorkerStatus
+from runner.worker import RunArtifacts, RunState, WorkerStatus
 
 logger = logging.getLogger("runner.worker")
+# How long a new run waits for an instance whose run ended and whose outputs are being
+# fetched (seconds: a download), rather than launching one.
+RETURN_WAIT_SECONDS = 120.0
 
 def owner_token() -> str:
     """``host:pid:start-time`` of this process, tagged on the instances it launches."""
@@ -84,6 +87,7 @@ class AWSWorker(RemoteWorker):
         self._share_since: float | None = None
         self._self_destruct_at = 0.0
         self._timed_out = False
+        self._returning = False
 
     def setup(self) -> None:
         """Take a warm instance (``reuse_instances``) or find the AMI, launch and wait for
@@ -172,7 +176,8 @@ class AWSWorker(RemoteWorker):
         if self.settings.reuse_instances is None:
             return False
         section = self.settings
-        while (warm := pool.take(self._pool_key())) is not None:
+        while (warm := pool.take(self._pool_key(), RETURN_WAIT_SECONDS,
+                                 self._wakeup)) is not None:
             unfit = self._unfit(warm)
             if unfit is None:
                 try:
@@ -213,39 +218,66 @@ class AWSWorker(RemoteWorker):
             return f"EC2 did not say its state: {' '.join(str(error).split())[:200]}"
         return None if state == "running" else f"it is {state or 'unknown to EC2'}"
 
-    def _keep_warm(self) -> bool:
+    def _keep_warm(self) -> None:
         """Put the instance in the dispatcher's pool if this run ended cleanly and its
-        files are wiped from it; False when it must be terminated."""
-        reuse = self.settings.reuse_instances
-        if (reuse is None or self.instance is None or self.session is None
-                or self.known_status is not WorkerStatus.COLLECTED or self._timed_out
-                or not self.sandboxed or self._warm_runs + 1 >= reuse.max_runs
+        files are wiped from it (else ``release_run`` terminates it)."""
+        if (not self._may_return() or self.session is None
                 or not self.session.is_connected):
-            return False
+            return
         try:
             # The run's files go; the heartbeat is fresh for the idle wait.
             status, _, err = self.session.run(self._beating(self._stale_files()), 60)
         except CONNECTION_ERRORS as error:
             logger.warning("%r: could not wipe the run's files: %s", self, error)
-            return False
+            return
         if status != 0:
             logger.warning("%r: could not wipe the run's files: %s", self, err.strip()[:300])
-            return False
+            return
         instance, self.instance = self.instance, None
         host, port = self.session.host, self.session.port
         ended_at = time.time()
         self.usage = self._usage(instance, ended_at)
         self._close_session()
+        self.session = None
         pool.give_back(self._pool_key(), pool.WarmInstance(
             instance, self._ec2, host, port, self._warm_runs + 1, ended_at,
-            self._self_destruct_at), reuse.idle_seconds)
-        return True
+            self._self_destruct_at), self.settings.reuse_instances.idle_seconds)
+
+    def _may_return(self) -> bool:
+        """Whether the instance may serve another run: its run ended by itself (not
+        killed, lost, or at its timeout), in the sandbox, below ``max_runs``."""
+        return (self.instance is not None and self.known_status is WorkerStatus.FINISHED
+                and self._reusable())
+
+    def _reusable(self) -> bool:
+        reuse = self.settings.reuse_instances
+        return (reuse is not None and self.sandboxed and not self._timed_out
+                and self._warm_runs + 1 < reuse.max_runs)
+
+    def poll_run(self) -> RunState:
+        """The run's state; at its end, the instance is announced to the pool (the next
+        run waits for it while the outputs come back)."""
+        state = super().poll_run()
+        if state is RunState.ENDED and not self._returning and self._reusable():
+            self._returning = True
+            pool.returning(self._pool_key(), +1)
+        return state
 
     def fetch_run(self, timed_out: bool) -> RunArtifacts:
-        """Bring the run back; remember whether it was killed at its timeout (its instance
-        is then not reused)."""
+        """Bring the run back; then, if it ended cleanly, wipe its files from the instance
+        and hand it to the next run at once (``reuse_instances``)."""
         self._timed_out = timed_out
-        return super().fetch_run(timed_out)
+        try:
+            artifacts = super().fetch_run(timed_out)
+            self._keep_warm()
+            return artifacts
+        finally:
+            self._not_returning()
+
+    def _not_returning(self) -> None:
+        if self._returning:
+            self._returning = False
+            pool.returning(self._pool_key(), -1)
 
     @classmethod
     def close_shared(cls, config: dict[str, Any]) -> None:
@@ -287,10 +319,10 @@ class AWSWorker(RemoteWorker):
                                   instance.market, since, ended_at, price, minimum)
 
     def release_run(self) -> None:
-        """Keep the instance warm for the next run (``reuse_instances``, a clean end), else
-        terminate it, whatever happened before (after a failed collect too)."""
-        if not self._keep_warm():
-            self._terminate()
+        """Terminate the instance unless ``fetch_run`` handed it to the next run, whatever
+        happened before (after a failed collect too)."""
+        self._not_returning()
+        self._terminate()  # nothing left to do when fetch_run handed the instance on
 
     @classmethod
     def preflight(cls, config: dict[str, Any]) -> list[str]:
