@@ -15,7 +15,14 @@ from runner.dispatcher import Dispatcher
 from runner.errors import ConfigError
 from runner.ledger import Ledger
 from tests.events import make_event
-from tests.sshd import all_instances, aws_worker_section, live_instances, remote_dispatcher
+from tests.sshd import (
+    FAULTS,
+    all_instances,
+    aws_worker_section,
+    inject_fault,
+    live_instances,
+    remote_dispatcher,
+)
 
 
 def _event(tmp_path, sshd, remote_kit, submissions, reuse, **worker):
@@ -115,6 +122,24 @@ def test_a_timed_out_run_ends_its_instance(tmp_path, sshd, remote_kit, instance_
     returncode, _ = worker.launch()
     assert returncode != 0
     assert pool.waiting("reuse-timeout") == []
+    assert live_instances(instance_at_sshd) == []
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_run_whose_connection_or_collection_failed_ends_its_instance(
+        tmp_path, sshd, remote_kit, instance_at_sshd, monkeypatch, fault):
+    inject_fault(monkeypatch, fault, remote_kit)
+    config = _event(tmp_path, sshd, remote_kit, ("starting_kit",),
+                    {"max_runs": 5, "idle_minutes": 1})
+    worker = AWSWorker(config.worker_dict(dispatcher_id=f"reuse-{fault}"), "starting_kit")
+    if fault == "collect-raises":  # launch() passes the failed collect on
+        with pytest.raises(Exception, match="log"):  # noqa: PT011
+            worker.launch()
+    else:
+        assert worker.launch()[0] != 0
+    assert worker.known_status == "killed"
+    assert pool.waiting(f"reuse-{fault}") == []
+    assert len(all_instances(instance_at_sshd)) == 1
     assert live_instances(instance_at_sshd) == []
 
 
