@@ -137,6 +137,8 @@ class AWSWorker(RemoteWorker):
         tags = self._tags(self.timeout + section.self_destruct_margin)
         if section.challenge_name:
             tags[ec2.TAG_CHALLENGE] = section.challenge_name
+        if section.reuse_instances is not None:
+            tags[ec2.TAG_REUSE] = str(section.reuse_instances.max_runs)
         self.instance = ec2.launch_instance(
             self._ec2,
             image_id=image_id,
@@ -357,7 +359,12 @@ class AWSWorker(RemoteWorker):
             # its instance is launched, so every live run's claim is already there.
             running = claims() if running is None else running
             runs = running.get(tags.get(ec2.TAG_DISPATCHER, ""))
-            return runs is None or tags.get(ec2.TAG_SUBMISSION, "") in runs
+            if runs is None:
+                return True
+            # A reused instance's submission tag is its first run's: it is its
+            # dispatcher's while that dispatcher runs anything (idle, its timer ends it).
+            return tags.get(ec2.TAG_SUBMISSION, "") in runs or (
+                ec2.TAG_REUSE in tags and bool(runs))
 
         orphans = ec2.reap(_client(section), event, owned, dry_run=dry_run)
         if orphans:

@@ -164,6 +164,28 @@ def test_a_warm_instance_that_ended_meanwhile_is_not_taken(tmp_path, sshd, remot
     assert live_instances(instance_at_sshd) == []
 
 
+def test_reap_leaves_a_reused_instance_to_its_live_dispatcher(tmp_path, sshd, remote_kit,
+                                                               instance_at_sshd):
+    config = _event(tmp_path, sshd, remote_kit, ("starting_kit",),
+                    {"max_runs": 5, "idle_minutes": 1})
+    worker_dict = config.worker_dict(dispatcher_id="reuse-reap")
+    worker = AWSWorker(worker_dict, "starting_kit")
+    worker.setup()
+    try:
+        instance_id = worker.instance.instance_id
+        assert _tags(instance_at_sshd, instance_id)[ec2.TAG_REUSE] == "5"
+        # It runs a later submission of its dispatcher: its tag still names the first.
+        assert AWSWorker.reap_leftovers(worker_dict, dry_run=True,
+                                        claims=lambda: {"reuse-reap": {"later"}}) == []
+        # Its dispatcher runs nothing: a leak.
+        assert AWSWorker.reap_leftovers(worker_dict, dry_run=True,
+                                        claims=lambda: {"reuse-reap": set()}) == [instance_id]
+    finally:
+        worker.kill()
+        worker.teardown()
+    assert live_instances(instance_at_sshd) == []
+
+
 def test_reuse_is_refused_without_the_sandbox_required(tmp_path, sshd, remote_kit):
     with pytest.raises(ConfigError, match=r"worker\.reuse_instances.*sandbox: required"):
         _event(tmp_path / "auto", sshd, remote_kit, ("starting_kit",),
