@@ -48,12 +48,14 @@ def remote_kit(folder: Path) -> Path:
     return kit
 
 
+MAKE_CLIENT = aws_worker._client
+
+
 def with_boot_delay(seconds: float, launches: list[float]):
     """The worker's client factory, its RunInstances answers held ``seconds`` each."""
-    make_client = aws_worker._client
 
     def slow_client(section):
-        client = make_client(section)
+        client = MAKE_CLIENT(section)
 
         def boot(**_):
             launches.append(time.time())
