@@ -13,10 +13,12 @@ import dataclasses
 import datetime
 import getpass
 import os
+import pwd
 import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +33,8 @@ VENV_BIN = str(Path(sys.executable).parent)
 REGION = "eu-west-3"
 AMI_BASE = "iris-ramp-worker"
 SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting", "raising_error", "hanging")
+# The AMI's user without sudo (ami/worker-guard.yml), made on this machine by ensure_run_user.
+RUN_USER = "ramp-run"
 
 
 def free_port() -> int:
@@ -98,6 +102,49 @@ def running_sshd(folder: Path) -> Iterator[SSHServer]:
         process.terminate()
         process.wait(10)
         log.close()
+
+
+def ensure_run_user(name: str = RUN_USER) -> pwd.struct_passwd:
+    """The user ``name`` as the AMI makes it (its own group, no sudo), created if missing
+    (as root: the tests run as root, like the login user of the sshd)."""
+    if shutil.which("sudo") is None:
+        pytest.fail("sudo is missing: apt-get install -y sudo (or run .ci/bootstrap)")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    made = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
+                           name], capture_output=True, text=True)
+    # Another test process may have made it in between (useradd exits 9 then).
+    if made.returncode not in (0, 9):
+        pytest.fail(f"useradd {name} exited {made.returncode}: {made.stderr.strip()}")
+    return pwd.getpwnam(name)
+
+
+def readable_python(folder: Path) -> Path:
+    """A Python environment another user can run, in ``folder``: this machine's system
+    Python of the tests' version with a hard-linked copy of the tests' packages (the tests'
+    own interpreter may live in root's home, which no other user may enter). Its bin
+    folder (with ``ramp-test``) is returned."""
+    system = Path("/usr/bin/python3")
+    version = subprocess.run([str(system), "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True)
+    if version.stdout.strip() != str(sys.version_info[:2]):
+        pytest.fail(f"{system} is not Python {sys.version_info[:2]}: {version.stdout.strip()}")
+    subprocess.run([str(system), "-m", "venv", "--without-pip", str(folder)], check=True)
+    target = folder / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    packages = Path(sysconfig.get_paths()["purelib"])
+    shutil.rmtree(target / "site-packages")
+    linked = subprocess.run(["cp", "-al", str(packages), str(target / "site-packages")],
+                            capture_output=True)
+    if linked.returncode != 0:  # another file system: copy
+        shutil.rmtree(target / "site-packages", ignore_errors=True)
+        shutil.copytree(packages, target / "site-packages", symlinks=True)
+    script = (Path(VENV_BIN) / "ramp-test").read_text().splitlines()
+    (folder / "bin" / "ramp-test").write_text(
+        "\n".join([f"#!{folder / 'bin' / 'python'}", *script[1:]]) + "\n")
+    (folder / "bin" / "ramp-test").chmod(0o755)
+    return folder / "bin"
 
 
 def add_ami(name: str, created: str, owner: str | None = None, state: str = "available",
@@ -237,6 +284,9 @@ def aws_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
         "hidden_test_labels": "off",
         "timeout": 120,
         "ssh_ready_timeout": 20,
+        # The shared kit and Python are root's alone here: tests/ssh/test_run_as_user.py
+        # runs the AWS default (the AMI's ramp-run) with its own.
+        "run_as_user": None,
         **more,
     }
 

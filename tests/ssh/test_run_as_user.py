@@ -1,0 +1,211 @@
+"""Runs as a user without sudo (issue 20, point 4): ``run_as_user`` on a remote worker, the
+AWS default ``ramp-run`` as the AMI makes it (ami/worker-guard.yml).
+
+The host is the real sshd of tests/sshd.py (its login user is root here, with sudo); the
+run user is made on this machine. The kit and the Python the run user executes live in a
+folder of this module under /tmp that any user may read: pytest's own folders are root's
+alone (0700), as is the tests' interpreter in root's home.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runner import ramptest
+from runner.aws.worker import AWSWorker
+from runner.config import load_event_config
+from runner.dispatcher import Dispatcher
+from runner.errors import ConfigError
+from runner.ledger import Ledger
+from tests import hostile
+from tests.events import make_event
+from tests.sshd import (
+    RUN_USER,
+    aws_worker_section,
+    ensure_run_user,
+    live_instances,
+    readable_python,
+    remote_dispatcher,
+    session_members,
+    ssh_worker_section,
+)
+
+HEARTBEAT = Path(AWSWorker.heartbeat_file)
+
+
+@pytest.fixture(scope="module")
+def run_user():
+    """The run user's passwd entry."""
+    return ensure_run_user()
+
+
+@pytest.fixture(scope="module")
+def shared(remote_kit, run_user):
+    """(kit, the run's PATH prefix): a copy of the host kit and a Python with ramp-test,
+    both readable (not writable) by the run user; removed at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="ramp-run-test-", dir="/tmp"))
+    folder.chmod(0o755)
+    try:
+        kit = folder / "iris"
+        shutil.copytree(remote_kit, kit, ignore=shutil.ignore_patterns("submissions"))
+        (kit / "submissions").mkdir()
+        yield kit, f"{readable_python(folder / 'python')}"
+    finally:
+        shutil.rmtree(folder)
+
+
+def probe(kit: Path) -> str:
+    """Says who it runs as and what it can reach: sudo, the heartbeat, the kit; then
+    trains as usual."""
+    return hostile.PRELUDE + f'''
+def attack_in_fit():
+    run = f("sub" + "process", "r", "un")
+    say("RUNAS: uid", OS.getuid())
+    say("RUNAS: sudo exit", run(["sudo", "-n", "true"], capture_output=True).returncode)
+    say("RUNAS: sudo variables", sorted(k for k in OS.environ if k.startswith("SUDO")))
+    say("RUNAS: home", OS.environ.get("HOME"))
+    attempt("RUNAS: touch heartbeat", lambda: f("o" + "s", "ut", "ime")({str(HEARTBEAT)!r}))
+    attempt("RUNAS: write heartbeat", lambda: OPEN({str(HEARTBEAT)!r}, "ab").write(b"x"))
+    attempt("RUNAS: write kit", lambda: OPEN({str(kit / "problem.py")!r}, "ab").write(b"#x"))
+'''
+
+
+def _rows(config) -> dict:
+    with Ledger(config.ledger_path) as ledger:
+        return {row.name: row for row in ledger.all()}
+
+
+def _run_user_processes(uid: int) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["uids", "status"])
+            if p.info["uids"] and p.info["uids"].real == uid
+            and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+def test_an_aws_run_outside_the_sandbox_has_no_sudo_nor_the_heartbeat(
+        tmp_path, sshd, shared, run_user, instance_at_sshd):
+    kit, python = shared
+    # The AMI's heartbeat (its tmpfiles rule): a root folder, a file of the login user.
+    HEARTBEAT.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    HEARTBEAT.touch()
+    before = HEARTBEAT.stat().st_mtime
+    section = aws_worker_section(sshd, kit, remote_path_prefix=python, sandbox="off")
+    del section["run_as_user"]  # the AWS default
+    path = make_event(tmp_path / "event", ("starting_kit",), worker=section,
+                      dispatcher=remote_dispatcher())
+    hostile.add_submission(path.parent / "submissions", "x_probe", probe(kit))
+    config = load_event_config(path)
+    assert config.worker.run_as_user == RUN_USER
+    Dispatcher(config).run()
+    rows = _rows(config)
+
+    assert rows["starting_kit"].state == "scored", rows["starting_kit"].error_msg
+    assert rows["starting_kit"].scores
+    assert rows["x_probe"].state == "scored", rows["x_probe"].error_msg
+    log = (Path(config.worker.logs_dir) / "x_probe" / "log").read_text(errors="replace")
+    assert f"RUNAS: uid {run_user.pw_uid}" in log
+    assert "RUNAS: sudo exit 1" in log
+    assert "RUNAS: sudo variables []" in log
+    assert f"RUNAS: home {run_user.pw_dir}" in log
+    assert "RUNAS: touch heartbeat DENIED PermissionError" in log
+    assert "RUNAS: write heartbeat DENIED PermissionError" in log
+    assert "RUNAS: write kit DENIED PermissionError" in log
+    assert not (kit / "problem.py").read_text().endswith("#x")
+    # The login user's polls kept the heartbeat going.
+    assert HEARTBEAT.stat().st_mtime >= before
+    assert HEARTBEAT.stat().st_uid == os.getuid()
+    assert live_instances(instance_at_sshd) == []
+    # Handed back to the login user at collection (the instance goes with them on AWS).
+    left = [p for folder in ("submissions", ".ramp-runner") for p in (kit / folder).rglob("*")]
+    assert any(p.name == "bagged_scores.csv" for p in left)
+    assert [p for p in left if p.lstat().st_uid != os.getuid()] == []
+    _forget_runs(kit)
+
+
+def _forget_runs(kit: Path) -> None:
+    """Remove what AWS runs left in the shared kit (their instance would have gone)."""
+    for folder in ("submissions", ".ramp-runner"):
+        for path in (kit / folder).iterdir():
+            shutil.rmtree(path)
+
+
+def test_a_timeout_kills_every_process_of_the_run_user(tmp_path, sshd, shared, run_user,
+                                                       instance_at_sshd):
+    kit, python = shared
+    section = aws_worker_section(sshd, kit, remote_path_prefix=python, sandbox="off",
+                                 timeout=4)
+    del section["run_as_user"]
+    path = make_event(tmp_path / "event", ("hanging",), worker=section,
+                      dispatcher=remote_dispatcher())
+    config = load_event_config(path)
+    worker = AWSWorker(config.worker_dict(dispatcher_id="test"), "hanging")
+    worker.setup()
+    try:
+        worker.launch_submission()
+        while worker.status == "running":
+            worker.wait(1)
+        assert worker.status == "timeout"
+        sid = int((kit / ".ramp-runner" / "hanging" / "pid").read_text())
+        assert _run_user_processes(run_user.pw_uid), "the run does not run as the run user"
+        assert session_members(sid)
+        returncode, error_msg = worker.collect_results()
+        assert session_members(sid) == []
+        assert _run_user_processes(run_user.pw_uid) == []
+    finally:
+        worker.teardown()
+        _forget_runs(kit)
+    assert (returncode, error_msg) == (ramptest.TIMEOUT_RETURNCODE,
+                                       ramptest.timeout_message(4))
+
+
+def test_an_ssh_host_runs_a_sandboxed_submission_as_the_run_user(tmp_path, sshd, shared,
+                                                                  run_user):
+    kit, python = shared
+    path = make_event(tmp_path / "event", ("starting_kit",), worker=ssh_worker_section(
+        sshd, kit, remote_path_prefix=python, sandbox="required", run_as_user=RUN_USER),
+        dispatcher=remote_dispatcher())
+    hostile.add_submission(path.parent / "submissions", "x_probe", probe(kit))
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    rows = _rows(config)
+    assert rows["starting_kit"].state == "scored", rows["starting_kit"].error_msg
+    assert rows["starting_kit"].peak_memory_mb > 0
+    assert rows["x_probe"].state == "scored", rows["x_probe"].error_msg
+    log = (Path(config.worker.logs_dir) / "x_probe" / "log").read_text(errors="replace")
+    # In the sandbox's user namespace, as the run user.
+    assert f"RUNAS: uid {run_user.pw_uid}" in log
+    assert "RUNAS: sudo exit 1" in log
+    assert "RUNAS: write kit DENIED" in log
+    assert list((kit / "submissions").iterdir()) == []
+
+
+def test_ssh_runs_as_the_login_user_unless_told(tmp_path, sshd, shared):
+    kit, _ = shared
+    path = make_event(tmp_path / "event", (), worker=ssh_worker_section(sshd, kit))
+    assert load_event_config(path).worker.run_as_user is None
+
+
+def test_a_run_user_that_cannot_be_a_user_name_is_refused(tmp_path, sshd, shared):
+    kit, _ = shared
+    path = make_event(tmp_path / "event", (), worker=ssh_worker_section(
+        sshd, kit, run_as_user="ramp run; sudo -s"))
+    with pytest.raises(ConfigError, match=r"worker\.run_as_user"):
+        load_event_config(path)
+
+
+def test_a_missing_run_user_is_the_events_error_on_that_host(tmp_path, sshd, shared):
+    kit, python = shared
+    path = make_event(tmp_path / "event", ("starting_kit",), worker=ssh_worker_section(
+        sshd, kit, remote_path_prefix=python, run_as_user="ramp-nobody-here"),
+        dispatcher=remote_dispatcher(max_attempts=1))
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    row = _rows(config)["starting_kit"]
+    assert row.state == "checking_error", (row.state, row.error_msg)
+    assert "ramp-nobody-here" in row.error_msg and row.attempts == 0
+    assert list((kit / "submissions").iterdir()) == []
