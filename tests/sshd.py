@@ -35,6 +35,8 @@ AMI_BASE = "iris-ramp-worker"
 SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting", "raising_error", "hanging")
 # The AMI's user without sudo (ami/worker-guard.yml), made on this machine by ensure_run_user.
 RUN_USER = "ramp-run"
+# A login user with sudo, as ``ubuntu`` on an AMI, made on this machine by ensure_sudo_user.
+SUDO_USER = "ramp-login"
 
 
 def free_port() -> int:
@@ -68,9 +70,10 @@ class SSHServer:
 
 
 @contextlib.contextmanager
-def running_sshd(folder: Path) -> Iterator[SSHServer]:
+def running_sshd(folder: Path, user: str | None = None) -> Iterator[SSHServer]:
     """An OpenSSH sshd on 127.0.0.1 with its own host key and one user key, its files in
-    ``folder``; stopped on exit."""
+    ``folder``; stopped on exit. The key logs in as ``user`` (default: this process's),
+    who must be able to read ``folder`` (sshd reads the authorized keys as that user)."""
     if not os.access(SSHD, os.X_OK):
         pytest.fail(f"{SSHD} is missing: apt-get install -y openssh-server")
     for name in ("host_key", "user_key"):
@@ -96,7 +99,7 @@ def running_sshd(folder: Path) -> Iterator[SSHServer]:
         log.close()
         pytest.fail(f"sshd did not start: {(folder / 'sshd.log').read_text()[-2000:]}")
     try:
-        yield SSHServer("127.0.0.1", port, getpass.getuser(), str(folder / "user_key"),
+        yield SSHServer("127.0.0.1", port, user or getpass.getuser(), str(folder / "user_key"),
                         (folder / "host_key.pub").read_text().strip(), process.pid)
     finally:
         process.terminate()
@@ -119,6 +122,32 @@ def ensure_run_user(name: str = RUN_USER) -> pwd.struct_passwd:
     if made.returncode not in (0, 9):
         pytest.fail(f"useradd {name} exited {made.returncode}: {made.stderr.strip()}")
     return pwd.getpwnam(name)
+
+
+def ensure_sudo_user(name: str = SUDO_USER) -> pwd.struct_passwd:
+    """A login user with passwordless sudo, as ``ubuntu`` on an AMI (cloud-init's rule),
+    created if missing: its own group, no password but not locked (sshd without PAM
+    refuses a locked account's keys)."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        made = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash",
+                               "--user-group", name], capture_output=True, text=True)
+        if made.returncode not in (0, 9):
+            pytest.fail(f"useradd {name} exited {made.returncode}: {made.stderr.strip()}")
+        entry = pwd.getpwnam(name)
+    subprocess.run(["usermod", "-p", "*", name], check=True)
+    rule = Path("/etc/sudoers.d") / f"ramp-runner-tests-{name}"
+    text = f"{name} ALL=(ALL) NOPASSWD:ALL\n"
+    if not rule.exists() or rule.read_text() != text:
+        staged = rule.with_name(f".{rule.name}.new")  # sudo skips names with a dot
+        staged.write_text(text)
+        staged.chmod(0o440)
+        checked = subprocess.run(["visudo", "-cf", str(staged)], capture_output=True, text=True)
+        if checked.returncode != 0:
+            pytest.fail(f"visudo refused {text!r}: {checked.stdout}{checked.stderr}")
+        staged.replace(rule)
+    return entry
 
 
 def readable_python(folder: Path) -> Path:

@@ -1,10 +1,10 @@
 """Runs as a user without sudo (issue 20, point 4): ``run_as_user`` on a remote worker, the
 AWS default ``ramp-run`` as the AMI makes it (ami/worker-guard.yml).
 
-The host is the real sshd of tests/sshd.py (its login user is root here, with sudo); the
-run user is made on this machine. The kit and the Python the run user executes live in a
-folder of this module under /tmp that any user may read: pytest's own folders are root's
-alone (0700), as is the tests' interpreter in root's home.
+The host is a real sshd of tests/sshd.py logging in as a user with passwordless sudo, as
+``ubuntu`` on an AMI; both users are made on this machine. The kit (the login user's) and the
+Python both users execute live in a folder of this module under /tmp that any user may read:
+pytest's own folders are root's alone (0700), as is the tests' interpreter in root's home.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from runner import ramptest
+from runner.aws import ec2
 from runner.aws.worker import AWSWorker
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
@@ -29,9 +30,11 @@ from tests.sshd import (
     RUN_USER,
     aws_worker_section,
     ensure_run_user,
+    ensure_sudo_user,
     live_instances,
     readable_python,
     remote_dispatcher,
+    running_sshd,
     session_members,
     ssh_worker_section,
 )
@@ -46,18 +49,46 @@ def run_user():
 
 
 @pytest.fixture(scope="module")
-def shared(remote_kit, run_user):
-    """(kit, the run's PATH prefix): a copy of the host kit and a Python with ramp-test,
-    both readable (not writable) by the run user; removed at the end."""
-    folder = Path(tempfile.mkdtemp(prefix="ramp-run-test-", dir="/tmp"))
-    folder.chmod(0o755)
-    try:
-        kit = folder / "iris"
-        shutil.copytree(remote_kit, kit, ignore=shutil.ignore_patterns("submissions"))
-        (kit / "submissions").mkdir()
-        yield kit, f"{readable_python(folder / 'python')}"
-    finally:
-        shutil.rmtree(folder)
+def login_user():
+    """The login user's passwd entry (passwordless sudo)."""
+    return ensure_sudo_user()
+
+
+@pytest.fixture(scope="module")
+def folder():
+    """This module's folder under /tmp, readable by every user; removed at the end."""
+    made = Path(tempfile.mkdtemp(prefix="ramp-run-test-", dir="/tmp"))
+    made.chmod(0o755)
+    yield made
+    shutil.rmtree(made)
+
+
+@pytest.fixture(scope="module")
+def host(folder, login_user):
+    """An sshd whose key logs in as the login user."""
+    (folder / "sshd").mkdir(mode=0o755)
+    with running_sshd(folder / "sshd", user=login_user.pw_name) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared(folder, remote_kit, run_user, login_user):
+    """(kit, the run's PATH prefix): a copy of the host kit, the login user's, and a Python
+    with ramp-test, both readable (not writable) by the run user."""
+    kit = folder / "iris"
+    shutil.copytree(remote_kit, kit, ignore=shutil.ignore_patterns("submissions"))
+    (kit / "submissions").mkdir()
+    for path in [kit, *kit.rglob("*")]:
+        os.chown(path, login_user.pw_uid, login_user.pw_gid)
+    return kit, f"{readable_python(folder / 'python')}"
+
+
+@pytest.fixture
+def instance_at_host(instance_at_sshd, host, monkeypatch):
+    """Every launched instance answers at this module's sshd."""
+    monkeypatch.setattr(ec2, "instance_address", lambda client, instance_id: (host.host,
+                                                                              host.port))
+    return instance_at_sshd
 
 
 def probe(kit: Path) -> str:
@@ -88,13 +119,14 @@ def _run_user_processes(uid: int) -> list[psutil.Process]:
 
 
 def test_an_aws_run_outside_the_sandbox_has_no_sudo_nor_the_heartbeat(
-        tmp_path, sshd, shared, run_user, instance_at_sshd):
+        tmp_path, host, shared, run_user, login_user, instance_at_host):
     kit, python = shared
     # The AMI's heartbeat (its tmpfiles rule): a root folder, a file of the login user.
     HEARTBEAT.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     HEARTBEAT.touch()
+    os.chown(HEARTBEAT, login_user.pw_uid, login_user.pw_gid)
     before = HEARTBEAT.stat().st_mtime
-    section = aws_worker_section(sshd, kit, remote_path_prefix=python, sandbox="off")
+    section = aws_worker_section(host, kit, remote_path_prefix=python, sandbox="off")
     del section["run_as_user"]  # the AWS default
     path = make_event(tmp_path / "event", ("starting_kit",), worker=section,
                       dispatcher=remote_dispatcher())
@@ -118,12 +150,12 @@ def test_an_aws_run_outside_the_sandbox_has_no_sudo_nor_the_heartbeat(
     assert not (kit / "problem.py").read_text().endswith("#x")
     # The login user's polls kept the heartbeat going.
     assert HEARTBEAT.stat().st_mtime >= before
-    assert HEARTBEAT.stat().st_uid == os.getuid()
-    assert live_instances(instance_at_sshd) == []
+    assert HEARTBEAT.stat().st_uid == login_user.pw_uid
+    assert live_instances(instance_at_host) == []
     # Handed back to the login user at collection (the instance goes with them on AWS).
     left = [p for folder in ("submissions", ".ramp-runner") for p in (kit / folder).rglob("*")]
     assert any(p.name == "bagged_scores.csv" for p in left)
-    assert [p for p in left if p.lstat().st_uid != os.getuid()] == []
+    assert [p for p in left if p.lstat().st_uid != login_user.pw_uid] == []
     _forget_runs(kit)
 
 
@@ -134,10 +166,10 @@ def _forget_runs(kit: Path) -> None:
             shutil.rmtree(path)
 
 
-def test_a_timeout_kills_every_process_of_the_run_user(tmp_path, sshd, shared, run_user,
-                                                       instance_at_sshd):
+def test_a_timeout_kills_every_process_of_the_run_user(tmp_path, host, shared, run_user,
+                                                       instance_at_host):
     kit, python = shared
-    section = aws_worker_section(sshd, kit, remote_path_prefix=python, sandbox="off",
+    section = aws_worker_section(host, kit, remote_path_prefix=python, sandbox="off",
                                  timeout=4)
     del section["run_as_user"]
     path = make_event(tmp_path / "event", ("hanging",), worker=section,
@@ -163,11 +195,11 @@ def test_a_timeout_kills_every_process_of_the_run_user(tmp_path, sshd, shared, r
                                        ramptest.timeout_message(4))
 
 
-def test_an_ssh_host_runs_a_sandboxed_submission_as_the_run_user(tmp_path, sshd, shared,
+def test_an_ssh_host_runs_a_sandboxed_submission_as_the_run_user(tmp_path, host, shared,
                                                                   run_user):
     kit, python = shared
     path = make_event(tmp_path / "event", ("starting_kit",), worker=ssh_worker_section(
-        sshd, kit, remote_path_prefix=python, sandbox="required", run_as_user=RUN_USER),
+        host, kit, remote_path_prefix=python, sandbox="required", run_as_user=RUN_USER),
         dispatcher=remote_dispatcher())
     hostile.add_submission(path.parent / "submissions", "x_probe", probe(kit))
     config = load_event_config(path)
@@ -184,24 +216,24 @@ def test_an_ssh_host_runs_a_sandboxed_submission_as_the_run_user(tmp_path, sshd,
     assert list((kit / "submissions").iterdir()) == []
 
 
-def test_ssh_runs_as_the_login_user_unless_told(tmp_path, sshd, shared):
+def test_ssh_runs_as_the_login_user_unless_told(tmp_path, host, shared):
     kit, _ = shared
-    path = make_event(tmp_path / "event", (), worker=ssh_worker_section(sshd, kit))
+    path = make_event(tmp_path / "event", (), worker=ssh_worker_section(host, kit))
     assert load_event_config(path).worker.run_as_user is None
 
 
-def test_a_run_user_that_cannot_be_a_user_name_is_refused(tmp_path, sshd, shared):
+def test_a_run_user_that_cannot_be_a_user_name_is_refused(tmp_path, host, shared):
     kit, _ = shared
     path = make_event(tmp_path / "event", (), worker=ssh_worker_section(
-        sshd, kit, run_as_user="ramp run; sudo -s"))
+        host, kit, run_as_user="ramp run; sudo -s"))
     with pytest.raises(ConfigError, match=r"worker\.run_as_user"):
         load_event_config(path)
 
 
-def test_a_missing_run_user_is_the_events_error_on_that_host(tmp_path, sshd, shared):
+def test_a_missing_run_user_is_the_events_error_on_that_host(tmp_path, host, shared):
     kit, python = shared
     path = make_event(tmp_path / "event", ("starting_kit",), worker=ssh_worker_section(
-        sshd, kit, remote_path_prefix=python, run_as_user="ramp-nobody-here"),
+        host, kit, remote_path_prefix=python, run_as_user="ramp-nobody-here"),
         dispatcher=remote_dispatcher(max_attempts=1))
     config = load_event_config(path)
     Dispatcher(config).run()
@@ -209,3 +241,15 @@ def test_a_missing_run_user_is_the_events_error_on_that_host(tmp_path, sshd, sha
     assert row.state == "checking_error", (row.state, row.error_msg)
     assert "ramp-nobody-here" in row.error_msg and row.attempts == 0
     assert list((kit / "submissions").iterdir()) == []
+
+
+def test_hidden_labels_run_as_the_run_user(tmp_path, host, shared):
+    kit, python = shared
+    path = make_event(tmp_path / "event", ("starting_kit",), worker=ssh_worker_section(
+        host, kit, remote_path_prefix=python, hidden_test_labels="auto",
+        run_as_user=RUN_USER), dispatcher=remote_dispatcher())
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    row = _rows(config)["starting_kit"]
+    assert row.state == "scored", row.error_msg
+    assert row.scores["test"]
