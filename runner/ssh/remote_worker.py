@@ -247,15 +247,21 @@ class RemoteWorker(BaseWorker):
             return
         run, own = shlex.quote(self.run_dir), shlex.quote(self.own_submission)
         mine = shlex.quote(self.supervisor_dir)
+        # The folders holding every run's are walked through, not listed.
+        parents = " ".join(shlex.quote(f"{self.remote_kit}/{name}")
+                           for name in (RUN_FOLDER, "submissions"))
         status, out, err = self.session.run(
-            f"sudo -n -u {user} true && chmod 0755 {run} && chmod 0644 {run}/supervise.py && "
-            f"mkdir -m 0755 {mine} && sudo -n chown -R -h {user}: {own} {mine}", 60)
+            f"sudo -n -u {user} true && chmod a+x {parents} && chmod 0755 {run} && "
+            f"chmod 0644 {run}/supervise.py && mkdir -m 0755 {mine} && "
+            f"sudo -n chown -R -h {user}: {own} {mine} && "
+            f"{{ sudo -n -u {user} test -r {run}/supervise.py -a -w {own} -a -w {mine} "
+            f"|| {{ echo 'the run user cannot reach the kit folder' >&2; false; }}; }}", 60)
         if status != 0:
             host = f"{self.session.user}@{self.session.host}:{self.session.port}"
             raise EventError(
                 f"run_as_user: cannot hand the run over to user {user!r} on host {host} "
-                f"(it needs that user and passwordless sudo for {self.session.user}): "
-                f"{(err or out).strip()[:300]}")
+                f"(it needs that user, the kit folder readable by it and passwordless sudo "
+                f"for {self.session.user}): {(err or out).strip()[:300]}")
 
     def _take_back(self) -> str:
         """Shell lines giving the run's folders back to the login user (links not followed),

@@ -253,3 +253,22 @@ def test_hidden_labels_run_as_the_run_user(tmp_path, host, shared):
     row = _rows(config)["starting_kit"]
     assert row.state == "scored", row.error_msg
     assert row.scores["test"]
+
+
+def test_a_kit_the_run_user_cannot_reach_is_the_events_error(tmp_path, host, shared, folder,
+                                                             login_user):
+    kit, python = shared
+    private = folder / "private"  # the login user's alone, as a home folder often is
+    shutil.copytree(kit, private / "iris", ignore=shutil.ignore_patterns(".ramp-runner*"))
+    for path in [private, *private.rglob("*")]:
+        os.chown(path, login_user.pw_uid, login_user.pw_gid)
+    private.chmod(0o700)
+    path = make_event(tmp_path / "event", ("starting_kit",), worker=ssh_worker_section(
+        host, private / "iris", remote_path_prefix=python, run_as_user=RUN_USER),
+        dispatcher=remote_dispatcher(max_attempts=1))
+    config = load_event_config(path)
+    Dispatcher(config).run()
+    row = _rows(config)["starting_kit"]
+    assert row.state == "checking_error", (row.state, row.error_msg)
+    assert "cannot reach the kit folder" in row.error_msg and row.attempts == 0
+    assert list((private / "iris" / "submissions").iterdir()) == []
