@@ -3,7 +3,10 @@ worker sections whose "remote" kit folder lives on this machine.
 
 The fixtures that start these parts (``sshd``, ``moto_server``, ``aws``, ``remote_kit``,
 ``instance_at_sshd``) are in the tests.real_parts plugin. An sshd that cannot start fails
-the test; nothing here skips.
+the test; nothing here skips. The ``sshd`` fixture logs in as this process's user (root);
+``running_sshd(folder, user=...)`` as another, e.g. one with passwordless sudo as ``ubuntu``
+on an AMI (``ensure_sudo_user``), whose runs execute as the AMI's run user
+(``ensure_run_user``) with a Python it may execute (``readable_python``).
 """
 
 from __future__ import annotations

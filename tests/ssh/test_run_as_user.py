@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -24,6 +25,7 @@ from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.errors import ConfigError
 from runner.ledger import Ledger
+from runner.ssh.worker import SSHWorker
 from tests import hostile
 from tests.events import make_event
 from tests.sshd import (
@@ -272,3 +274,28 @@ def test_a_kit_the_run_user_cannot_reach_is_the_events_error(tmp_path, host, sha
     assert row.state == "checking_error", (row.state, row.error_msg)
     assert "cannot reach the kit folder" in row.error_msg and row.attempts == 0
     assert list((private / "iris" / "submissions").iterdir()) == []
+
+
+def test_reap_kills_and_removes_a_run_users_leftover_run(tmp_path, host, shared, run_user):
+    kit, python = shared
+    path = make_event(tmp_path / "event", ("hanging",), worker=ssh_worker_section(
+        host, kit, remote_path_prefix=python, run_as_user=RUN_USER, timeout=600),
+        dispatcher=remote_dispatcher())
+    config = load_event_config(path)
+    worker = SSHWorker(config.worker_dict(dispatcher_id="test"), "hanging")
+    worker.setup()
+    worker.launch_submission()
+    sid = int((kit / ".ramp-runner" / "hanging" / "pid").read_text())
+    # The dispatcher "dies": its connection drops, its claim on the host goes with it.
+    worker.session.close()
+    worker._release_host()
+    deadline = time.monotonic() + 30
+    while not _run_user_processes(run_user.pw_uid):
+        assert time.monotonic() < deadline, "the run never started as the run user"
+        time.sleep(0.2)
+    reaped = SSHWorker.reap_leftovers(config.worker_dict(dispatcher_id="next"))
+    assert reaped == [f"{host.host}:{host.port}:hanging"]
+    assert session_members(sid) == []
+    assert _run_user_processes(run_user.pw_uid) == []
+    assert list((kit / ".ramp-runner").iterdir()) == []
+    assert list((kit / "submissions").iterdir()) == []
