@@ -73,10 +73,12 @@ class SSHServer:
 
 
 @contextlib.contextmanager
-def running_sshd(folder: Path, user: str | None = None) -> Iterator[SSHServer]:
+def running_sshd(folder: Path, user: str | None = None,
+                 environment: dict[str, str] | None = None) -> Iterator[SSHServer]:
     """An OpenSSH sshd on 127.0.0.1 with its own host key and one user key, its files in
     ``folder``; stopped on exit. The key logs in as ``user`` (default: this process's),
-    who must be able to read ``folder`` (sshd reads the authorized keys as that user)."""
+    who must be able to read ``folder`` (sshd reads the authorized keys as that user);
+    its sessions get ``environment`` (a login user's own variables, secrets included)."""
     if not os.access(SSHD, os.X_OK):
         pytest.fail(f"{SSHD} is missing: apt-get install -y openssh-server")
     for name in ("host_key", "user_key"):
@@ -94,7 +96,8 @@ def running_sshd(folder: Path, user: str | None = None) -> Iterator[SSHServer]:
          "-o", "PidFile=none", "-o", "StrictModes=no",
          "-o", "Subsystem=sftp internal-sftp",
          "-o", "PermitRootLogin=prohibit-password",
-         "-o", "UsePAM=no", "-o", "MaxStartups=50"],
+         "-o", "UsePAM=no", "-o", "MaxStartups=50",
+         *(f"-oSetEnv={name}={value}" for name, value in (environment or {}).items())],
         stdout=log, stderr=subprocess.STDOUT,
     )
     if not _wait_for_banner(port, time.monotonic() + 15):

@@ -61,9 +61,10 @@ KILL_SESSION = (
 # The same as root, for a run of another user (and the root ``sudo`` between them); the
 # pid file it reads is the login user's, in a folder the run cannot write.
 KILL_SESSION_AS_ROOT = KILL_SESSION.replace("pkill", "sudo -n pkill")
-# The environment a run user's login shell starts from (sudo -H gave HOME): nothing else of
-# sudo's (SUDO_*, what a host's sudoers keeps) nor of the login user's.
-CLEAN_LOGIN = ('exec env -i HOME="$HOME" USER="$1" LOGNAME="$1" '
+# The environment a run user's login shell starts from (sudo -H gave HOME; UTF-8 as an SSH
+# login has on Debian and Ubuntu): nothing else of sudo's (SUDO_*, what a host's sudoers
+# keeps) nor of the login user's.
+CLEAN_LOGIN = ('exec env -i HOME="$HOME" USER="$1" LOGNAME="$1" LANG=C.UTF-8 '
                'PATH=/usr/local/bin:/usr/bin:/bin bash -lc "$2"')
 # Seconds a poll may take (one short command) before its connection is given up.
 POLL_TIMEOUT = 60.0

@@ -42,6 +42,8 @@ from tests.sshd import (
 )
 
 HEARTBEAT = Path(AWSWorker.heartbeat_file)
+# A variable of the login user's sessions (as a token in its environment would be).
+LOGIN_SECRET = ("RAMP_LOGIN_SECRET", "login-secret-5c2a")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def folder():
 def host(folder, login_user):
     """An sshd whose key logs in as the login user."""
     (folder / "sshd").mkdir(mode=0o755)
-    with running_sshd(folder / "sshd", user=login_user.pw_name) as server:
+    with running_sshd(folder / "sshd", user=login_user.pw_name,
+                      environment=dict([LOGIN_SECRET])) as server:
         yield server
 
 
@@ -103,6 +106,7 @@ def attack_in_fit():
     say("RUNAS: sudo exit", run(["sudo", "-n", "true"], capture_output=True).returncode)
     say("RUNAS: sudo variables", sorted(k for k in OS.environ if k.startswith("SUDO")))
     say("RUNAS: home", OS.environ.get("HOME"))
+    say("RUNAS: login secret", OS.environ.get({LOGIN_SECRET[0]!r}))
     attempt("RUNAS: touch heartbeat", lambda: f("o" + "s", "ut", "ime")({str(HEARTBEAT)!r}))
     attempt("RUNAS: write heartbeat", lambda: OPEN({str(HEARTBEAT)!r}, "ab").write(b"x"))
     attempt("RUNAS: write kit", lambda: OPEN({str(kit / "problem.py")!r}, "ab").write(b"#x"))
@@ -146,6 +150,7 @@ def test_an_aws_run_outside_the_sandbox_has_no_sudo_nor_the_heartbeat(
     assert "RUNAS: sudo exit 1" in log
     assert "RUNAS: sudo variables []" in log
     assert f"RUNAS: home {run_user.pw_dir}" in log
+    assert "RUNAS: login secret None" in log and LOGIN_SECRET[1] not in log
     assert "RUNAS: touch heartbeat DENIED PermissionError" in log
     assert "RUNAS: write heartbeat DENIED PermissionError" in log
     assert "RUNAS: write kit DENIED PermissionError" in log
