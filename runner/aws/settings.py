@@ -29,6 +29,9 @@ class AWSWorkerSection(RemoteWorkerSection):
     # The instance user keeps cloud-init's passwordless sudo: a run outside the sandbox
     # could reach it (and cancel the instance's self-destruct), so none runs without it.
     sandbox: Literal["auto", "required", "off"] = "required"
+    # The AMI's user without sudo (ami/worker-guard.yml): the run cannot reach the instance
+    # user's sudo, nor cancel the heartbeat halt, even outside the sandbox.
+    run_as_user: str | None = "ramp-run"
 
     region_name: str = ""
     ami_user_name: str = ""
