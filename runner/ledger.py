@@ -460,9 +460,9 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
             db.execute("ALTER TABLE submissions ADD COLUMN claimed_before INTEGER NOT NULL"
                        " DEFAULT 0")
             db.execute("UPDATE submissions SET team = name,"
-                       " claimed_before = (state != 'new' OR attempts > 0)")
-            for (name,) in db.execute("SELECT name FROM submissions WHERE state = 'new'"
-                                      ).fetchall():
+                       " claimed_before = (state != ? OR attempts > 0)", (SubmissionState.NEW,))
+            for (name,) in db.execute("SELECT name FROM submissions WHERE state = ?",
+                                      (SubmissionState.NEW,)).fetchall():
                 _rehead(db, name)
             db.execute("COMMIT")
         except BaseException:

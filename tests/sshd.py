@@ -3,7 +3,10 @@ worker sections whose "remote" kit folder lives on this machine.
 
 The fixtures that start these parts (``sshd``, ``moto_server``, ``aws``, ``remote_kit``,
 ``instance_at_sshd``) are in the tests.real_parts plugin. An sshd that cannot start fails
-the test; nothing here skips.
+the test; nothing here skips. The ``sshd`` fixture logs in as this process's user (root);
+``running_sshd(folder, user=...)`` as another, e.g. one with passwordless sudo as ``ubuntu``
+on an AMI (``ensure_sudo_user``), whose runs execute as the AMI's run user
+(``ensure_run_user``) with a Python it may execute (``readable_python``).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import dataclasses
 import datetime
 import getpass
 import os
+import pwd
 import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +36,10 @@ VENV_BIN = str(Path(sys.executable).parent)
 REGION = "eu-west-3"
 AMI_BASE = "iris-ramp-worker"
 SUBMISSIONS = ("starting_kit", "random_forest", "gradient_boosting", "raising_error", "hanging")
+# The AMI's user without sudo (ami/worker-guard.yml), made on this machine by ensure_run_user.
+RUN_USER = "ramp-run"
+# A login user with sudo, as ``ubuntu`` on an AMI, made on this machine by ensure_sudo_user.
+SUDO_USER = "ramp-login"
 
 
 def free_port() -> int:
@@ -64,9 +73,12 @@ class SSHServer:
 
 
 @contextlib.contextmanager
-def running_sshd(folder: Path) -> Iterator[SSHServer]:
+def running_sshd(folder: Path, user: str | None = None,
+                 environment: dict[str, str] | None = None) -> Iterator[SSHServer]:
     """An OpenSSH sshd on 127.0.0.1 with its own host key and one user key, its files in
-    ``folder``; stopped on exit."""
+    ``folder``; stopped on exit. The key logs in as ``user`` (default: this process's),
+    who must be able to read ``folder`` (sshd reads the authorized keys as that user);
+    its sessions get ``environment`` (a login user's own variables, secrets included)."""
     if not os.access(SSHD, os.X_OK):
         pytest.fail(f"{SSHD} is missing: apt-get install -y openssh-server")
     for name in ("host_key", "user_key"):
@@ -84,7 +96,8 @@ def running_sshd(folder: Path) -> Iterator[SSHServer]:
          "-o", "PidFile=none", "-o", "StrictModes=no",
          "-o", "Subsystem=sftp internal-sftp",
          "-o", "PermitRootLogin=prohibit-password",
-         "-o", "UsePAM=no", "-o", "MaxStartups=50"],
+         "-o", "UsePAM=no", "-o", "MaxStartups=50",
+         *(f"-oSetEnv={name}={value}" for name, value in (environment or {}).items())],
         stdout=log, stderr=subprocess.STDOUT,
     )
     if not _wait_for_banner(port, time.monotonic() + 15):
@@ -92,12 +105,81 @@ def running_sshd(folder: Path) -> Iterator[SSHServer]:
         log.close()
         pytest.fail(f"sshd did not start: {(folder / 'sshd.log').read_text()[-2000:]}")
     try:
-        yield SSHServer("127.0.0.1", port, getpass.getuser(), str(folder / "user_key"),
+        yield SSHServer("127.0.0.1", port, user or getpass.getuser(), str(folder / "user_key"),
                         (folder / "host_key.pub").read_text().strip(), process.pid)
     finally:
         process.terminate()
         process.wait(10)
         log.close()
+
+
+def ensure_run_user(name: str = RUN_USER) -> pwd.struct_passwd:
+    """The user ``name`` as the AMI makes it (its own group, no sudo), created if missing
+    (as root: the tests run as root, like the login user of the sshd)."""
+    if shutil.which("sudo") is None:
+        pytest.fail("sudo is missing: apt-get install -y sudo (or run .ci/bootstrap)")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    made = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
+                           name], capture_output=True, text=True)
+    # Another test process may have made it in between (useradd exits 9 then).
+    if made.returncode not in (0, 9):
+        pytest.fail(f"useradd {name} exited {made.returncode}: {made.stderr.strip()}")
+    return pwd.getpwnam(name)
+
+
+def ensure_sudo_user(name: str = SUDO_USER) -> pwd.struct_passwd:
+    """A login user with passwordless sudo, as ``ubuntu`` on an AMI (cloud-init's rule),
+    created if missing: its own group, no password but not locked (sshd without PAM
+    refuses a locked account's keys)."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        made = subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash",
+                               "--user-group", name], capture_output=True, text=True)
+        if made.returncode not in (0, 9):
+            pytest.fail(f"useradd {name} exited {made.returncode}: {made.stderr.strip()}")
+        entry = pwd.getpwnam(name)
+    subprocess.run(["usermod", "-p", "*", name], check=True)
+    rule = Path("/etc/sudoers.d") / f"ramp-runner-tests-{name}"
+    text = f"{name} ALL=(ALL) NOPASSWD:ALL\n"
+    if not rule.exists() or rule.read_text() != text:
+        staged = rule.with_name(f".{rule.name}.new")  # sudo skips names with a dot
+        staged.write_text(text)
+        staged.chmod(0o440)
+        checked = subprocess.run(["visudo", "-cf", str(staged)], capture_output=True, text=True)
+        if checked.returncode != 0:
+            pytest.fail(f"visudo refused {text!r}: {checked.stdout}{checked.stderr}")
+        staged.replace(rule)
+    return entry
+
+
+def readable_python(folder: Path) -> Path:
+    """A Python environment another user can run, in ``folder``: this machine's system
+    Python of the tests' version with a hard-linked copy of the tests' packages (the tests'
+    own interpreter may live in root's home, which no other user may enter). Its bin
+    folder (with ``ramp-test``) is returned."""
+    system = Path("/usr/bin/python3")
+    version = subprocess.run([str(system), "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True)
+    if version.stdout.strip() != str(sys.version_info[:2]):
+        pytest.fail(f"{system} is not Python {sys.version_info[:2]}: {version.stdout.strip()}")
+    subprocess.run([str(system), "-m", "venv", "--without-pip", str(folder)], check=True)
+    target = folder / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    packages = Path(sysconfig.get_paths()["purelib"])
+    shutil.rmtree(target / "site-packages")
+    linked = subprocess.run(["cp", "-al", str(packages), str(target / "site-packages")],
+                            capture_output=True)
+    if linked.returncode != 0:  # another file system: copy
+        shutil.rmtree(target / "site-packages", ignore_errors=True)
+        shutil.copytree(packages, target / "site-packages", symlinks=True)
+    script = (Path(VENV_BIN) / "ramp-test").read_text().splitlines()
+    (folder / "bin" / "ramp-test").write_text(
+        "\n".join([f"#!{folder / 'bin' / 'python'}", *script[1:]]) + "\n")
+    (folder / "bin" / "ramp-test").chmod(0o755)
+    return folder / "bin"
 
 
 def add_ami(name: str, created: str, owner: str | None = None, state: str = "available",
@@ -237,6 +319,9 @@ def aws_worker_section(sshd: SSHServer, remote_kit: Path, **more) -> dict:
         "hidden_test_labels": "off",
         "timeout": 120,
         "ssh_ready_timeout": 20,
+        # The shared kit and Python are root's alone here: tests/ssh/test_run_as_user.py
+        # runs the AWS default (the AMI's ramp-run) with its own.
+        "run_as_user": None,
         **more,
     }
 

@@ -43,9 +43,12 @@ class InstancePrice:
 class AWSWorkerSection(RemoteWorkerSection):
     """``worker_type: aws``: one EC2 instance per submission."""
 
-    # The instance user keeps cloud-init's passwordless sudo: a run outside the sandbox
-    # could reach it (and cancel the instance's self-destruct), so none runs without it.
+    # Two walls between a run and the instance user's passwordless sudo (which could cancel
+    # the self-destruct): the sandbox, and the run user below.
     sandbox: Literal["auto", "required", "off"] = "required"
+    # The AMI's user without sudo (ami/worker-guard.yml): the run cannot reach the instance
+    # user's sudo, nor cancel the heartbeat halt, even outside the sandbox.
+    run_as_user: str | None = "ramp-run"
 
     region_name: str = ""
     ami_user_name: str = ""

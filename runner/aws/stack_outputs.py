@@ -26,6 +26,7 @@ WORKER_KEYS = {
     "instanceUser": "ami_user_name",
     "remoteKitFolder": "remote_ramp_kit_folder",
     "launchTemplateId": "launch_template_id",
+    "runUser": "run_as_user",
 }
 # The challenge tag in the stack output ``workerTags`` (infra/tags.py).
 CHALLENGE_TAG = "ramp-runner:challenge"

@@ -8,6 +8,13 @@ run ends), ``log``, ``supervise.py``, and what the supervisor leaves: ``peak_rss
 ``reason`` (why it stopped the run) and ``tmp`` (the run's /tmp).
 The run is started detached (``setsid nohup``): a dropped connection does not end it.
 
+With ``run_as_user`` the supervisor and ramp-test execute as that host user (``sudo -n -u``,
+in a login shell with a clean environment: no ``SUDO_*`` variable, nothing of the login
+user's), which owns only the run's submission folder and ``K/.ramp-runner/<sub>/run/`` (where
+the supervisor writes ``peak_rss``, ``reason`` and ``tmp``); the rest stays the login
+user's, who kills the run and takes the folders back through ``sudo -n`` (it needs
+passwordless sudo, as ``ubuntu`` has on an AMI).
+
 ramp-test runs under ``supervise.py`` with the worker's limits and, where bubblewrap works
 on the host (asked at setup, with the run's own PATH and conda environment), in its
 sandbox: the kit read-only, its ``submissions`` and ``.ramp-runner`` folders hidden but
@@ -51,6 +58,14 @@ KILL_SESSION = (
     'case "$pid" in ""|*[!0-9]*) ;; *) [ "$pid" -gt 1 ] && for i in $(seq 50); do '
     'pkill -KILL -s "$pid" || break; sleep 0.1; done;; esac; '
 )
+# The same as root, for a run of another user (and the root ``sudo`` between them); the
+# pid file it reads is the login user's, in a folder the run cannot write.
+KILL_SESSION_AS_ROOT = KILL_SESSION.replace("pkill", "sudo -n pkill")
+# The environment a run user's login shell starts from (sudo -H gave HOME; UTF-8 as an SSH
+# login has on Debian and Ubuntu): nothing else of sudo's (SUDO_*, what a host's sudoers
+# keeps) nor of the login user's.
+CLEAN_LOGIN = ('exec env -i HOME="$HOME" USER="$1" LOGNAME="$1" LANG=C.UTF-8 '
+               'PATH=/usr/local/bin:/usr/bin:/bin bash -lc "$2"')
 # Seconds a poll may take (one short command) before its connection is given up.
 POLL_TIMEOUT = 60.0
 # The poll's answer line carrying the log's new bytes: "log <start> <base64>".
@@ -92,6 +107,20 @@ def remote_removal(*paths: str) -> str:
 def removal_of_words(words: str) -> str:
     """``remote_removal`` of paths given as shell words (they may expand variables)."""
     return f"rm -rf {words}"
+
+
+def kill_session(run_as_user: str | None) -> str:
+    """The shell lines killing the session ``$pid`` of a run (as root for a run user's)."""
+    return KILL_SESSION if run_as_user is None else KILL_SESSION_AS_ROOT
+
+
+def as_run_user(script: str, run_as_user: str | None) -> str:
+    """A command running ``script`` in a login shell, as ``run_as_user`` with a clean
+    environment (or as the login user, unchanged)."""
+    if run_as_user is None:
+        return f"bash -lc {shlex.quote(script)}"
+    return shlex.join(["sudo", "-n", "-H", "-u", run_as_user, "--", "bash", "-c", CLEAN_LOGIN,
+                       "run", run_as_user, script])
 
 
 def remote_gpus(session: RemoteSession, path_prefix: str | None) -> tuple[int, ...]:
@@ -145,6 +174,17 @@ class RemoteWorker(BaseWorker):
         """The run's folder on the host."""
         return f"{self.remote_kit}/{RUN_FOLDER}/{self.submission}"
 
+    @property
+    def supervisor_dir(self) -> str:
+        """Where the supervisor writes: the run's folder, or with a run user a folder of
+        its own in it (the run's folder, with ``pid`` and ``exit``, is not the run's)."""
+        return f"{self.run_dir}/run" if self.settings.run_as_user else self.run_dir
+
+    @property
+    def own_submission(self) -> str:
+        """The run's submission folder on the host, the only one it writes."""
+        return f"{self.remote_kit}/submissions/{self.submission}"
+
     def _upload(self) -> None:
         """Send the submission (without earlier outputs) and the supervisor in one stream,
         replacing what an earlier run of the same submission left on the host; then ask
@@ -167,6 +207,7 @@ class RemoteWorker(BaseWorker):
             before += f"mkdir -p {shlex.quote(f'{self.remote_kit}/data')} && "
         self.session.upload(files, self.remote_kit, before=before)
         try:
+            self._hand_over()
             if self.settings.gpus_per_run and not self.gpus:
                 # A host of its own (an instance): the first GPUs its nvidia-smi lists.
                 self.gpus = gpus.of_slot(remote_gpus(self.session, self.path_prefix),
@@ -194,7 +235,42 @@ class RemoteWorker(BaseWorker):
         self.session.run(f"mv -T {staged} {target} 2>/dev/null || rm -rf {staged}")
 
     def _stale_files(self) -> str:
-        return remote_removal(f"{self.remote_kit}/submissions/{self.submission}", self.run_dir)
+        """The command removing the run's files from the host (as root: some may be the
+        run user's)."""
+        removal = remote_removal(self.own_submission, self.run_dir)
+        return f"sudo -n {removal}" if self.settings.run_as_user else removal
+
+    def _hand_over(self) -> None:
+        """Give the run user its submission folder and the supervisor's folder, and let it
+        read the supervisor; EventError when the host cannot (no such user, no sudo)."""
+        user = self.settings.run_as_user
+        if user is None:
+            return
+        run, own = shlex.quote(self.run_dir), shlex.quote(self.own_submission)
+        mine = shlex.quote(self.supervisor_dir)
+        # The folders holding every run's are walked through, not listed.
+        parents = " ".join(shlex.quote(f"{self.remote_kit}/{name}")
+                           for name in (RUN_FOLDER, "submissions"))
+        status, out, err = self.session.run(
+            f"sudo -n -u {user} true && chmod a+x {parents} && chmod 0755 {run} && "
+            f"chmod 0644 {run}/supervise.py && mkdir -m 0755 {mine} && "
+            f"sudo -n chown -R -h {user}: {own} {mine} && "
+            f"{{ sudo -n -u {user} test -r {run}/supervise.py -a -w {own} -a -w {mine} "
+            f"|| {{ echo 'the run user cannot reach the kit folder' >&2; false; }}; }}", 60)
+        if status != 0:
+            host = f"{self.session.user}@{self.session.host}:{self.session.port}"
+            raise EventError(
+                f"run_as_user: cannot hand the run over to user {user!r} on host {host} "
+                f"(it needs that user, the kit folder readable by it and passwordless sudo "
+                f"for {self.session.user}): {(err or out).strip()[:300]}")
+
+    def _take_back(self) -> str:
+        """Shell lines giving the run's folders back to the login user (links not followed),
+        so that it reads and removes them; nothing without a run user."""
+        if self.settings.run_as_user is None:
+            return ""
+        folders = f"{shlex.quote(self.own_submission)} {shlex.quote(self.supervisor_dir)}"
+        return f'sudo -n chown -R -h "$(id -u):$(id -g)" {folders} 2>/dev/null; '
 
     def _host_sandbox(self) -> bool:
         """Whether runs on this host go in the sandbox (``runner.sandbox.use_sandbox`` with
@@ -204,7 +280,7 @@ class RemoteWorker(BaseWorker):
             return False
         check = shlex.join(["python", f"{self.run_dir}/supervise.py", "--check-sandbox"])
         script = "\n".join([*self._environment_lines(), check])
-        status, out, err = self.session.run(f"bash -lc {shlex.quote(script)}")
+        status, out, err = self.session.run(as_run_user(script, self.settings.run_as_user))
         why = (out + err).strip().splitlines()[-1:] or [f"the check exited {status}"]
         host = f"{self.session.user}@{self.session.host}:{self.session.port}"
         probed = (status == 0, why[0].removeprefix("sandbox: does not work: ")[:500])
@@ -212,17 +288,18 @@ class RemoteWorker(BaseWorker):
 
     def _supervised(self, argv: list[str]) -> list[str]:
         """``argv`` under the supervisor, with the worker's limits and, if on, the sandbox."""
-        run, kit = self.run_dir, self.remote_kit
-        own = f"{kit}/submissions/{self.submission}"
+        mine, kit = self.supervisor_dir, self.remote_kit
+        own = self.own_submission
         # Other submissions and the runs' files share the kit folder on a host.
         hidden = [f"{kit}/submissions", f"{kit}/{RUN_FOLDER}"]
         if self.hidden_labels is not None:
             hidden.append(f"{kit}/data")
         options = sandbox.confinement(
-            self.settings, self.sandboxed, read_only=(kit,), writable=(own,), tmp=f"{run}/tmp",
-            hidden=hidden, cpus=self.settings.dispatch.n_threads, gpus=self.gpus).options()
-        return ["python", f"{run}/supervise.py", "--peak-rss", f"{run}/peak_rss",
-                "--reason", f"{run}/reason", *options, "--", *argv]
+            self.settings, self.sandboxed, read_only=(kit,), writable=(own,),
+            tmp=f"{mine}/tmp", hidden=hidden, cpus=self.settings.dispatch.n_threads,
+            gpus=self.gpus).options()
+        return ["python", f"{self.run_dir}/supervise.py", "--peak-rss", f"{mine}/peak_rss",
+                "--reason", f"{mine}/reason", *options, "--", *argv]
 
     def _environment_lines(self) -> list[str]:
         """Shell lines giving the run's PATH and conda environment."""
@@ -262,13 +339,17 @@ class RemoteWorker(BaseWorker):
             "export " + " ".join(f"{name}={shlex.quote(value)}"
                                  for name, value in run_variables.items()),
             shlex.join(argv),
-            f"echo $? > {run}/exit.tmp && mv {run}/exit.tmp {run}/exit",
         ]
+        if self.settings.run_as_user is not None:
+            # The login user's shell waits for the run user's and writes the exit code.
+            lines = [as_run_user("\n".join(lines), self.settings.run_as_user)]
+        lines.append(f"echo $? > {run}/exit.tmp && mv {run}/exit.tmp {run}/exit")
         return "\n".join(lines)
 
     def _kill_script(self) -> str:
         pid_file = shlex.quote(f"{self.run_dir}/pid")
-        return f"pid=$(cat {pid_file} 2>/dev/null); {KILL_SESSION}"
+        return (f"pid=$(cat {pid_file} 2>/dev/null); "
+                f"{kill_session(self.settings.run_as_user)}")
 
     def _poll_script(self) -> str:
         run = shlex.quote(self.run_dir)
@@ -392,20 +473,22 @@ class RemoteWorker(BaseWorker):
         """Kill what is left of the run and bring back its log and outputs in one stream."""
         output = f"submissions/{self.submission}/training_output"
         run_folder = f"{RUN_FOLDER}/{self.submission}"
+        supervisor_folder = self.supervisor_dir.removeprefix(f"{self.remote_kit}/")
         names = (f"set -- {run_folder}/log; "
-                 f"for f in {run_folder}/peak_rss {run_folder}/reason {output}; do "
-                 '[ -e "$f" ] && set -- "$@" "$f"; done; true')
+                 f"for f in {supervisor_folder}/peak_rss {supervisor_folder}/reason {output}; "
+                 'do [ -e "$f" ] && set -- "$@" "$f"; done; true')
         incoming = self.scratch / "incoming"
         incoming.mkdir()
         self.session.download(self.remote_kit, names, str(incoming),
-                              before=self._kill_script())
+                              before=self._kill_script() + self._take_back())
         run_files = incoming / RUN_FOLDER / self.submission
+        supervisor_files = incoming / supervisor_folder
         self._live.catch_up_file(run_files / "log")
         peak_memory_mb = None
-        if self.settings.memory_profiling and (run_files / "peak_rss").exists():
-            peak_memory_mb = float((run_files / "peak_rss").read_text())
+        if self.settings.memory_profiling and (supervisor_files / "peak_rss").exists():
+            peak_memory_mb = float((supervisor_files / "peak_rss").read_text())
         exit_code = self._exit_code if self._exit_code is not None else 1
-        end = run_end(read_reason(run_files / "reason"), exit_code, timed_out,
+        end = run_end(read_reason(supervisor_files / "reason"), exit_code, timed_out,
                       where=f"on {self.session!r}: ")
         return RunArtifacts(run_files / "log", incoming / output, end, peak_memory_mb)
 

@@ -4,9 +4,13 @@ imports neither fabric nor paramiko."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from runner.config import WorkerSection, check_gpu_list
 from runner.errors import ConfigError
+
+# A portable user name (POSIX, as useradd accepts by default); also safe as a shell word.
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +20,18 @@ class RemoteWorkerSection(WorkerSection):
     memory_profiling: bool = False
     known_hosts_file: str | None = None
     remote_path_prefix: str | None = None
+    # The host user the run executes as (its supervisor and ramp-test), through
+    # ``sudo -n -u``: a user without sudo, so that a run outside the sandbox cannot reach
+    # the login user's rights. None: the run executes as the login user.
+    run_as_user: str | None = None
+
+    def check(self, source: str, key_path: str) -> None:
+        """Refuse a run user that cannot be a POSIX user name."""
+        super().check(source, key_path)
+        if self.run_as_user is not None and not USER_NAME.fullmatch(self.run_as_user):
+            raise ConfigError(source, f"{key_path}.run_as_user",
+                              "a user name of the host (letters, digits, '_', '-'; not "
+                              "starting with '-'), or null", repr(self.run_as_user))
 
 
 @dataclasses.dataclass(frozen=True)

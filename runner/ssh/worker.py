@@ -21,13 +21,12 @@ from typing import IO, Any
 from runner import gpus
 from runner.errors import ConfigError
 from runner.ssh.remote_worker import (
-    KILL_SESSION,
     RUN_FOLDER,
     RemoteWorker,
     check_private_key,
+    kill_session,
     known_hosts_path,
     remote_gpus,
-    remote_removal,
     removal_of_words,
 )
 from runner.ssh.session import CONNECTION_ERRORS, RemoteSession
@@ -179,8 +178,7 @@ class SSHWorker(RemoteWorker):
                     # A step past its deadline closed it (a hung poll): one more try.
                     self.session.reconnect()
                 self.stop_run()
-                self.session.run(remote_removal(
-                    f"{self.remote_kit}/submissions/{self.submission}", self.run_dir), 60)
+                self.session.run(self._stale_files(), 60)
         except Exception as error:  # noqa: BLE001 - cleaning is best effort; release anyway
             logger.warning("%r: could not clean the host: %s", self, error)
         finally:
@@ -237,9 +235,11 @@ class SSHWorker(RemoteWorker):
             if lock is None:
                 continue
             kit = shlex.quote(host.remote_ramp_kit_folder.rstrip("/"))
+            # A run user's files are removed as root.
+            sudo = "sudo -n " if section.run_as_user else ""
             act = "" if dry_run else (
-                f'pid=$(cat "$d/pid" 2>/dev/null); {KILL_SESSION}'
-                f"{removal_of_words(LEFTOVERS)}; ")
+                f'pid=$(cat "$d/pid" 2>/dev/null); {kill_session(section.run_as_user)}'
+                f"{sudo}{removal_of_words(LEFTOVERS)}; ")
             script = (f"cd {kit}/{RUN_FOLDER} 2>/dev/null || exit 0; "
                       f'for d in */; do [ -d "$d" ] || continue; echo "${{d%/}}"; {act}done')
             session = _session(host, section, section.dispatch.event_dir)

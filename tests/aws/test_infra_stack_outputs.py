@@ -178,12 +178,12 @@ def test_aws_config_task_error_exits_2(event_config, tmp_path):
     assert "none.json" in error.value.message
 
 
-def test_write_points_the_event_at_the_launch_template_and_challenge(event_config):
+def test_write_points_the_event_at_the_launch_template_challenge_and_run_user(event_config):
     outputs = {**OUTPUTS, "launchTemplateId": "lt-0123456789abcdef0",
-               "workerTags": {"ramp-runner:challenge": "iris"}}
+               "workerTags": {"ramp-runner:challenge": "iris"}, "runUser": "ramp-run"}
     written = stack_outputs.write_worker_settings(event_config, outputs)
-    assert (written["launch_template_id"], written["challenge_name"]) == (
-        "lt-0123456789abcdef0", "iris")
+    assert (written["launch_template_id"], written["challenge_name"],
+            written["run_as_user"]) == ("lt-0123456789abcdef0", "iris", "ramp-run")
     worker = yaml.safe_load(event_config.read_text())["worker"]
-    assert (worker["launch_template_id"], worker["challenge_name"]) == (
-        "lt-0123456789abcdef0", "iris")
+    assert (worker["launch_template_id"], worker["challenge_name"], worker["run_as_user"]) == (
+        "lt-0123456789abcdef0", "iris", "ramp-run")
