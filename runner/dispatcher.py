@@ -505,3 +505,7 @@ class Dispatcher:
                 worker.kill()
         for _, thread, _ in slots:
             thread.join(SHUTDOWN_GRACE_SECONDS)
+        try:
+            self.worker_class.close_shared(self._worker_dict())
+        except Exception:  # noqa: BLE001 - the shutdown goes on; the worker said what is left
+            logger.exception("releasing what the runs shared failed")

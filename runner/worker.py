@@ -474,6 +474,11 @@ class BaseWorker:
         return {}
 
     @classmethod
+    def close_shared(cls, config: dict[str, Any]) -> None:
+        """Release what runs of one dispatcher kept for the next ones (warm instances),
+        once its last run is torn down. Workers that keep nothing between runs keep this."""
+
+    @classmethod
     def warm_up(cls, config: dict[str, Any]) -> None:
         """Load what collecting will need, in a thread of its own while the first runs go:
         by default the kit's scoring code, with which ``runner.results`` re-scores each

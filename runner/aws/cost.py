@@ -1,5 +1,10 @@
 """What an instance cost: its seconds, and an estimated price per hour.
 
+A reused instance (``reuse_instances``) is split into shares, one per submission: from
+the launch (the first) or from the end of the previous run (the next ones: the idle wait
+before a run is that run's) to the end of its own run. The idle wait after the last run
+(at most ``idle_minutes``) is nobody's share and is not in the ledger.
+
 An estimate, not the bill: spot hours at the highest price EC2's spot price history gives
 for the instance's type and zone over its life (the price it was billed moves within that),
 on-demand hours at the event's ``prices`` table (the Pricing API is another service and
@@ -31,11 +36,14 @@ class InstanceUsage:
     launched_at: float
     ended_at: float
     usd_per_hour: float | None
+    # EC2's one-minute minimum is billed once per instance: a later share of a reused
+    # instance (runner.aws.pool) has none.
+    minimum_seconds: float = MINIMUM_BILLED_SECONDS
 
     @property
     def seconds(self) -> float:
-        """Instance-seconds, as billed (at least a minute)."""
-        return max(MINIMUM_BILLED_SECONDS, self.ended_at - self.launched_at)
+        """Instance-seconds, as billed (at least a minute for an instance's first share)."""
+        return max(self.minimum_seconds, self.ended_at - self.launched_at)
 
     @property
     def cost_usd(self) -> float | None:

@@ -54,6 +54,9 @@ TAG_OWNER = "ramp-runner:owner"
 TAG_DEADLINE = "ramp-runner:deadline"
 # The stack's workers' tag (stack output workerTags): its dispatcher policy and reaper ask for it.
 TAG_CHALLENGE = "ramp-runner:challenge"
+# On an instance that may serve several submissions (reuse_instances): its max_runs. Its
+# submission tag stays the first one's (the dispatcher policy lets only the deadline move).
+TAG_REUSE = "ramp-runner:reuse"
 DEADLINE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # Instance metadata through session tokens only (IMDSv2), one hop: a process on the
 # instance reaches it, a container or a forwarded socket does not.
@@ -341,6 +344,12 @@ def instance_address(ec2: Any, instance_id: str) -> tuple[str, int]:
     if not host:
         raise RuntimeError(f"instance {instance_id} has no IP address")
     return host, SSH_PORT
+
+
+def tag(ec2: Any, instance_id: str, tags: dict[str, str]) -> None:
+    """Set ``tags`` on an instance (a reused one: its submission and deadline)."""
+    ec2.create_tags(Resources=[instance_id],
+                    Tags=[{"Key": key, "Value": value} for key, value in tags.items()])
 
 
 def terminate(ec2: Any, instance_ids: Iterable[str]) -> None:

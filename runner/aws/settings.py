@@ -12,6 +12,23 @@ from runner.ssh.settings import RemoteWorkerSection
 
 # The self-destruct timer counts from boot: the margin covers boot, upload and collection.
 MIN_SELF_DESTRUCT_MARGIN = 600.0
+# The AMI halts an instance ten minutes after the last heartbeat (a poll): a warm instance
+# waits idle without one, so it must be taken again or terminated well before that.
+MAX_IDLE_MINUTES = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReuseInstances:
+    """``reuse_instances``: an instance serves up to ``max_runs`` submissions, one after
+    the other, and is terminated once it waited ``idle_minutes`` for the next."""
+
+    max_runs: int = 5
+    idle_minutes: float = 3.0
+
+    @property
+    def idle_seconds(self) -> float:
+        """``idle_minutes`` in seconds."""
+        return self.idle_minutes * 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +76,8 @@ class AWSWorkerSection(RemoteWorkerSection):
     # on-demand hours are priced from ``prices``, spot hours from EC2's price history.
     budget_usd: float | None = None
     prices: tuple[InstancePrice, ...] = ()
+    # Off by default: each submission on an instance of its own.
+    reuse_instances: ReuseInstances | None = None
 
     REQUIRED = (
         "region_name",
@@ -97,9 +116,28 @@ class AWSWorkerSection(RemoteWorkerSection):
             if price.usd_per_hour < 0:
                 raise ConfigError(source, f"{key_path}.prices[{index}].usd_per_hour",
                                   "a number of dollars >= 0", repr(price.usd_per_hour))
+        if self.reuse_instances is not None:
+            self._check_reuse(source, f"{key_path}.reuse_instances")
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ConfigError(source, f"{key_path}.access_key_id",
                               "access_key_id and secret_access_key together, or neither")
+
+    def _check_reuse(self, source: str, key_path: str) -> None:
+        reuse = self.reuse_instances
+        if self.sandbox != "required":
+            # Only the sandbox keeps a run from leaving processes or files for the next
+            # submission on the same instance (or from reaching the user's sudo).
+            raise ConfigError(source, key_path, "reuse_instances only with sandbox: required "
+                              "(runs share an instance only when each is confined)",
+                              f"sandbox: {self.sandbox}")
+        if reuse.max_runs < 1:
+            raise ConfigError(source, f"{key_path}.max_runs", "an integer >= 1",
+                              repr(reuse.max_runs))
+        if not 0 < reuse.idle_minutes <= MAX_IDLE_MINUTES:
+            raise ConfigError(source, f"{key_path}.idle_minutes",
+                              f"a number of minutes > 0 and <= {MAX_IDLE_MINUTES:g} (the AMI "
+                              "halts an instance ten minutes after its last heartbeat)",
+                              repr(reuse.idle_minutes))
 
     def price_per_hour(self, instance_type: str) -> float | None:
         """The on-demand price of ``instance_type`` from ``prices``, or None."""
