@@ -6,6 +6,8 @@ TAG_PREFIX = "ramp-runner:"
 TAG_CHALLENGE = f"{TAG_PREFIX}challenge"
 # The dispatcher tags each worker with its event (runner/aws/ec2.py carries the same literal).
 TAG_EVENT = f"{TAG_PREFIX}event"
+# ... and with the submission it runs now (a reused instance's changes with each run).
+TAG_SUBMISSION = f"{TAG_PREFIX}submission"
 # ISO-8601 UTC time (2026-12-05T19:30:00Z) past which the stack's reaper terminates the
 # instance, whatever its dispatcher does; the dispatcher sets it at launch.
 TAG_DEADLINE = f"{TAG_PREFIX}deadline"

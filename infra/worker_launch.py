@@ -14,6 +14,7 @@ from .tags import (
     TAG_DEADLINE,
     TAG_EVENT,
     TAG_PREFIX,
+    TAG_SUBMISSION,
     challenge_tags,
 )
 
@@ -105,14 +106,16 @@ def dispatcher_policy(config: StackConfig, launch_template_arn: str) -> dict:
                 "Condition": {"StringEquals": {"ec2:CreateAction": "RunInstances"}},
             },
             {
-                # A reused instance's deadline moves with each submission it takes.
+                # A reused instance's deadline and submission (and its Name, which shows
+                # both) move with each submission it takes; no other tag changes.
                 "Sid": "MoveDeadline",
                 "Effect": "Allow",
                 "Action": "ec2:CreateTags",
                 "Resource": f"{arn}:*:instance/*",
                 "Condition": {
                     **own_worker,
-                    "ForAllValues:StringEquals": {"aws:TagKeys": [TAG_DEADLINE]},
+                    "ForAllValues:StringEquals": {
+                        "aws:TagKeys": [TAG_DEADLINE, TAG_SUBMISSION, "Name"]},
                 },
             },
             {

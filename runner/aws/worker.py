@@ -105,12 +105,16 @@ class AWSWorker(RemoteWorker):
             raise
         super().setup()
 
-    def _tags(self, lifetime: float) -> dict[str, str]:
+    def _submission_tags(self) -> dict[str, str]:
+        """The tags naming the submission the instance runs (moved when it is reused)."""
         event = self.settings.dispatch.event_name or ""
+        return {"Name": f"ramp-runner {event} {self.submission}",
+                ec2.TAG_SUBMISSION: self.submission}
+
+    def _tags(self, lifetime: float) -> dict[str, str]:
         return {
-            "Name": f"ramp-runner {event} {self.submission}",
-            ec2.TAG_EVENT: event,
-            ec2.TAG_SUBMISSION: self.submission,
+            **self._submission_tags(),
+            ec2.TAG_EVENT: self.settings.dispatch.event_name or "",
             ec2.TAG_DISPATCHER: self.settings.dispatch.dispatcher_id or "",
             ec2.TAG_OWNER: owner_token(),
             # Counted from before the launch: the self-destruct counts from the later boot.
@@ -183,11 +187,12 @@ class AWSWorker(RemoteWorker):
             unfit = self._unfit(warm)
             if unfit is None:
                 try:
-                    # The deadline only: the stack's dispatcher policy (MoveDeadline)
-                    # lets no other tag change after the launch.
+                    # The tags the stack's dispatcher policy (MoveDeadline) lets change
+                    # after the launch: the deadline and this submission.
                     deadline = time.time() + self.timeout + section.self_destruct_margin
                     ec2.tag(self._ec2, warm.instance.instance_id,
-                            {ec2.TAG_DEADLINE: ec2.deadline_tag(deadline)})
+                            {ec2.TAG_DEADLINE: ec2.deadline_tag(deadline),
+                             **self._submission_tags()})
                     self.session = RemoteSession(
                         warm.host, section.ami_user_name, section.key_path, warm.port,
                         known_hosts=known_hosts_path(section, section.dispatch.event_dir))

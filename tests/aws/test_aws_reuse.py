@@ -63,8 +63,10 @@ def test_two_submissions_in_turn_share_one_instance_wiped_between_them(
     try:
         assert second.instance.instance_id == instance_id
         assert pool.waiting("reuse-two") == []
-        assert ec2.parse_deadline(_tags(instance_at_sshd, instance_id)[ec2.TAG_DEADLINE]) > \
-            ec2.parse_deadline(deadline_before)
+        moved = _tags(instance_at_sshd, instance_id)
+        assert ec2.parse_deadline(moved[ec2.TAG_DEADLINE]) > ec2.parse_deadline(deadline_before)
+        assert moved[ec2.TAG_SUBMISSION] == "random_forest"
+        assert moved["Name"].endswith(" random_forest")
         second.launch_submission()
         while second.status == "running":
             second.wait(1)

@@ -682,6 +682,9 @@ def test_dispatcher_may_launch_only_through_the_template_with_the_worker_tags(mo
         assert by_sid["TerminateOwnWorkers"]["Condition"] == own
         tagging = [s for s in found if s["Action"] == "ec2:CreateTags"]
         assert all("Condition" in s for s in tagging)
+        # After the launch, only what a reused instance's next run changes.
+        assert by_sid["MoveDeadline"]["Condition"]["ForAllValues:StringEquals"] == {
+            "aws:TagKeys": [tags.TAG_DEADLINE, tags.TAG_SUBMISSION, "Name"]}
 
     return settled(outputs, check)
 
