@@ -30,6 +30,7 @@ from tests import hostile
 from tests.events import make_event
 from tests.sshd import (
     RUN_USER,
+    all_instances,
     aws_worker_section,
     ensure_run_user,
     ensure_sudo_user,
@@ -163,6 +164,30 @@ def test_an_aws_run_outside_the_sandbox_has_no_sudo_nor_the_heartbeat(
     left = [p for folder in ("submissions", ".ramp-runner") for p in (kit / folder).rglob("*")]
     assert any(p.name == "bagged_scores.csv" for p in left)
     assert [p for p in left if p.lstat().st_uid != login_user.pw_uid] == []
+    _forget_runs(kit)
+
+
+def test_a_reused_instance_runs_each_submission_as_the_run_user(
+        tmp_path, host, shared, run_user, login_user, instance_at_host):
+    kit, python = shared
+    section = aws_worker_section(host, kit, remote_path_prefix=python, sandbox="required",
+                                 reuse_instances={"max_runs": 3, "idle_minutes": 1})
+    del section["run_as_user"]  # the AWS default
+    path = make_event(tmp_path / "event", ("starting_kit", "random_forest"), worker=section,
+                      dispatcher=remote_dispatcher())
+    config = load_event_config(path)
+    assert config.worker.run_as_user == RUN_USER
+    Dispatcher(config).run()
+    rows = _rows(config)
+
+    assert {name: row.state for name, row in rows.items()} == {
+        "starting_kit": "scored", "random_forest": "scored"}, rows
+    assert len(all_instances(instance_at_host)) == 1  # the second run took the first's
+    assert live_instances(instance_at_host) == []  # the dispatcher's shutdown ended it
+    assert _run_user_processes(run_user.pw_uid) == []
+    # Wiped between the runs, as root: nothing of either run is left on the host.
+    assert [p for folder in ("submissions", ".ramp-runner") for p in (kit / folder).rglob("*")
+            if p.lstat().st_uid == run_user.pw_uid] == []
     _forget_runs(kit)
 
 
