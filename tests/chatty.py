@@ -127,3 +127,32 @@ def follow(event_config: Path, ledger: Path, at_first_line=lambda: None,
         process.kill()
     return Followed(process.returncode, lines, b"".join(raw),
                     process.stderr.read().decode(errors="replace"), state, meanwhile)
+
+
+def dispatch_and_follow(event_config: Path) -> Followed:
+    """Run ``ramp-runner dispatch`` on the event in a process of its own and follow the
+    chatty submission from the moment it trains to its end; the dispatch must exit 0."""
+    ledger = event_config.with_name("ramp-runner.sqlite3")
+    dispatch = ramp_runner("dispatch", "-e", str(event_config))
+    try:
+        wait_until_training(ledger, lambda: dispatch.poll() is None)
+        followed = follow(event_config, ledger)
+        _, err = dispatch.communicate(timeout=120)
+    finally:
+        dispatch.kill()
+    assert dispatch.returncode == 0, err
+    return followed
+
+
+def assert_followed_to_scored(followed: Followed, event_config: Path) -> None:
+    """Every line was shown, escaped, while the run trained; it ended scored, and its
+    live copy went with the run."""
+    assert followed.returncode == 0, followed.stderr
+    assert followed.state_at_first_line == "training"
+    assert any(FIRST_LINE in line for line in followed.lines)
+    assert any(LAST_LINE in line for line in followed.lines)
+    assert r"CHATTY line 2 \x1b]0;owned\x07 \x1b[2J \u202eevil" in followed.lines
+    assert b"\x1b" not in followed.raw
+    assert followed.lines[-1] == f"{NAME}: scored"
+    ledger = event_config.with_name("ramp-runner.sqlite3")
+    assert not (ledger.parent / f"{ledger.name}.live" / f"{NAME}.log").exists()
