@@ -5,7 +5,7 @@ from __future__ import annotations
 import pulumi
 import pulumi_aws as aws
 
-from .iam import assume_role_policy
+from .iam import service_role
 from .stack_config import StackConfig
 from .tags import challenge_tags
 
@@ -31,12 +31,8 @@ class AmiLifecycle(pulumi.ComponentResource):
         super().__init__("ramp-runner:infra:AmiLifecycle", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         tags = challenge_tags(config.challenge_name)
-        self.role = aws.iam.Role(
-            f"{name}-role",
-            assume_role_policy=assume_role_policy("imagebuilder.amazonaws.com"),
-            tags=tags,
-            opts=child,
-        )
+        self.role = service_role(f"{name}-role", "imagebuilder.amazonaws.com",
+                                 config.challenge_name, child)
         attachment = aws.iam.RolePolicyAttachment(
             f"{name}-execution",
             role=self.role.name,

@@ -10,7 +10,7 @@ import pulumi
 import pulumi_aws as aws
 
 from .ami_documents import DOCUMENTS_DIR, ComponentDocument, load_document
-from .iam import assume_role_policy
+from .iam import service_role
 from .stack_config import BUILD_DATE_SUFFIX, StackConfig
 from .tags import TAG_AMI_BASE_NAME, challenge_tags
 from .versions import content_version
@@ -262,12 +262,8 @@ class AmiPipeline(pulumi.ComponentResource):
     ) -> tuple[aws.iam.Role, aws.iam.InstanceProfile, list[pulumi.Resource]]:
         """Role of the build instance: SSM core, Image Builder, and only the data it needs."""
         name = self._name
-        role = aws.iam.Role(
-            f"{name}-build-role",
-            assume_role_policy=assume_role_policy("ec2.amazonaws.com"),
-            tags=challenge_tags(config.challenge_name),
-            opts=self._child,
-        )
+        role = service_role(f"{name}-build-role", "ec2.amazonaws.com", config.challenge_name,
+                            self._child)
         attachments: list[pulumi.Resource] = [
             aws.iam.RolePolicyAttachment(
                 f"{name}-build-{suffix}", role=role.name, policy_arn=arn, opts=self._child

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pulumi
+import pulumi_aws as aws
+
+from .tags import challenge_tags
+
 
 def assume_role_policy(service: str) -> str:
     """Trust policy letting one AWS service (ec2.amazonaws.com, ...) assume a role."""
@@ -18,4 +23,15 @@ def assume_role_policy(service: str) -> str:
                 }
             ],
         }
+    )
+
+
+def service_role(resource_name: str, service: str, challenge_name: str,
+                 opts: pulumi.ResourceOptions) -> aws.iam.Role:
+    """A role ``service`` assumes, tagged as the challenge's."""
+    return aws.iam.Role(
+        resource_name,
+        assume_role_policy=assume_role_policy(service),
+        tags=challenge_tags(challenge_name),
+        opts=opts,
     )

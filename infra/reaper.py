@@ -9,7 +9,7 @@ import pulumi
 import pulumi_aws as aws
 
 from . import reaper_lambda
-from .iam import assume_role_policy
+from .iam import service_role
 from .stack_config import StackConfig
 from .tags import TAG_CHALLENGE, TAG_DEADLINE, challenge_tags
 
@@ -58,12 +58,8 @@ class InstanceReaper(pulumi.ComponentResource):
             tags=tags,
             opts=child,
         )
-        self.role = aws.iam.Role(
-            f"{name}-role",
-            assume_role_policy=assume_role_policy("lambda.amazonaws.com"),
-            tags=tags,
-            opts=child,
-        )
+        self.role = service_role(f"{name}-role", "lambda.amazonaws.com",
+                                 config.challenge_name, child)
         role_policy = aws.iam.RolePolicy(
             f"{name}-terminate",
             role=self.role.name,
@@ -92,12 +88,8 @@ class InstanceReaper(pulumi.ComponentResource):
             # Its first run must find its permissions and its log group.
             opts=pulumi.ResourceOptions(parent=self, depends_on=[role_policy, self.log_group]),
         )
-        self.scheduler_role = aws.iam.Role(
-            f"{name}-scheduler-role",
-            assume_role_policy=assume_role_policy("scheduler.amazonaws.com"),
-            tags=tags,
-            opts=child,
-        )
+        self.scheduler_role = service_role(f"{name}-scheduler-role", "scheduler.amazonaws.com",
+                                           config.challenge_name, child)
         invoke_policy = aws.iam.RolePolicy(
             f"{name}-invoke",
             role=self.scheduler_role.name,
