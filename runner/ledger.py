@@ -25,6 +25,12 @@ from runner.untrusted import visible
 
 _STATE_NAMES = ", ".join(f"'{state}'" for state in SubmissionState)
 _RUNNING_PLACEHOLDERS = ", ".join("?" for _ in RUNNING_STATES)
+# The cloud instance of a submission's runs (runner.aws.cost): in a new ledger's table, and
+# added to a ledger of an earlier version.
+_INSTANCE_COLUMNS = (("instance_id", "TEXT"), ("instance_type", "TEXT"), ("market", "TEXT"),
+                     ("launched_at", "REAL"), ("terminated_at", "REAL"),
+                     ("instance_seconds", "REAL"), ("cost_usd", "REAL"))
+_INSTANCE_COLUMN_LINES = "\n".join(f"    {column} {kind}," for column, kind in _INSTANCE_COLUMNS)
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS submissions (
     name TEXT PRIMARY KEY,
@@ -41,13 +47,7 @@ CREATE TABLE IF NOT EXISTS submissions (
     sandboxed INTEGER NOT NULL DEFAULT 0,
     team TEXT NOT NULL DEFAULT '',
     claimed_before INTEGER NOT NULL DEFAULT 0,
-    instance_id TEXT,
-    instance_type TEXT,
-    market TEXT,
-    launched_at REAL,
-    terminated_at REAL,
-    instance_seconds REAL,
-    cost_usd REAL,
+{_INSTANCE_COLUMN_LINES}
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -442,9 +442,7 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(submissions)")}
     if "sandboxed" not in columns:
         db.execute("ALTER TABLE submissions ADD COLUMN sandboxed INTEGER NOT NULL DEFAULT 0")
-    for column, kind in (("instance_id", "TEXT"), ("instance_type", "TEXT"), ("market", "TEXT"),
-                         ("launched_at", "REAL"), ("terminated_at", "REAL"),
-                         ("instance_seconds", "REAL"), ("cost_usd", "REAL")):
+    for column, kind in _INSTANCE_COLUMNS:
         if column not in columns:
             db.execute(f"ALTER TABLE submissions ADD COLUMN {column} {kind}")
     if "team" not in columns:
