@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,24 +27,16 @@ from runner.aws import worker as aws_worker
 from runner.config import load_event_config
 from runner.dispatcher import Dispatcher
 from runner.ledger import Ledger
-from tests.events import EXAMPLE, make_event
-from tests.sshd import AMI_BASE, REGION, add_ami, aws_worker_section, free_port, running_sshd
-
-
-def remote_kit(folder: Path) -> Path:
-    """The kit as an AMI has it (tests/real_parts.py's ``remote_kit``)."""
-    kit = folder / "ramp-kits" / "iris"
-    shutil.copytree(EXAMPLE / "ramp-kits" / "iris", kit,
-                    ignore=shutil.ignore_patterns("__pycache__", "submissions"))
-    data = EXAMPLE / "ramp-data" / "iris" / "data"
-    if not data.is_dir():
-        shutil.copy(EXAMPLE / "ramp-data" / "iris" / "prepare_data.py", folder)
-        subprocess.run([sys.executable, "prepare_data.py"], cwd=folder, check=True)
-        data = folder / "data"
-    shutil.copytree(data, kit / "data")
-    (kit / "submissions").mkdir()
-    return kit
-
+from tests.events import make_event
+from tests.sshd import (
+    AMI_BASE,
+    REGION,
+    add_ami,
+    aws_worker_section,
+    free_port,
+    host_kit,
+    running_sshd,
+)
 
 MAKE_CLIENT = aws_worker._client
 
@@ -136,7 +126,7 @@ def main() -> None:
         with running_sshd(Path(tempfile.mkdtemp(dir=scratch))) as sshd:
             # Every instance answers at the local sshd (as tests/real_parts.py has it).
             ec2.instance_address = lambda client, instance_id: (sshd.host, sshd.port)
-            kit = remote_kit(scratch / "remote")
+            kit = host_kit(scratch / "remote")
             for reuse in (None, {"max_runs": args.max_runs, "idle_minutes": 1}):
                 name = "off" if reuse is None else "on"
                 rows.append(one_event(scratch / f"event-{name}", sshd, kit, moto_url, args,

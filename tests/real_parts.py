@@ -13,9 +13,6 @@ cannot start its part fails the test; nothing here skips.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -26,13 +23,12 @@ import pytest
 from runner.dask.cluster import LoopbackCluster
 from tests.dask.helpers import cluster_env
 from tests.events import (
-    EXAMPLE,
     conda_knowing_ramp_iris,
     env_prefix_like_this_one,
     install_fake_conda,
 )
 from tests.postgres import PostgresServer
-from tests.sshd import AMI_BASE, REGION, SSHServer, add_ami, free_port, running_sshd
+from tests.sshd import AMI_BASE, REGION, SSHServer, add_ami, free_port, host_kit, running_sshd
 
 # -- conda (it cannot be installed here: a stand-in answering `conda info`) ----------------
 
@@ -68,18 +64,7 @@ def sshd(tmp_path_factory) -> SSHServer:
 @pytest.fixture(scope="session")
 def remote_kit(tmp_path_factory) -> Path:
     """The kit as the AMI has it: a copy of the iris kit with the data inside."""
-    kit = tmp_path_factory.mktemp("remote") / "ramp-kits" / "iris"
-    shutil.copytree(EXAMPLE / "ramp-kits" / "iris", kit,
-                    ignore=shutil.ignore_patterns("__pycache__", "submissions"))
-    data = EXAMPLE / "ramp-data" / "iris" / "data"
-    if not data.is_dir():
-        scratch = tmp_path_factory.mktemp("data")
-        shutil.copy(EXAMPLE / "ramp-data" / "iris" / "prepare_data.py", scratch)
-        subprocess.run([sys.executable, "prepare_data.py"], cwd=scratch, check=True)
-        data = scratch / "data"
-    shutil.copytree(data, kit / "data")
-    (kit / "submissions").mkdir()
-    return kit
+    return host_kit(tmp_path_factory.mktemp("remote"))
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.events import EXAMPLE
+
 REPO = Path(__file__).resolve().parents[1]
 SSHD = "/usr/sbin/sshd"
 VENV_BIN = str(Path(sys.executable).parent)
@@ -180,6 +182,22 @@ def readable_python(folder: Path) -> Path:
         "\n".join([f"#!{folder / 'bin' / 'python'}", *script[1:]]) + "\n")
     (folder / "bin" / "ramp-test").chmod(0o755)
     return folder / "bin"
+
+
+def host_kit(folder: Path) -> Path:
+    """The kit as an AMI (or an SSH host) has it, made in ``folder``: a copy of the iris kit
+    with its data inside."""
+    kit = folder / "ramp-kits" / "iris"
+    shutil.copytree(EXAMPLE / "ramp-kits" / "iris", kit,
+                    ignore=shutil.ignore_patterns("__pycache__", "submissions"))
+    data = EXAMPLE / "ramp-data" / "iris" / "data"
+    if not data.is_dir():
+        shutil.copy(EXAMPLE / "ramp-data" / "iris" / "prepare_data.py", folder)
+        subprocess.run([sys.executable, "prepare_data.py"], cwd=folder, check=True)
+        data = folder / "data"
+    shutil.copytree(data, kit / "data")
+    (kit / "submissions").mkdir()
+    return kit
 
 
 def add_ami(name: str, created: str, owner: str | None = None, state: str = "available",
